@@ -1,0 +1,146 @@
+"""Typed configurations. They travel into checkpoint metadata, so a checkpoint can rebuild the
+model and the preprocessing that made it. The command line and the GUIs only build these."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from .errors import PCLSegError
+
+Method = Literal["pcl", "simclr", "gcl"]
+SliceAxis = Literal["auto", "axial", "coronal", "sagittal"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class PreprocessConfig:
+    """How a volume becomes training slices.
+
+    Volumes are reoriented to a canonical orientation (see :mod:`pclseg.io`), clipped to the
+    ``clip_percentiles`` of their own intensities and z-scored. With ``spacing`` set, slices are
+    resampled in-plane to that spacing (mm) first. Each slice is then zero-padded to a square and
+    resized to ``size`` x ``size``.
+    """
+
+    size: int = 128
+    clip_percentiles: tuple[float, float] = (1.0, 99.0)
+    spacing: float | None = None
+    slice_axis: SliceAxis = "auto"
+
+    def __post_init__(self) -> None:
+        self.clip_percentiles = tuple(self.clip_percentiles)  # JSON gives lists
+        if self.size < 16 or self.size % 16:
+            raise PCLSegError(f"size must be a multiple of 16 and at least 16, got {self.size}")
+        lo, hi = self.clip_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise PCLSegError(f"clip percentiles must satisfy 0 <= low < high <= 100, got {lo}, {hi}")
+        if self.spacing is not None and self.spacing <= 0:
+            raise PCLSegError(f"spacing must be positive, got {self.spacing}")
+        if self.slice_axis not in ("auto", "axial", "coronal", "sagittal"):
+            raise PCLSegError(
+                f"slice axis must be auto, axial, coronal or sagittal, got {self.slice_axis!r}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """The paper's 2D U-Net: encoder levels f, 2f, 4f, 8f, bottleneck 16f."""
+
+    features: int = 32
+    in_channels: int = 1
+    num_classes: int = 2
+    projection_dim: int = 512
+
+    def __post_init__(self) -> None:
+        if self.features < 1:
+            raise PCLSegError(f"features must be at least 1, got {self.features}")
+        if self.num_classes < 2:
+            raise PCLSegError(f"num_classes must be at least 2 (background + one), got {self.num_classes}")
+
+
+@dataclass
+class PretrainConfig:
+    """Contrastive pretraining. Defaults are the paper's (SGD 0.1, momentum 0.9, wd 1e-5,
+    cosine decay, batch 32, temperature 0.1, threshold 0.1)."""
+
+    method: Method = "pcl"
+    threshold: float = 0.1
+    temperature: float = 0.1
+    gcl_partitions: int = 4
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("pcl", "simclr", "gcl"):
+            raise PCLSegError(f"method must be pcl, simclr or gcl, got {self.method!r}")
+        if not 0 < self.threshold <= 1:
+            raise PCLSegError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.temperature <= 0:
+            raise PCLSegError(f"temperature must be positive, got {self.temperature}")
+        if self.epochs < 1:
+            raise PCLSegError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise PCLSegError(f"batch size must be at least 2, got {self.batch_size}")
+        if self.lr <= 0:
+            raise PCLSegError(f"learning rate must be positive, got {self.lr}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning of the whole U-Net on sparse slice annotations."""
+
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    loss: Literal["ce", "dice", "dice_ce"] = "dice_ce"
+    augment: bool = True
+    intensity_augment: bool = True
+    validation_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise PCLSegError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise PCLSegError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise PCLSegError(f"learning rate must be positive, got {self.lr}")
+        if self.loss not in ("ce", "dice", "dice_ce"):
+            raise PCLSegError(f"loss must be ce, dice or dice_ce, got {self.loss!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise PCLSegError(f"validation fraction must be in [0, 1), got {self.validation_fraction}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (nested configs included)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config from :func:`to_dict` output; unknown keys are a clear error."""
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - set(known)
+    if unknown:
+        raise PCLSegError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub = {"preprocess": PreprocessConfig, "model": ModelConfig}.get(name)
+        kwargs[name] = from_dict(sub, value) if sub and isinstance(value, dict) else value
+    return cls(**kwargs)

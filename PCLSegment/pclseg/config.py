@@ -99,10 +99,21 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Supervised fine-tuning of the whole U-Net on sparse slice annotations."""
+    """Supervised fine-tuning of the whole U-Net on sparse slice annotations.
+
+    An epoch is ``max(ceil(N / batch_size), min_steps_per_epoch)`` optimizer steps over the
+    ``N`` annotated training slices (each batch drawn from reshuffled passes, every draw freshly
+    augmented), so a handful of slices still gets a meaningful epoch. A held-out check takes
+    ``validation_fraction`` of the annotated slices when there are at least
+    ``min_validation_slices``. With a pretrained encoder, ``model.features``,
+    ``model.in_channels`` and ``preprocess`` come from the encoder; ``model.num_classes``
+    always comes from the labels.
+    """
 
     epochs: int = 100
     batch_size: int = 8
+    min_steps_per_epoch: int = 10
+    min_validation_slices: int = 10
     lr: float = 1e-4
     weight_decay: float = 0.0
     loss: Literal["ce", "dice", "dice_ce"] = "dice_ce"
@@ -126,6 +137,23 @@ class FinetuneConfig:
             raise PCLSegError(f"loss must be ce, dice or dice_ce, got {self.loss!r}")
         if not 0 <= self.validation_fraction < 1:
             raise PCLSegError(f"validation fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.min_steps_per_epoch < 1:
+            raise PCLSegError(f"min steps per epoch must be at least 1, got {self.min_steps_per_epoch}")
+
+
+@dataclass
+class PredictConfig:
+    """Whole-volume prediction: slices go through the network ``batch_size`` at a time."""
+
+    batch_size: int = 16
+    device: str = "auto"
+    amp: bool = True
+    probabilities: bool = False
+    uncertainty: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise PCLSegError(f"batch size must be at least 1, got {self.batch_size}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

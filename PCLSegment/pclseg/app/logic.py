@@ -1,0 +1,319 @@
+"""What the PCL panel's buttons do: the loop from a data folder to an exported segmentation.
+
+Every handler reports a user's mistake (:class:`~pclseg.errors.PCLSegError`: an unreadable
+file, an empty folder, no annotation yet) as a message in the page and returns; the app keeps
+working. Long work never runs on the server's event loop: pretraining is a child process, and
+fine-tuning, prediction and suggestions go to the warm worker from a thread; the loop only
+polls them (:class:`~pclseg.app.job_runner.JobRunner`) and touches the scene when they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from trame_server import Server
+from trame_server.utils.typed_state import TypedState
+from trame_slicer.app.logic import LayoutButtonLogic, SegmentEditorLogic
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+
+from ..errors import PCLSegError
+from ..jobs import ThreadJob
+from ..pretrain_logic import PretrainLogic, PretrainSettings, can_resume, encoder_file
+from .job_runner import JobRunner
+from .layout_ui import PCLAppUI
+from .refine_link import RefineLink, RefineResult
+from .scene import VolumeScene
+from .settings import AppSettings
+from .state import NAMESPACE, RANDOM_INIT, AppState, JobKind, MessageKind
+from .workspace import Workspace, images_folder, list_volumes, segment_labels
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Seconds of quiet after the last brush stroke before the annotated slices are recounted.
+RECOUNT_DELAY_S = 0.8
+#: How many uncertain slices the worker proposes; the first not yet annotated is shown.
+SUGGESTIONS = 5
+
+
+def reports_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T | None]]:
+    """Show a :class:`PCLSegError` (and, as a bug, anything else) as a message in the page."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: PCLAppLogic, *args: Any, **kwargs: Any) -> T | None:
+        try:
+            return await handler(self, *args, **kwargs)
+        except PCLSegError as error:
+            self.tell(str(error), MessageKind.ERROR)
+        except Exception as error:  # a bug: keep the traceback in the log, keep the app alive
+            log.exception("%s failed", handler.__name__)
+            self.tell(f"internal error in {handler.__name__}: {error}", MessageKind.ERROR)
+        return None
+
+    return wrapper
+
+
+class PCLAppLogic:
+    """Connects the page (:class:`PCLAppUI`) to the scene, the worker and pretraining."""
+
+    def __init__(self, server: Server, slicer_app: SlicerApp, settings: AppSettings) -> None:
+        self.server = server
+        self.settings = settings
+        self.typed = TypedState(server.state, AppState, namespace=NAMESPACE)
+        self.data = self.typed.data
+        self.workspace = Workspace(settings.workdir)
+        self.scene = VolumeScene(slicer_app)
+        self.jobs = JobRunner(server.state, self.data)
+        self.worker = RefineLink(settings)
+        self.pretrainer = PretrainLogic()
+        self._accepted: set[int] = set()
+        self._recount: asyncio.TimerHandle | None = None
+
+        register_rca_factories(slicer_app.view_manager, server)
+        self._layout_logic = LayoutButtonLogic(server, slicer_app)
+        self._editor_logic = SegmentEditorLogic(server, slicer_app)
+        slicer_app.segmentation_editor.segmentation_modified.connect(self._schedule_recount)
+        server.controller.on_server_exited.add(self.close)
+
+        with server.state:
+            self.data.pretrain_epochs = settings.pretrain_epochs
+            self.data.encoders = self.workspace.encoders()
+            self.data.encoder = self.data.encoders[0] if self.data.encoders else RANDOM_INIT
+            if settings.folder is not None:
+                self.data.folder = str(settings.folder)
+                self._scan_quietly()
+
+    @property
+    def layout_manager(self) -> LayoutManager:
+        return self._layout_logic.layout_manager
+
+    def set_ui(self, ui: PCLAppUI) -> None:
+        self._editor_logic.set_ui(ui.editor)
+        self._layout_logic.set_ui(None)
+        panel = ui.panel
+        panel.scan_clicked.connect(self.scan)
+        panel.open_clicked.connect(self.open_volume)
+        panel.pretrain_clicked.connect(self.pretrain)
+        panel.cancel_clicked.connect(self.jobs.cancel)
+        panel.finetune_clicked.connect(self.finetune)
+        panel.suggest_clicked.connect(self.suggest)
+        panel.accept_clicked.connect(self.accept)
+        panel.export_clicked.connect(self.export)
+
+    def tell(self, text: str, kind: MessageKind = MessageKind.INFO) -> None:
+        """Show one line at the top of the page."""
+        with self.server.state:
+            self.data.message = text
+            self.data.message_kind = kind
+
+    def close(self, **_: Any) -> None:
+        """Stop the worker and any job when the server exits."""
+        self.jobs.cancel()
+        self.worker.close()
+
+    # -- 1. Data ----------------------------------------------------------------------------
+
+    @reports_errors
+    async def scan(self) -> None:
+        folder = Path(self.data.folder.strip()).expanduser()
+        if not self.data.folder.strip():
+            raise PCLSegError("type the path of a folder of volumes on the server first")
+        volumes = list_volumes(folder)
+        with self.server.state:
+            self.data.volumes = volumes
+            self.data.volume = volumes[0]
+            self.data.encoders = self.workspace.encoders()
+        self.tell(f"{len(volumes)} volume(s) in {folder}", MessageKind.SUCCESS)
+
+    def _scan_quietly(self) -> None:
+        try:
+            self.data.volumes = list_volumes(Path(self.data.folder))
+            self.data.volume = self.data.volumes[0]
+        except PCLSegError as error:
+            self.data.message, self.data.message_kind = str(error), MessageKind.ERROR
+
+    @reports_errors
+    async def open_volume(self) -> None:
+        if not self.data.volume:
+            raise PCLSegError("choose a volume first")
+        source = Path(self.data.volume)
+        folder = Path(self.data.folder) if self.data.folder else source.parent
+        labels = segment_labels(folder)
+        opened = self.scene.open(source, labels, self.workspace.scratch_for(source))
+        self._accepted.clear()
+        with self.server.state:
+            self.data.opened_volume = str(source)
+            self.data.annotated_slices = []
+            self.data.suggested_slices = []
+            self.data.current_suggestion = -1
+            self.data.has_prediction = False
+            self.data.refine_rounds = 0
+            self.data.exported = []
+        self.tell(
+            f"opened {source.name}: {opened.volume.shape[0]} {opened.volume.slice_axis_name} "
+            f"slices; paint a few with the brush, then fine-tune",
+        )
+        self.worker.start()  # warm the worker up while the user paints
+
+    # -- 2. Encoder -------------------------------------------------------------------------
+
+    @reports_errors
+    async def pretrain(self) -> None:
+        if not self.data.folder.strip():
+            raise PCLSegError("type the path of a folder of volumes on the server first")
+        folder = images_folder(Path(self.data.folder.strip()).expanduser())
+        list_volumes(folder)  # an empty or missing folder is an error now, not in a minute
+        run_dir = self.workspace.run_dir_for(Path(self.data.folder.strip()).expanduser())
+        resume = can_resume(run_dir)
+        options = PretrainSettings(
+            epochs=int(self.data.pretrain_epochs),
+            size=self.settings.size,
+            features=self.settings.features,
+            device=self.settings.device,
+        )
+        title = f"{'Resuming' if resume else 'Pretraining'} on {folder.name}"
+        job = await self.jobs.run(
+            JobKind.PRETRAIN, title,
+            lambda: self.pretrainer.start(folder, run_dir, options, resume=resume),
+        )
+        encoders = self.workspace.encoders()
+        with self.server.state:
+            self.data.encoders = encoders
+            if encoder_file(run_dir) is not None:
+                self.data.encoder = str(run_dir)
+        if job.ok:
+            self.tell(f"encoder ready: {run_dir}", MessageKind.SUCCESS)
+        elif job.cancelled:
+            self.tell("pretraining stopped; press Pretrain again to resume it")
+        else:
+            raise PCLSegError(f"pretraining failed: {job.error}")
+
+    # -- 3. Annotate, fine-tune, refine ------------------------------------------------------
+
+    @reports_errors
+    async def finetune(self) -> None:
+        opened = self.scene.require()
+        scratch = self.workspace.scratch_for(opened.source)
+        annotation = self.scene.write_annotation(scratch)
+        slices = sorted(set(annotation.slices) | self._accepted)
+        if not slices:
+            raise PCLSegError(
+                "no annotation yet: paint at least one slice with the brush, then fine-tune"
+            )
+        init = self._encoder()
+        out = scratch / "prediction.nrrd"
+        steps = self.settings.refine_steps
+
+        def work(report: Callable[[dict[str, Any]], None]) -> RefineResult:
+            self.worker.load(opened.image_path, init, opened.labels)
+            return self.worker.refine(annotation.path, slices, steps, out, report)
+
+        job = await self.jobs.run(
+            JobKind.FINETUNE, f"Fine-tuning on {len(slices)} slice(s)",
+            lambda: ThreadJob(work, on_cancel=self.worker.cancel),
+        )
+        if not job.ok:
+            if job.cancelled:
+                self.tell("fine-tuning cancelled")
+                return
+            raise PCLSegError(f"fine-tuning failed: {job.error}")
+        result: RefineResult = job.result
+        counts = self.scene.show_prediction(result.prediction, slices)
+        with self.server.state:
+            self.data.annotated_slices = slices
+            self.data.has_prediction = True
+            self.data.current_suggestion = -1
+            self.data.suggested_slices = []
+            self.data.refine_rounds += 1
+            self.data.last_loss = result.loss
+        found = ", ".join(f"{name} {n}" for name, n in counts.items() if n) or "nothing"
+        self.tell(
+            f"round {self.data.refine_rounds}: loss {result.loss:.3f} in {result.seconds:.0f} s; "
+            f"predicted voxels: {found}. Suggest the next slice to check.",
+            MessageKind.SUCCESS,
+        )
+
+    def _encoder(self) -> Path | None:
+        """The chosen encoder's run folder, or None for random initialisation."""
+        choice = (self.data.encoder or "").strip()
+        if choice in ("", RANDOM_INIT):
+            return None
+        run_dir = Path(choice).expanduser()
+        if encoder_file(run_dir) is None:
+            raise PCLSegError(f"encoder: {run_dir} holds no encoder.safetensors; pretrain first")
+        return run_dir
+
+    @reports_errors
+    async def suggest(self) -> None:
+        if not self.data.has_prediction:
+            raise PCLSegError("fine-tune first: suggestions come from the model's uncertainty")
+        slices = await self._off_loop(self.worker.suggest, SUGGESTIONS)
+        annotated = set(self.data.annotated_slices) | self._accepted
+        fresh = [s for s in slices if s not in annotated]
+        if not fresh:
+            raise PCLSegError("every suggested slice is already annotated; fine-tune again")
+        self.scene.jump_to_slice(fresh[0])
+        with self.server.state:
+            self.data.suggested_slices = fresh
+            self.data.current_suggestion = fresh[0]
+        self.tell(f"slice {fresh[0] + 1} is where the model is least sure: correct or accept it")
+
+    @reports_errors
+    async def accept(self) -> None:
+        index = self.scene.current_slice()
+        voxels = self.scene.accept_slice(index)
+        self._accepted.add(index)
+        with self.server.state:
+            self.data.annotated_slices = sorted(set(self.data.annotated_slices) | {index})
+            self.data.current_suggestion = -1
+        self.tell(f"slice {index + 1} accepted ({voxels} labelled voxels); fine-tune again")
+
+    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a short blocking call (a worker request) in a thread; the page shows busy."""
+        with self.server.state:
+            self.data.busy = True
+        try:
+            return await asyncio.to_thread(function, *args)
+        finally:
+            with self.server.state:
+                self.data.busy = False
+
+    def _schedule_recount(self, *_: Any) -> None:
+        """Recount annotated slices once painting pauses (not on every brush stroke)."""
+        if self.scene.opened is None:
+            return
+        if self._recount is not None:
+            self._recount.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (scripted use): count now
+            self._recount_now()
+            return
+        self._recount = loop.call_later(RECOUNT_DELAY_S, self._recount_now)
+
+    def _recount_now(self) -> None:
+        self._recount = None
+        try:
+            painted = set(self.scene.painted_slices())
+        except PCLSegError:
+            return
+        with self.server.state:
+            self.data.annotated_slices = sorted(painted | self._accepted)
+
+    # -- 4. Export --------------------------------------------------------------------------
+
+    @reports_errors
+    async def export(self) -> None:
+        opened = self.scene.require()
+        seg_path, nifti_path = self.workspace.export_paths(opened.source)
+        written = self.scene.export(seg_path, nifti_path)
+        with self.server.state:
+            self.data.exported = [str(p) for p in written]
+        self.tell(f"exported {', '.join(p.name for p in written)} to {seg_path.parent}",
+                  MessageKind.SUCCESS)

@@ -1,0 +1,78 @@
+"""How the app is served and how much work each button does.
+
+The defaults suit a workstation or a GPU server; tests pass tiny values (``refine_steps=5``,
+``size=32``, ``features=4``) so the whole loop runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import PCLSegError
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+@dataclass
+class AppSettings:
+    """Server address, working folder and training budget of one app instance.
+
+    Attributes:
+        folder: data folder shown at start (scanned for volumes), optional.
+        workdir: where pretraining runs, scratch files for the worker and exports go.
+        host, port: the address the server binds; 127.0.0.1 unless told otherwise.
+        token: the secret a browser must present (``?secret=TOKEN`` in the URL). Required off
+            the loopback interface: one is generated when none is given.
+        refine_steps: optimiser steps per "Fine-tune & predict" click.
+        pretrain_epochs: default epochs of "Pretrain on folder" (editable in the page).
+        size, features: slice size and U-Net width for pretraining and for a model started
+            without an encoder (with an encoder, its own metadata decides).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps`` for pretraining and the worker.
+    """
+
+    folder: Path | None = None
+    workdir: Path = Path("pclseg-app")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    refine_steps: int = 200
+    pretrain_epochs: int = 50
+    size: int = 128
+    features: int = 32
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+        self.folder = Path(self.folder) if self.folder else None
+        if not 0 <= self.port <= 65535:
+            raise PCLSegError(f"--port must be in 0..65535, got {self.port}")
+        for name in ("refine_steps", "pretrain_epochs", "features"):
+            if getattr(self, name) < 1:
+                raise PCLSegError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.size < 16 or self.size % 16:
+            raise PCLSegError(f"--size must be a multiple of 16 and at least 16, got {self.size}")
+        if self.token is not None and len(self.token) < 8:
+            raise PCLSegError("--token must be at least 8 characters long")
+        if self.token is None and not self.is_loopback:
+            self.token = secrets.token_urlsafe(16)
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when only this machine can reach the server."""
+        if self.host in LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name other than localhost
+            return False
+
+    @property
+    def url(self) -> str:
+        """The address to open, with the token when there is one."""
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
+        query = f"?secret={self.token}" if self.token else ""
+        return f"http://{host}:{self.port}/{query}"

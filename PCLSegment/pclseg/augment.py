@@ -1,0 +1,229 @@
+"""Augmentation of 2D slices with MONAI transforms: image-only for pretraining, image+label for
+fine-tuning, and the two-view dataset that feeds contrastive pretraining.
+
+The paper augments spatially only: random flips, rotation, scaling 0.7-1.3 and elastic
+deformation. Every transform here keeps the slice size (rotation and zoom-out pad with the
+border value), works on ``(C, H, W)`` arrays or tensors and returns plain float32 tensors. An
+optional intensity stage (gamma, bias field, scale, noise) is an addition of ours for fine-tuning
+on few labels.
+
+To stay cheap on a small CPU the affine part (rotation + scale) is one resampling with a cached
+grid, and the costlier elastic deformation is applied to a fraction of the slices only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureType,
+    EnsureTyped,
+    Rand2DElastic,
+    Rand2DElasticd,
+    RandAdjustContrast,
+    RandAdjustContrastd,
+    RandAffine,
+    RandAffined,
+    RandBiasField,
+    RandBiasFieldd,
+    RandFlip,
+    RandFlipd,
+    RandGaussianNoise,
+    RandGaussianNoised,
+    RandScaleIntensity,
+    RandScaleIntensityd,
+)
+from torch.utils.data import Dataset
+
+from .errors import PCLSegError
+
+IMAGE, LABEL = "image", "label"
+#: Padding for rotated/zoomed-out borders: repeat the edge. After a per-volume z-score there is
+#: no "zero" background value, and image and label must be padded alike to stay aligned.
+PADDING = "border"
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Probabilities and ranges of the augmentation.
+
+    Elastic control points are ``elastic_spacing * size`` pixels apart and move by a random
+    ``magnitude * size`` pixels, ``magnitude`` in ``elastic_magnitude``.
+    """
+
+    flip_prob: float = 0.5
+    affine_prob: float = 0.8
+    rotate_degrees: float = 15.0
+    scale_range: tuple[float, float] = (0.7, 1.3)
+    elastic_prob: float = 0.3
+    elastic_spacing: float = 1 / 4
+    elastic_magnitude: tuple[float, float] = (1 / 64, 1 / 32)
+    intensity_prob: float = 0.3
+
+
+#: Pretraining: the paper's spatial augmentation.
+PRETRAIN_PARAMS = AugmentParams()
+#: Fine-tuning: no flips, because a flip would turn a left kidney into a right one while its
+#: label stays "left kidney" (labels are lateral, slices in a canonical orientation).
+FINETUNE_PARAMS = replace(AugmentParams(), flip_prob=0.0)
+
+
+def _check_size(size: int) -> None:
+    if size < 16:
+        raise PCLSegError(f"augmentation size must be at least 16, got {size}")
+
+
+def _spatial_kwargs(size: int, params: AugmentParams) -> tuple[dict, dict]:
+    """Keyword arguments shared by the array and dictionary versions: (affine, elastic)."""
+    low, high = params.scale_range
+    affine = {
+        "prob": params.affine_prob,
+        "rotate_range": math.radians(params.rotate_degrees),
+        "scale_range": (low - 1.0, high - 1.0),  # MONAI adds 1 to the sampled scale
+        "spatial_size": (size, size),
+        "padding_mode": PADDING,
+        "cache_grid": True,
+    }
+    elastic = {
+        "prob": params.elastic_prob,
+        "spacing": (params.elastic_spacing * size,) * 2,
+        "magnitude_range": tuple(m * size for m in params.elastic_magnitude),
+        "spatial_size": (size, size),
+        "padding_mode": PADDING,
+    }
+    return affine, elastic
+
+
+def pretrain_augment(
+    size: int, seed: int = 0, intensity: bool = False, params: AugmentParams = PRETRAIN_PARAMS
+) -> Compose:
+    """A random augmentation of one slice: ``(C, size, size)`` -> float32 tensor, same shape.
+
+    Flips along both in-plane axes, rotation and scaling, elastic deformation, then (with
+    ``intensity``) gamma, bias field, scaling and noise. Seeded by ``seed``; reseed with
+    ``set_random_state``.
+    """
+    _check_size(size)
+    affine, elastic = _spatial_kwargs(size, params)
+    transforms: list[Callable] = [
+        RandFlip(prob=params.flip_prob, spatial_axis=0),
+        RandFlip(prob=params.flip_prob, spatial_axis=1),
+        RandAffine(**affine),
+        Rand2DElastic(**elastic),
+    ]
+    if intensity:
+        p = params.intensity_prob
+        transforms += [
+            RandAdjustContrast(prob=p, gamma=(0.7, 1.5)),
+            RandBiasField(prob=p, coeff_range=(0.0, 0.1)),
+            RandScaleIntensity(factors=0.1, prob=p),
+            RandGaussianNoise(prob=p, std=0.05),
+        ]
+    transforms.append(EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False))
+    compose = Compose(transforms)
+    compose.set_random_state(seed=seed)
+    return compose
+
+
+def finetune_augment(
+    size: int, intensity: bool = True, seed: int = 0, params: AugmentParams = FINETUNE_PARAMS
+) -> Compose:
+    """The same random spatial transform on ``{"image": (C,H,W), "label": (1,H,W)}``.
+
+    The image is interpolated bilinearly, the label by nearest neighbour so its values stay in
+    the original label set; intensity augmentation touches the image only. Returns a dict with
+    ``image`` float32 and ``label`` int64 tensors of size ``size`` x ``size``.
+    """
+    _check_size(size)
+    affine, elastic = _spatial_kwargs(size, params)
+    keys = (IMAGE, LABEL)
+    modes = ("bilinear", "nearest")
+    transforms: list[Callable] = [
+        RandFlipd(keys, prob=params.flip_prob, spatial_axis=0),
+        RandFlipd(keys, prob=params.flip_prob, spatial_axis=1),
+        RandAffined(keys, mode=modes, **affine),
+        Rand2DElasticd(keys, mode=modes, **elastic),
+    ]
+    if intensity:
+        p = params.intensity_prob
+        transforms += [
+            RandAdjustContrastd(IMAGE, prob=p, gamma=(0.7, 1.5)),
+            RandBiasFieldd(IMAGE, prob=p, coeff_range=(0.0, 0.1)),
+            RandScaleIntensityd(IMAGE, factors=0.1, prob=p),
+            RandGaussianNoised(IMAGE, prob=p, std=0.05),
+        ]
+    transforms.append(
+        EnsureTyped(keys, data_type="tensor", dtype=(torch.float32, torch.int64), track_meta=False)
+    )
+    compose = Compose(transforms)
+    compose.set_random_state(seed=seed)
+    return compose
+
+
+def two_views(
+    batch: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent random augmentations of every slice: ``(B, C, H, W)`` -> two of the same.
+
+    For augmenting in the training process; :class:`TwoViewSliceDataset` does the same work
+    in DataLoader workers.
+    """
+    if batch.ndim != 4:
+        raise ValueError(f"batch must have shape (B, C, H, W), got {tuple(batch.shape)}")
+    first = torch.stack([transform(item) for item in batch])
+    second = torch.stack([transform(item) for item in batch])
+    return first, second
+
+
+class TwoViewSliceDataset(Dataset):
+    """Slices with their positions, each returned as two augmented views for contrastive learning.
+
+    ``dataset[i]`` is ``(view1 (1, H, W), view2 (1, H, W), position ())``, float32 tensors.
+
+    The augmentation of item ``i`` is seeded from ``(seed, epoch, i)``, so the views depend
+    neither on the number of DataLoader workers nor on which worker draws the item, and a run
+    resumed at an epoch sees the same views as an uninterrupted one. Call :meth:`set_epoch` at the
+    start of every epoch (before iterating the DataLoader, whose workers copy the dataset).
+
+    Args:
+        slices: ``(N, H, W)`` array (a memory map is read one slice at a time).
+        positions: ``(N,)`` slice positions in ``(0, 1]``.
+        transform: a seedable MONAI transform such as :func:`pretrain_augment`'s.
+        seed: base seed of the augmentation.
+    """
+
+    def __init__(
+        self, slices: np.ndarray, positions: np.ndarray, transform: Compose, seed: int = 0
+    ) -> None:
+        if slices.ndim != 3:
+            raise ValueError(f"slices must have shape (N, H, W), got {tuple(slices.shape)}")
+        positions = np.asarray(positions, dtype=np.float32)
+        if positions.shape != (slices.shape[0],):
+            raise ValueError(
+                f"positions must have shape ({slices.shape[0]},), got {tuple(positions.shape)}"
+            )
+        self.slices = slices
+        self.positions = positions
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's augmentations (call once per epoch, before iterating)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.slices.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        item_seed = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)
+        self.transform.set_random_state(seed=int(item_seed[0]))
+        image = torch.from_numpy(np.asarray(self.slices[index], dtype=np.float32)[None].copy())
+        view1 = self.transform(image)
+        view2 = self.transform(image)
+        return view1, view2, torch.tensor(self.positions[index])

@@ -1,0 +1,308 @@
+"""Checkpoints as safetensors + JSON pairs: atomic to write, never unpickled to read.
+
+A pair ``STEM.safetensors`` + ``STEM.json`` holds tensors and their metadata. The JSON carries
+``format`` (what kind of pair), ``format_version``, ``versions`` (pclseg, torch, monai, python),
+the caller's metadata (configs, epoch, ...) and the ``sha256`` of the safetensors file, so a
+truncated file or a pair mixed from two saves is caught before anything is used.
+
+Writing is atomic per file: each goes to a temporary file in the same folder, is fsynced and
+renamed over the old one (safetensors first, JSON last, so the JSON is the commit mark). A crash
+between the two renames leaves a pair whose sha256 does not match, which loading reports.
+
+Optimizer state and random-number-generator state become tensors + JSON-ready metadata here
+too, so a full training state can be saved and resumed without pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from . import __version__
+from .errors import PCLSegError
+
+#: Bumped when the layout of a pair changes incompatibly; older readers refuse newer pairs.
+FORMAT_VERSION = 1
+#: Keys :func:`save_pair` writes itself; callers' metadata may not set them.
+RESERVED_KEYS = ("sha256", "format_version", "versions")
+
+Tensors = dict[str, torch.Tensor]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that wrote a checkpoint (read without importing monai)."""
+    try:
+        monai_version = importlib_metadata.version("monai")
+    except importlib_metadata.PackageNotFoundError:
+        monai_version = "absent"
+    return {
+        "pclseg": __version__,
+        "torch": torch.__version__,
+        "monai": monai_version,
+        "python": platform.python_version(),
+    }
+
+
+def pair_paths(stem: Path | str) -> tuple[Path, Path]:
+    """``(STEM.safetensors, STEM.json)``; a path to either file names its pair too."""
+    stem = Path(stem)
+    if stem.suffix in (".safetensors", ".json"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_pair(
+    stem: Path | str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
+) -> None:
+    """Write ``STEM.safetensors`` (the tensors, on CPU) and ``STEM.json`` (the metadata) atomically.
+
+    Args:
+        stem: path without suffix; its folder is created if needed.
+        tensors: name -> tensor; names must be strings, tensors must not share memory.
+        metadata: JSON-ready dict; should hold ``format`` (e.g. ``"pclseg-encoder"``). The keys
+            ``sha256``, ``format_version`` and ``versions`` are added here.
+    """
+    weights_path, json_path = pair_paths(stem)
+    clash = [key for key in RESERVED_KEYS if key in metadata]
+    if clash:
+        raise ValueError(f"metadata may not set {', '.join(clash)}: save_pair writes them")
+    cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    data = save_safetensors_bytes(cpu)
+    document = {
+        **metadata,
+        "format_version": FORMAT_VERSION,
+        "versions": versions(),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    text = json.dumps(document, indent=2, allow_nan=True) + "\n"  # fails before writing anything
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(weights_path, data)
+    _write_atomic(json_path, text.encode("utf-8"))
+    _fsync_dir(weights_path.parent)
+
+
+def load_metadata(stem: Path | str, expect_format: str | None = None) -> dict[str, Any]:
+    """Read and check ``STEM.json`` only (format and version), without reading the tensors."""
+    _, json_path = pair_paths(stem)
+    if not json_path.is_file():
+        raise PCLSegError(
+            f"{json_path}: missing; a checkpoint needs both its .safetensors and .json files"
+        )
+    try:
+        document = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PCLSegError(f"{json_path}: unreadable checkpoint metadata ({error})") from None
+    if not isinstance(document, dict) or "sha256" not in document:
+        raise PCLSegError(f"{json_path}: not a pclseg checkpoint description (no sha256)")
+    found = document.get("format")
+    if expect_format is not None and found != expect_format:
+        raise PCLSegError(
+            f"{json_path}: holds {found!r}, expected {expect_format!r}; pass the right file"
+        )
+    version = document.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        writer = document.get("versions", {}).get("pclseg", "an unknown version")
+        raise PCLSegError(
+            f"{json_path}: format version {version} was written by pclseg {writer}; "
+            f"this pclseg ({__version__}) reads up to {FORMAT_VERSION}, so upgrade pclseg"
+        )
+    return document
+
+
+def load_pair(stem: Path | str, expect_format: str | None = None) -> tuple[Tensors, dict[str, Any]]:
+    """Read a pair written by :func:`save_pair`; every problem is a one-line :class:`PCLSegError`.
+
+    Args:
+        stem: path without suffix.
+        expect_format: when given, the JSON's ``format`` must equal it.
+
+    Returns:
+        ``(tensors on CPU, metadata)``; nothing is unpickled.
+    """
+    weights_path, _ = pair_paths(stem)
+    document = load_metadata(stem, expect_format)
+    try:
+        data = weights_path.read_bytes()
+    except FileNotFoundError:
+        raise PCLSegError(
+            f"{weights_path}: missing; a checkpoint needs both its .safetensors and .json files"
+        ) from None
+    except OSError as error:
+        raise PCLSegError(f"{weights_path}: unreadable ({error.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != document["sha256"]:
+        raise PCLSegError(
+            f"{weights_path}: contents do not match its .json (sha256 differs); the file is "
+            "corrupt or the pair comes from two saves: restore both files from one save"
+        )
+    try:
+        tensors = load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise PCLSegError(f"{weights_path}: not a valid safetensors file ({error})") from None
+    return tensors, document
+
+
+# --- optimizer state -------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in checkpoint metadata")
+
+
+def optimizer_to_tensors(
+    optimizer: torch.optim.Optimizer, prefix: str = "optimizer."
+) -> tuple[Tensors, dict[str, Any]]:
+    """An optimizer's state as tensors and JSON-ready metadata (no pickle).
+
+    Per-parameter tensors (SGD momentum buffers, Adam moments and step counts) become tensors
+    named ``{prefix}{param_index}.{name}``; non-tensor per-parameter values and the parameter
+    groups (learning rates, betas, ...) go into the metadata.
+    """
+    state = optimizer.state_dict()
+    tensors: Tensors = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}{index}.{name}"] = value.detach().to("cpu", copy=True)
+            else:
+                scalars.setdefault(str(index), {})[name] = _jsonable(value)
+    meta = {"param_groups": _jsonable(state["param_groups"]), "scalars": scalars}
+    return tensors, meta
+
+
+def optimizer_from_tensors(
+    optimizer: torch.optim.Optimizer,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    prefix: str = "optimizer.",
+) -> None:
+    """Restore what :func:`optimizer_to_tensors` saved, into an optimizer of the same parameters."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        index, _, name = key[len(prefix) :].partition(".")
+        state.setdefault(int(index), {})[name] = tensor
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [
+        {
+            key: tuple(value) if isinstance(value, list) and key != "params" else value
+            for key, value in group.items()
+        }
+        for group in meta["param_groups"]
+    ]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as error:
+        raise PCLSegError(f"saved optimizer state does not fit this model ({error})") from None
+
+
+# --- random number generators ----------------------------------------------------------------
+
+
+def rng_state_to_tensors(prefix: str = "rng.") -> tuple[Tensors, dict[str, Any]]:
+    """The states of torch (CPU, CUDA, MPS), numpy's global and Python's ``random`` generators.
+
+    Restoring them with :func:`rng_state_from_tensors` makes a resumed run draw the same random
+    stream as an uninterrupted one.
+    """
+    tensors: Tensors = {f"{prefix}torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"{prefix}cuda.{index}"] = cuda_state.cpu()
+    if torch.backends.mps.is_available():
+        tensors[f"{prefix}mps"] = torch.mps.get_rng_state().cpu()
+
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors[f"{prefix}numpy"] = torch.from_numpy(np_keys.astype(np.int64))
+    py_version, py_internal, py_gauss = random.getstate()
+    tensors[f"{prefix}python"] = torch.tensor(py_internal, dtype=torch.int64)
+    meta = {
+        "numpy": {
+            "kind": np_kind,
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": py_version, "gauss_next": py_gauss},
+    }
+    return tensors, meta
+
+
+def rng_state_from_tensors(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], prefix: str = "rng."
+) -> None:
+    """Restore the generators saved by :func:`rng_state_to_tensors`.
+
+    CUDA states are restored for the devices present in both the saved run and this machine.
+    """
+    torch.set_rng_state(tensors[f"{prefix}torch"].to(torch.uint8))
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            saved = tensors.get(f"{prefix}cuda.{index}")
+            if saved is not None:
+                torch.cuda.set_rng_state(saved.to(torch.uint8), index)
+    if torch.backends.mps.is_available() and f"{prefix}mps" in tensors:
+        torch.mps.set_rng_state(tensors[f"{prefix}mps"].to(torch.uint8))
+
+    np_meta = meta["numpy"]
+    np_keys = tensors[f"{prefix}numpy"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (np_meta["kind"], np_keys, np_meta["pos"], np_meta["has_gauss"], np_meta["cached_gaussian"])
+    )
+    py_meta = meta["python"]
+    py_internal = tuple(int(value) for value in tensors[f"{prefix}python"].tolist())
+    random.setstate((py_meta["version"], py_internal, py_meta["gauss_next"]))

@@ -1,0 +1,144 @@
+"""The ``pclseg`` command line: it only parses arguments, builds configs and calls the engine.
+
+Every error a user can cause is a :class:`~pclseg.errors.PCLSegError`; it is printed as one
+line (``error: ...``, or an ``error`` event with ``--progress json``) and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ModelConfig, PreprocessConfig, PretrainConfig
+from .errors import PCLSegError
+from .progress import Progress
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
+                   help="bar in a terminal (default), JSON lines for programs, or none")
+
+
+def _add_preprocess(p: argparse.ArgumentParser, size: int = 128) -> None:
+    p.add_argument("--size", type=int, default=size, help="training slice size in pixels")
+    p.add_argument("--spacing", type=float, default=None,
+                   help="resample slices in-plane to this spacing (mm) first")
+    p.add_argument("--slice-axis", default="auto", choices=("auto", "axial", "coronal", "sagittal"),
+                   help="slice axis (default: the through-plane, largest-spacing axis)")
+
+
+def _progress(args: argparse.Namespace, log_path: Path | None = None) -> Progress:
+    return Progress(args.progress or "bar", log_path=log_path)
+
+
+def _preprocess(args: argparse.Namespace) -> PreprocessConfig:
+    return PreprocessConfig(size=args.size, spacing=args.spacing, slice_axis=args.slice_axis)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain
+
+    folder = Path(args.folder)
+    if not folder.exists():
+        raise PCLSegError(f"{folder}: no such file or folder")
+    cfg = PretrainConfig(
+        method=args.method, threshold=args.threshold, temperature=args.temperature,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, amp=not args.no_amp, num_workers=args.num_workers,
+        preprocess=_preprocess(args), model=ModelConfig(features=args.features),
+    )
+    out = Path(args.out)
+    with _progress(args, log_path=out / "log.jsonl") as progress:
+        result = pretrain(folder, out, cfg, resume=args.resume, progress=progress)
+    if result.stopped:
+        print(f"stopped after epoch {result.epochs_done}; continue with: "
+              f"pclseg pretrain {folder} --out {out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"encoder written to {out / 'encoder.safetensors'}", file=sys.stderr)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample import make_sample
+
+    folder = make_sample(Path(args.out), n_volumes=args.volumes, seed=args.seed)
+    print(folder)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    with _progress(args) as progress:
+        report = run_demo(Path(args.out), device=args.device, progress=progress)
+    print(json.dumps(report, indent=2) if args.json else report.get("summary", ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pclseg",
+        description="Interactive segmentation with positional contrastive learning (PCL).",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"pclseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="contrastive pretraining on a folder of unlabeled volumes")
+    p.add_argument("folder", help="folder of volumes (NIfTI, NRRD, MHA/MHD, DICOM series)")
+    p.add_argument("--out", required=True, help="run folder (encoder, checkpoints, log)")
+    p.add_argument("--method", default="pcl", choices=("pcl", "simclr", "gcl"))
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="PCL: slices closer than this in relative position are positives")
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--features", type=int, default=32, help="U-Net width f (levels f..16f)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on the GPU")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--seed", type=int, default=0)
+    _add_preprocess(p)
+    _add_progress(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="write the built-in sample dataset to a folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--volumes", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="the whole loop on the built-in sample data")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_progress(p)
+    p.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    json_errors = getattr(args, "progress", None) == "json"
+    try:
+        code = args.func(args)
+    except PCLSegError as error:
+        if json_errors:
+            print(json.dumps({"event": "error", "message": str(error)}), flush=True)
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    return code

@@ -1,0 +1,162 @@
+"""Contrastive losses: supervised-contrastive (SupCon) and the three methods built on it.
+
+All three methods (PCL, SimCLR, GCL) are the same loss with a different positive mask; see
+:mod:`pclseg.positions` for the rules that build the masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PretrainConfig
+from .errors import PCLSegError
+from .positions import gcl_positive_mask, pcl_positive_mask, simclr_positive_mask
+
+
+def _check_temperature(temperature: float) -> float:
+    if not temperature > 0:
+        raise PCLSegError(f"temperature must be positive, got {temperature}")
+    return float(temperature)
+
+
+class SupConLoss(nn.Module):
+    """Supervised-contrastive loss, all anchors (Khosla et al., NeurIPS 2020, ``L^sup_out``).
+
+    The ``2B`` embeddings of a batch (two views of ``B`` slices) are L2-normalised and stacked,
+    ``z = [z1; z2]`` of shape ``(2B, D)``; similarities are cosines over a temperature ``t``,
+    ``s_ij = z_i . z_j / t``. With ``P(i)`` the positives of anchor ``i`` (the ``(B, B)`` mask tiled
+    to ``(2B, 2B)``, self excluded) and ``A(i)`` every index but ``i``::
+
+        L = 1/(2B) sum_i  -1/|P(i)| sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} exp(s_ia) )
+
+    The two views of one slice are always positives (the mask's diagonal is forced True), so
+    ``|P(i)| >= 1``. The reference code of the PCL paper also multiplies the loss by
+    ``t / 0.07``; that constant only rescales the gradient, so it is left out.
+
+    Shapes:
+        z1, z2: ``(B, D)`` projections of the two views (any scale; normalised here).
+        positive_mask: ``(B, B)`` bool, ``mask[a, b]`` True when slices ``a`` and ``b`` are
+        positives.
+        Returns a scalar (float32, whatever the autocast dtype of the inputs).
+
+    Example:
+        >>> loss = SupConLoss(temperature=0.1)
+        >>> z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+        >>> float(loss(z1, z2, torch.eye(4, dtype=torch.bool))) > 0
+        True
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+
+    def forward(
+        self, z1: torch.Tensor, z2: torch.Tensor, positive_mask: torch.Tensor
+    ) -> torch.Tensor:
+        if z1.ndim != 2 or z1.shape != z2.shape:
+            raise ValueError(
+                "z1 and z2 must both have shape (B, D), "
+                f"got {tuple(z1.shape)} and {tuple(z2.shape)}"
+            )
+        batch = z1.shape[0]
+        if positive_mask.shape != (batch, batch):
+            raise ValueError(
+                f"positive_mask must have shape ({batch}, {batch}), "
+                f"got {tuple(positive_mask.shape)}"
+            )
+        if positive_mask.dtype != torch.bool:
+            raise ValueError(f"positive_mask must be bool, got {positive_mask.dtype}")
+
+        # Similarities in at least float32: under fp16 autocast exp(1/t) would overflow.
+        dtype = torch.promote_types(z1.dtype, torch.float32)
+        z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # (2B, D)
+        logits = z @ z.T / self.temperature  # (2B, 2B)
+
+        n = 2 * batch
+        self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+        positives = positive_mask.to(z.device) | torch.eye(batch, dtype=torch.bool, device=z.device)
+        positives = positives.repeat(2, 2) & ~self_mask  # (2B, 2B)
+
+        # log softmax over A(i): drop self, subtract the row max (logsumexp does) for stability.
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        positive_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob))
+        per_anchor = -positive_log_prob.sum(dim=1) / positives.sum(dim=1)  # (2B,)
+        return per_anchor.mean()
+
+
+class ContrastiveLoss(nn.Module):
+    """A SupCon loss whose positive mask comes from slice positions; subclasses give the rule.
+
+    Shapes: ``forward(z1 (B, D), z2 (B, D), positions (B,)) -> scalar``.
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.supcon = SupConLoss(temperature)
+
+    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """``(B, B)`` bool: which slices of the batch are positives of each other."""
+        raise NotImplementedError
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if positions.shape != z1.shape[:1]:
+            raise ValueError(
+                f"positions must have shape ({z1.shape[0]},), got {tuple(positions.shape)}"
+            )
+        return self.supcon(z1, z2, self.positive_mask(positions.to(z1.device)))
+
+
+class PCLLoss(ContrastiveLoss):
+    """Positional contrastive loss (Zeng et al., MICCAI 2021, arXiv 2106.09157).
+
+    SupCon with positives ``|pos_a - pos_b| < threshold`` across all volumes of the batch.
+    """
+
+    def __init__(self, threshold: float = 0.1, temperature: float = 0.1) -> None:
+        super().__init__(temperature)
+        if not 0 < threshold <= 1:
+            raise PCLSegError(f"PCL threshold must be in (0, 1], got {threshold}")
+        self.threshold = float(threshold)
+
+    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        return pcl_positive_mask(positions, self.threshold)
+
+
+class SimCLRLoss(ContrastiveLoss):
+    """SimCLR's NT-Xent (Chen et al., ICML 2020): the only positive is the slice's other view.
+
+    Positions are accepted for a uniform interface and ignored.
+    """
+
+    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        return simclr_positive_mask(positions.shape[0], device=positions.device)
+
+
+class GCLLoss(ContrastiveLoss):
+    """Global contrastive loss with partitions (Chaitanya et al., NeurIPS 2020, ``G^D``).
+
+    SupCon with positives the slices in the same of ``partitions`` equal parts along the axis.
+    """
+
+    def __init__(self, partitions: int = 4, temperature: float = 0.1) -> None:
+        super().__init__(temperature)
+        if partitions < 1:
+            raise PCLSegError(f"GCL partitions must be at least 1, got {partitions}")
+        self.partitions = int(partitions)
+
+    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        return gcl_positive_mask(positions, self.partitions)
+
+
+def make_contrastive_loss(cfg: PretrainConfig) -> ContrastiveLoss:
+    """The loss of ``cfg.method`` (``pcl``, ``simclr`` or ``gcl``) with its settings."""
+    if cfg.method == "pcl":
+        return PCLLoss(cfg.threshold, cfg.temperature)
+    if cfg.method == "simclr":
+        return SimCLRLoss(cfg.temperature)
+    if cfg.method == "gcl":
+        return GCLLoss(cfg.gcl_partitions, cfg.temperature)
+    raise PCLSegError(f"method must be pcl, simclr or gcl, got {cfg.method!r}")

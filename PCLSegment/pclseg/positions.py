@@ -1,0 +1,98 @@
+"""Slice positions and the positive-pair rules of the three contrastive methods.
+
+A slice's position is its relative place along the canonical slice axis of its own volume,
+``pos = (i + 1) / N`` for slice ``i`` of ``N``, so ``pos`` lies in ``(0, 1]`` and means the same
+anatomical height in every volume (the volumes share one canonical orientation).
+
+Which slices of a batch are positives of each other (Zeng et al., "Positional Contrastive
+Learning for Volumetric Medical Image Segmentation", MICCAI 2021):
+
+- **PCL**: slices ``a`` and ``b`` (from any volumes) are positives when
+  ``|pos_a - pos_b| < threshold`` (strict; 0.1 for CT and 0.35 for cardiac MRI in the paper).
+- **SimCLR** (Chen et al., 2020): only a slice itself (its other augmented view) is positive.
+- **GCL** (Chaitanya et al., NeurIPS 2020): each volume is cut into ``S`` equal partitions along
+  the axis; slices in the same partition index (of any volume) are positives.
+
+Every mask here is ``(B, B)`` bool with ``mask[a, b]`` True when ``a`` and ``b`` are positives. The
+diagonal is always True: the two augmented views of one slice are positives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import PCLSegError
+
+#: Positions are rationals ``(i + 1) / N`` computed in floating point; differences that are
+#: exactly ``threshold`` in exact arithmetic may land a few ulps below it (``0.3 - 0.2 < 0.1`` in
+#: float64). Comparisons give way by this much so that the strict rule holds as written.
+POSITION_TOLERANCE = 1e-6
+
+
+def slice_positions(n: int) -> np.ndarray:
+    """Positions ``(i + 1) / n`` of the ``n`` slices of one volume, float64 of shape ``(n,)``."""
+    if n < 1:
+        raise PCLSegError(f"a volume needs at least one slice to have positions, got {n}")
+    return np.arange(1, n + 1, dtype=np.float64) / n
+
+
+def _check_positions(positions: torch.Tensor) -> None:
+    if positions.ndim != 1:
+        raise ValueError(f"positions must have shape (B,), got {tuple(positions.shape)}")
+
+
+def _as_float(positions: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays: MPS has no float64, and float32 already resolves
+    positions to ~1e-7, well inside :data:`POSITION_TOLERANCE`)."""
+    return positions.detach().to(torch.promote_types(positions.dtype, torch.float32))
+
+
+def pcl_positive_mask(positions: torch.Tensor, threshold: float) -> torch.Tensor:
+    """PCL positives: ``mask[a, b] = |pos_a - pos_b| < threshold``, across volumes.
+
+    Args:
+        positions: ``(B,)`` slice positions in ``(0, 1]``.
+        threshold: the positional distance below which two slices are positives, in ``(0, 1]``.
+
+    Returns:
+        ``(B, B)`` bool mask; a distance of exactly ``threshold`` is *not* positive.
+    """
+    _check_positions(positions)
+    if not 0 < threshold <= 1:
+        raise PCLSegError(f"PCL threshold must be in (0, 1], got {threshold}")
+    pos = _as_float(positions)
+    distance = (pos[:, None] - pos[None, :]).abs()
+    return distance < threshold - POSITION_TOLERANCE
+
+
+def simclr_positive_mask(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """SimCLR positives: the identity, ``(B, B)`` bool (each slice is positive only with itself)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    return torch.eye(batch_size, dtype=torch.bool, device=device)
+
+
+def gcl_partition(positions: torch.Tensor, partitions: int) -> torch.Tensor:
+    """GCL partition index of each slice: ``ceil(pos * S) - 1``, long in ``[0, S - 1]``.
+
+    Partition ``k`` holds the positions in ``(k / S, (k + 1) / S]``, the half-open intervals that
+    match ``pos`` in ``(0, 1]``: with ``N = 8`` slices and ``S = 4`` each partition holds exactly
+    two consecutive slices.
+
+    Args:
+        positions: ``(B,)`` slice positions in ``(0, 1]``.
+        partitions: ``S``, the number of equal parts each volume is cut into.
+    """
+    _check_positions(positions)
+    if partitions < 1:
+        raise PCLSegError(f"GCL partitions must be at least 1, got {partitions}")
+    scaled = _as_float(positions) * partitions
+    index = torch.ceil(scaled - POSITION_TOLERANCE).long() - 1
+    return index.clamp_(0, partitions - 1)
+
+
+def gcl_positive_mask(positions: torch.Tensor, partitions: int) -> torch.Tensor:
+    """GCL positives: ``mask[a, b] = partition(a) == partition(b)``, ``(B, B)`` bool."""
+    index = gcl_partition(positions, partitions)
+    return index[:, None] == index[None, :]

@@ -1,0 +1,166 @@
+"""Slice augmentation: shapes, label values, alignment, seeding and the two-view dataset."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from pclseg.augment import (
+    FINETUNE_PARAMS,
+    TwoViewSliceDataset,
+    finetune_augment,
+    pretrain_augment,
+    two_views,
+)
+from pclseg.errors import PCLSegError
+from torch.utils.data import DataLoader
+
+SIZE = 32
+
+
+@pytest.fixture
+def a_slice() -> np.ndarray:
+    """A (1, H, W) float32 slice: a smooth blob on a ramp, so any resampling changes it."""
+    y, x = np.mgrid[:SIZE, :SIZE].astype(np.float32)
+    blob = np.exp(-((x - 12) ** 2 + (y - 18) ** 2) / 40)
+    return (blob + x / SIZE)[None].astype(np.float32)
+
+
+@pytest.fixture
+def a_label() -> np.ndarray:
+    """A (1, H, W) uint8 label map with values {0, 2, 5}: a disk and a rectangle."""
+    y, x = np.mgrid[:SIZE, :SIZE]
+    label = np.zeros((1, SIZE, SIZE), dtype=np.uint8)
+    label[0][(x - 12) ** 2 + (y - 14) ** 2 < 36] = 2
+    label[0, 20:27, 16:26] = 5
+    return label
+
+
+@pytest.fixture
+def slices() -> np.ndarray:
+    generator = np.random.default_rng(0)
+    return generator.standard_normal((6, SIZE, SIZE)).astype(np.float32)
+
+
+@pytest.mark.parametrize("intensity", [False, True])
+def test_pretrain_augment_keeps_shape_and_gives_float32(
+    a_slice: np.ndarray, intensity: bool
+) -> None:
+    transform = pretrain_augment(SIZE, seed=0, intensity=intensity)
+    outputs = [transform(a_slice) for _ in range(4)] + [transform(torch.from_numpy(a_slice))]
+    for out in outputs:
+        assert type(out) is torch.Tensor  # plain tensors collate cheaply
+        assert out.dtype == torch.float32 and out.shape == (1, SIZE, SIZE)
+        assert torch.isfinite(out).all()
+    assert any(not torch.allclose(out, torch.from_numpy(a_slice)) for out in outputs)
+
+
+def test_same_seed_same_augmentations(a_slice: np.ndarray) -> None:
+    first = pretrain_augment(SIZE, seed=3, intensity=True)
+    second = pretrain_augment(SIZE, seed=3, intensity=True)
+    other = pretrain_augment(SIZE, seed=4, intensity=True)
+    a = [first(a_slice) for _ in range(3)]
+    b = [second(a_slice) for _ in range(3)]
+    c = [other(a_slice) for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, z) for x, z in zip(a, c, strict=True))
+    first.set_random_state(seed=3)
+    assert torch.equal(first(a_slice), a[0])
+
+
+def test_finetune_augment_keeps_label_values(a_slice: np.ndarray, a_label: np.ndarray) -> None:
+    transform = finetune_augment(SIZE, intensity=True, seed=1)
+    for _ in range(6):
+        out = transform({"image": a_slice, "label": a_label})
+        assert out["image"].dtype == torch.float32 and out["image"].shape == (1, SIZE, SIZE)
+        assert out["label"].dtype == torch.int64 and out["label"].shape == (1, SIZE, SIZE)
+        assert set(out["label"].unique().tolist()) <= {0, 2, 5}
+
+
+ONE_RESAMPLING = {
+    "flips": replace(FINETUNE_PARAMS, flip_prob=1.0, affine_prob=0.0, elastic_prob=0.0),
+    "affine": replace(FINETUNE_PARAMS, affine_prob=1.0, elastic_prob=0.0),
+    "elastic": replace(FINETUNE_PARAMS, affine_prob=0.0, elastic_prob=1.0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ONE_RESAMPLING))
+def test_image_and_label_stay_aligned(a_label: np.ndarray, kind: str) -> None:
+    # The image equals the (binary) label. After one bilinear resampling an image value above
+    # 0.75 can only come from a neighbourhood whose nearest pixel is foreground, below 0.25
+    # from one whose nearest pixel is background.
+    binary = (a_label > 0).astype(np.uint8)
+    transform = finetune_augment(SIZE, intensity=False, seed=2, params=ONE_RESAMPLING[kind])
+    moved = False
+    for _ in range(4):
+        out = transform({"image": binary.astype(np.float32), "label": binary})
+        image, label = out["image"], out["label"]
+        assert bool((label[image > 0.75] == 1).all())
+        assert bool((label[image < 0.25] == 0).all())
+        moved |= not torch.equal(label, torch.from_numpy(binary).long())
+    assert moved
+
+
+def test_image_and_label_overlap_under_the_full_augmentation(a_label: np.ndarray) -> None:
+    binary = (a_label > 0).astype(np.uint8)
+    params = replace(FINETUNE_PARAMS, flip_prob=0.5, affine_prob=1.0, elastic_prob=1.0)
+    transform = finetune_augment(SIZE, intensity=False, seed=3, params=params)
+    for _ in range(4):
+        out = transform({"image": binary.astype(np.float32), "label": binary})
+        image_mask, label_mask = out["image"] > 0.5, out["label"] == 1
+        dice = 2 * (image_mask & label_mask).sum() / (image_mask.sum() + label_mask.sum())
+        assert float(dice) > 0.9
+
+
+def test_two_views_are_independent_augmentations(slices: np.ndarray) -> None:
+    batch = torch.from_numpy(slices[:3, None])
+    first, second = two_views(batch, pretrain_augment(SIZE, seed=0))
+    assert first.shape == second.shape == (3, 1, SIZE, SIZE)
+    assert not torch.equal(first, second)
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        two_views(batch[0], pretrain_augment(SIZE))
+
+
+def test_two_view_dataset_items(slices: np.ndarray) -> None:
+    positions = np.linspace(1 / 6, 1.0, 6)
+    dataset = TwoViewSliceDataset(slices, positions, pretrain_augment(SIZE), seed=0)
+    assert len(dataset) == 6
+    view1, view2, position = dataset[2]
+    assert view1.shape == view2.shape == (1, SIZE, SIZE)
+    assert view1.dtype == view2.dtype == position.dtype == torch.float32
+    assert float(position) == pytest.approx(0.5)
+    assert not torch.equal(view1, view2)
+
+
+def test_two_view_dataset_is_seeded_per_item_and_epoch(slices: np.ndarray) -> None:
+    dataset = TwoViewSliceDataset(slices, np.ones(6), pretrain_augment(SIZE), seed=5)
+    forward = [dataset[i][0] for i in range(6)]
+    backward = [dataset[i][0] for i in reversed(range(6))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward, strict=True))
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0][0], forward[0])
+    dataset.set_epoch(0)
+    assert torch.equal(dataset[0][0], forward[0])
+
+
+def test_two_view_dataset_gives_the_same_batches_with_workers(slices: np.ndarray) -> None:
+    dataset = TwoViewSliceDataset(slices, np.linspace(0.1, 1, 6), pretrain_augment(SIZE), seed=1)
+    dataset.set_epoch(3)
+    single = list(DataLoader(dataset, batch_size=3, num_workers=0))
+    parallel = list(DataLoader(dataset, batch_size=3, num_workers=2))
+    for ours, theirs in zip(single, parallel, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_bad_arguments_are_refused(slices: np.ndarray) -> None:
+    with pytest.raises(PCLSegError, match="size"):
+        pretrain_augment(8)
+    with pytest.raises(PCLSegError, match="size"):
+        finetune_augment(0)
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        TwoViewSliceDataset(slices[0], np.ones(SIZE), pretrain_augment(SIZE))
+    with pytest.raises(ValueError, match="positions"):
+        TwoViewSliceDataset(slices, np.ones(5), pretrain_augment(SIZE))

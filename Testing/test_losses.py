@@ -1,0 +1,191 @@
+"""SupCon and the PCL / SimCLR / GCL losses, against a naive loop written from the formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pclseg.config import PretrainConfig
+from pclseg.errors import PCLSegError
+from pclseg.losses import GCLLoss, PCLLoss, SimCLRLoss, SupConLoss, make_contrastive_loss
+from pclseg.positions import gcl_positive_mask, pcl_positive_mask
+
+
+def naive_supcon(
+    z1: torch.Tensor, z2: torch.Tensor, positive_mask: torch.Tensor, temperature: float
+) -> float:
+    """mean_i -1/|P(i)| sum_{p in P(i)} log(exp(s_ip) / sum_{a != i} exp(s_ia)), term by term."""
+    views = [v / v.norm() for v in list(z1) + list(z2)]
+    batch, n = z1.shape[0], 2 * z1.shape[0]
+    total = 0.0
+    for i in range(n):
+        denominator = sum(
+            math.exp(float(views[i] @ views[a]) / temperature) for a in range(n) if a != i
+        )
+        terms = []
+        for p in range(n):
+            same_slice = p % batch == i % batch
+            if p != i and (same_slice or bool(positive_mask[i % batch, p % batch])):
+                numerator = math.exp(float(views[i] @ views[p]) / temperature)
+                terms.append(math.log(numerator / denominator))
+        total += -sum(terms) / len(terms)
+    return total / n
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.mark.parametrize("batch", [2, 5, 16])
+@pytest.mark.parametrize("temperature", [0.07, 0.1, 0.5])
+def test_supcon_equals_the_naive_loop(
+    generator: torch.Generator, batch: int, temperature: float
+) -> None:
+    z1 = torch.randn(batch, 6, generator=generator, dtype=torch.float64)
+    z2 = torch.randn(batch, 6, generator=generator, dtype=torch.float64)
+    mask = torch.rand(batch, batch, generator=generator) < 0.4
+    mask = mask | mask.T
+    loss = SupConLoss(temperature)(z1, z2, mask)
+    assert loss.dtype == torch.float64
+    assert float(loss) == pytest.approx(naive_supcon(z1, z2, mask, temperature), abs=1e-5)
+
+
+@pytest.mark.parametrize("batch", [2, 5, 16])
+@pytest.mark.parametrize("temperature", [0.07, 0.1, 0.5])
+def test_method_losses_equal_the_naive_loop_with_their_masks(
+    generator: torch.Generator, batch: int, temperature: float
+) -> None:
+    z1 = torch.randn(batch, 8, generator=generator, dtype=torch.float64)
+    z2 = torch.randn(batch, 8, generator=generator, dtype=torch.float64)
+    positions = torch.rand(batch, generator=generator, dtype=torch.float64).clamp_min(1e-3)
+    cases = [
+        (PCLLoss(0.1, temperature), pcl_positive_mask(positions, 0.1)),
+        (SimCLRLoss(temperature), torch.eye(batch, dtype=torch.bool)),
+        (GCLLoss(4, temperature), gcl_positive_mask(positions, 4)),
+    ]
+    for loss_fn, mask in cases:
+        expected = naive_supcon(z1, z2, mask, temperature)
+        assert float(loss_fn(z1, z2, positions)) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.1, 0.5])
+def test_closed_form_for_two_orthogonal_slices(temperature: float) -> None:
+    # Two slices along orthogonal axes, both views identical. For anchor e1 the other entries
+    # have similarities 0 (e2), 1/t (its own other view), 0 (e2's other view).
+    z = torch.eye(2, dtype=torch.float64)
+    denominator = math.exp(1 / temperature) + 2
+    # SimCLR: the only positive is the other view.
+    simclr = SimCLRLoss(temperature)(z, z, torch.tensor([0.25, 0.75]))
+    assert float(simclr) == pytest.approx(math.log(denominator) - 1 / temperature, abs=1e-10)
+    # Both slices positive (PCL, close positions): three positives, log-probabilities
+    # 1/t - log Z, -log Z, -log Z.
+    pcl = PCLLoss(0.5, temperature)(z, z, torch.tensor([0.25, 0.5]))
+    expected = math.log(denominator) - 1 / (3 * temperature)
+    assert float(pcl) == pytest.approx(expected, abs=1e-10)
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+def test_identical_embeddings_give_log_of_2b_minus_1(batch: int) -> None:
+    # All similarities equal: every log-probability is -log(2B - 1), whatever the mask.
+    z = torch.ones(batch, 3)
+    mask = torch.rand(batch, batch) < 0.5
+    loss = SupConLoss(0.1)(z, z.clone(), mask)
+    assert float(loss) == pytest.approx(math.log(2 * batch - 1), abs=1e-5)
+
+
+def test_two_views_are_positive_even_when_the_mask_diagonal_is_false(
+    generator: torch.Generator,
+) -> None:
+    z1 = torch.randn(4, 5, generator=generator)
+    z2 = torch.randn(4, 5, generator=generator)
+    loss = SupConLoss(0.1)
+    with_diagonal = loss(z1, z2, torch.eye(4, dtype=torch.bool))
+    without = loss(z1, z2, torch.zeros(4, 4, dtype=torch.bool))
+    assert torch.allclose(with_diagonal, without)
+
+
+def test_pcl_positives_follow_the_strict_threshold() -> None:
+    # Embeddings pull toward positives: aligning slices 0 and 1 lowers the loss only when
+    # they are positives. Positions 0.1 apart are not positives under threshold 0.1.
+    z_apart = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    z_close = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    at_threshold = torch.tensor([0.2, 0.3, 0.9], dtype=torch.float64)
+    below = torch.tensor([0.2, 0.25, 0.9], dtype=torch.float64)
+    loss = PCLLoss(threshold=0.1, temperature=0.1)
+    simclr = SimCLRLoss(temperature=0.1)
+    assert float(loss(z_close, z_close, at_threshold)) == pytest.approx(
+        float(simclr(z_close, z_close, at_threshold))
+    )
+    assert float(loss(z_close, z_close, below)) < float(loss(z_apart, z_apart, below))
+
+
+def test_stable_at_a_small_temperature_in_float32(generator: torch.Generator) -> None:
+    z1 = torch.randn(8, 16, generator=generator) * 1e3
+    z2 = z1 + 0.01 * torch.randn(8, 16, generator=generator)
+    mask = torch.eye(8, dtype=torch.bool)
+    low = SupConLoss(0.01)(z1, z2, mask)
+    high = SupConLoss(0.01)(z1.double(), z2.double(), mask)
+    assert torch.isfinite(low)
+    assert float(low) == pytest.approx(float(high), rel=1e-4, abs=1e-4)
+
+
+def test_half_precision_inputs_give_a_float32_loss(generator: torch.Generator) -> None:
+    z1 = torch.randn(4, 8, generator=generator).to(torch.bfloat16)
+    z2 = torch.randn(4, 8, generator=generator).to(torch.bfloat16)
+    loss = SupConLoss(0.1)(z1, z2, torch.eye(4, dtype=torch.bool))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_gradient_reaches_both_views(generator: torch.Generator) -> None:
+    z1 = torch.randn(6, 8, generator=generator, requires_grad=True)
+    z2 = torch.randn(6, 8, generator=generator, requires_grad=True)
+    PCLLoss(0.3, 0.1)(z1, z2, torch.linspace(0.1, 1.0, 6)).backward()
+    for grad in (z1.grad, z2.grad):
+        assert grad is not None
+        assert torch.isfinite(grad).all()
+        assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.1, float("nan")])
+def test_rejects_a_non_positive_temperature(temperature: float) -> None:
+    with pytest.raises(PCLSegError, match="temperature"):
+        SupConLoss(temperature)
+    with pytest.raises(PCLSegError, match="temperature"):
+        PCLLoss(0.1, temperature)
+
+
+def test_rejects_bad_method_arguments() -> None:
+    with pytest.raises(PCLSegError, match="threshold"):
+        PCLLoss(threshold=0.0)
+    with pytest.raises(PCLSegError, match="partitions"):
+        GCLLoss(partitions=0)
+
+
+def test_rejects_mismatched_shapes() -> None:
+    loss = SupConLoss(0.1)
+    with pytest.raises(ValueError, match="z1 and z2"):
+        loss(torch.randn(4, 8), torch.randn(3, 8), torch.eye(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="z1 and z2"):
+        loss(torch.randn(4), torch.randn(4), torch.eye(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="positive_mask"):
+        loss(torch.randn(4, 8), torch.randn(4, 8), torch.eye(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        loss(torch.randn(4, 8), torch.randn(4, 8), torch.eye(4))
+    with pytest.raises(ValueError, match="positions"):
+        PCLLoss()(torch.randn(4, 8), torch.randn(4, 8), torch.rand(5))
+
+
+@pytest.mark.parametrize(
+    ("method", "loss_type"), [("pcl", PCLLoss), ("simclr", SimCLRLoss), ("gcl", GCLLoss)]
+)
+def test_factory_builds_the_configured_loss(method: str, loss_type: type) -> None:
+    cfg = PretrainConfig(method=method, threshold=0.35, temperature=0.2, gcl_partitions=3)
+    loss = make_contrastive_loss(cfg)
+    assert type(loss) is loss_type
+    assert loss.supcon.temperature == 0.2
+    if method == "pcl":
+        assert loss.threshold == 0.35
+    if method == "gcl":
+        assert loss.partitions == 3

@@ -1,0 +1,238 @@
+"""The pretraining loop and its command line: schedule, batching, checkpoints, resume, signals,
+junk input, and DistributedDataParallel with two CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from pclseg import checkpoint
+from pclseg.config import ModelConfig, PreprocessConfig, PretrainConfig
+from pclseg.errors import PCLSegError
+from pclseg.model import UNet, load_encoder
+from pclseg.pretrain import epoch_batches, get_lr, pretrain
+from pclseg.progress import Progress
+
+TINY = ["--size", "32", "--features", "4", "--batch-size", "8", "--device", "cpu"]
+
+
+def tiny_config(**overrides) -> PretrainConfig:
+    settings = dict(epochs=2, batch_size=8, device="cpu", preprocess=PreprocessConfig(size=32),
+                    model=ModelConfig(features=4))
+    settings.update(overrides)
+    return PretrainConfig(**settings)
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pclseg", *args], capture_output=True,
+                          text=True, timeout=timeout, env=_env())
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_starts_at_base_and_decays_to_zero():
+    lrs = [get_lr(s, 100, 0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert get_lr(0, 100, 0.1, warmup_steps=10) == pytest.approx(0.01)
+
+
+def test_epoch_batches_are_reproducible_disjoint_and_drop_the_remainder():
+    one = epoch_batches(50, 8, epoch=3, seed=7)
+    assert [b.tolist() for b in one] == [b.tolist() for b in epoch_batches(50, 8, 3, 7)]
+    assert len(one) == 6 and all(len(b) == 8 for b in one)
+    assert len(np.unique(np.concatenate(one))) == 48
+    assert [b.tolist() for b in one] != [b.tolist() for b in epoch_batches(50, 8, 4, 7)]
+    r0, r1 = epoch_batches(50, 4, 0, 7, rank=0, world=2), epoch_batches(50, 4, 0, 7, rank=1, world=2)
+    assert len(r0) == len(r1) == 6
+    assert not set(np.concatenate(r0)) & set(np.concatenate(r1))
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def test_pretraining_writes_an_encoder_that_loads_into_the_segmentation_network(
+    a_sample_folder, tmp_path
+):
+    result = pretrain(a_sample_folder / "imagesTr", tmp_path / "run", tiny_config())
+    assert not result.stopped and result.epochs_done == 2 and np.isfinite(result.final_loss)
+
+    tensors, meta = checkpoint.load_pair(tmp_path / "run" / "encoder", expect_format="pclseg-encoder")
+    assert meta["config"]["method"] == "pcl" and meta["epoch"] == 2
+    assert meta["data"]["volumes"] >= 4 and meta["data"]["slices"] > 0
+    unet = UNet(ModelConfig(features=4))
+    before = {k: v.clone() for k, v in unet.encoder.state_dict().items()}
+    load_encoder(unet, tensors)
+    changed = [k for k, v in unet.encoder.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the pretrained weights were not loaded"
+    with torch.no_grad():
+        assert unet.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(a_sample_folder, tmp_path):
+    images = a_sample_folder / "imagesTr"
+    straight = pretrain(images, tmp_path / "straight", tiny_config(epochs=2))
+
+    def interrupt_after_first_epoch(event: dict) -> None:
+        if event["event"] == "epoch" and event["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would: stops one step later
+
+    stopped = pretrain(images, tmp_path / "split", tiny_config(epochs=2),
+                       progress=Progress("none", callback=interrupt_after_first_epoch))
+    assert stopped.stopped
+    _, meta = checkpoint.load_pair(tmp_path / "split" / "checkpoint")
+    assert (meta["epoch"], meta["step"]) == (1, 1), "saved mid-epoch, one step after the signal"
+    resumed = pretrain(images, tmp_path / "split", tiny_config(epochs=2), resume=True)
+    assert resumed.epochs_done == 2 and not resumed.stopped
+    a, _ = checkpoint.load_pair(tmp_path / "straight" / "encoder")
+    b, _ = checkpoint.load_pair(tmp_path / "split" / "encoder")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert np.isfinite(straight.final_loss) and np.isfinite(resumed.final_loss)
+
+
+def test_a_second_run_into_the_same_folder_needs_resume(a_sample_folder, tmp_path):
+    pretrain(a_sample_folder / "imagesTr", tmp_path / "run", tiny_config(epochs=1))
+    with pytest.raises(PCLSegError, match="--resume"):
+        pretrain(a_sample_folder / "imagesTr", tmp_path / "run", tiny_config(epochs=1))
+    with pytest.raises(PCLSegError, match="no checkpoint"):
+        pretrain(a_sample_folder / "imagesTr", tmp_path / "fresh", tiny_config(), resume=True)
+
+
+@pytest.mark.parametrize("method", ["simclr", "gcl"])
+def test_baseline_methods_train_with_the_same_loop(a_sample_folder, tmp_path, method):
+    result = pretrain(a_sample_folder / "imagesTr", tmp_path / method,
+                      tiny_config(method=method, epochs=1))
+    _, meta = checkpoint.load_pair(tmp_path / method / "encoder")
+    assert meta["method"]["name"] == method and np.isfinite(result.final_loss)
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("pretrain", str(a_sample_folder / "imagesTr"), "--out", str(out),
+                   "--epochs", "1", "--progress", "json", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    names = [e["event"] for e in events(proc.stdout)]
+    assert "started" in names and names[-1] == "done"
+    assert {"step", "epoch", "checkpoint"} <= set(names)
+    assert (out / "encoder.safetensors").exists() and (out / "log.jsonl").exists()
+
+
+def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "pclseg", "pretrain", str(a_sample_folder / "imagesTr"),
+            "--out", str(out), "--epochs", "3", "--progress", "json", *TINY]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=_env())
+    for line in proc.stdout:
+        if '"event": "checkpoint"' in line:
+            proc.kill()  # kill -9 right after the first checkpoint: no chance to clean up
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    _, meta = checkpoint.load_pair(out / "checkpoint", expect_format="pclseg-checkpoint")
+    assert 1 <= meta["epoch"] < 3
+
+    proc = run_cli("pretrain", str(a_sample_folder / "imagesTr"), "--out", str(out),
+                   "--epochs", "3", "--resume", "--progress", "json", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    started = next(e for e in events(proc.stdout) if e["event"] == "started")
+    assert started["done_steps"] > 0
+    _, meta = checkpoint.load_pair(out / "checkpoint")
+    assert meta["epoch"] == 3
+
+
+def test_sigterm_saves_mid_epoch_and_exits_cleanly(a_sample_folder, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "pclseg", "pretrain", str(a_sample_folder / "imagesTr"),
+            "--out", str(out), "--epochs", "50", "--progress", "json", *TINY]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    for line in proc.stdout:
+        if '"event": "step"' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert any(e["event"] == "stopped" for e in events(rest))
+    assert "--resume" in err and "Traceback" not in err
+    _, meta = checkpoint.load_pair(out / "checkpoint")
+    assert meta["epoch"] == 0 and meta["step"] >= 1
+
+
+def _write_junk(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.nii.gz").write_bytes(b"this is not a volume")
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkFloat32), str(folder / "flat2d.nrrd"))
+    sitk.WriteImage(sitk.Image(16, 16, 12, sitk.sitkFloat32), str(folder / "constant.nrrd"))
+    return ["notes.nii.gz", "flat2d.nrrd", "constant.nrrd"]
+
+
+def test_a_folder_with_junk_pretrains_on_the_rest_and_names_the_junk(a_sample_folder, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(a_sample_folder / "imagesTr", folder)
+    junk = _write_junk(folder / "junk")
+    proc = run_cli("pretrain", str(folder), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    for name in junk:
+        assert name in proc.stderr
+    _, meta = checkpoint.load_pair(tmp_path / "run" / "encoder")
+    assert sorted(Path(s["path"]).name for s in meta["data"]["skipped"]) == sorted(junk)
+
+
+@pytest.mark.parametrize("make", ["empty", "only_junk", "missing"])
+def test_nothing_usable_is_one_clear_line(tmp_path, make):
+    folder = tmp_path / "in"
+    if make == "empty":
+        folder.mkdir()
+    elif make == "only_junk":
+        _write_junk(folder)
+    proc = run_cli("pretrain", str(folder), "--out", str(tmp_path / "run"), *TINY)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert str(folder) in proc.stderr
+
+
+def test_bad_arguments_are_one_clear_line(a_sample_folder, tmp_path):
+    proc = run_cli("pretrain", str(a_sample_folder), "--out", str(tmp_path / "r"),
+                   "--size", "50", "--device", "cpu")
+    assert proc.returncode == 2 and "size must be a multiple of 16" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_torchrun_trains_with_two_processes(a_sample_folder, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pclseg", "pretrain", str(a_sample_folder / "imagesTr"), "--out", str(out),
+         "--epochs", "1", "--progress", "json", *TINY],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, meta = checkpoint.load_pair(out / "encoder", expect_format="pclseg-encoder")
+    assert meta["data"]["world_size"] == 2 and meta["epoch"] == 1
+    starts = [e for e in events(proc.stdout) if e["event"] == "started"]
+    assert len(starts) == 1, "only rank 0 reports"

@@ -98,11 +98,18 @@ PATH_FIELDS = {"dataFolderPathLineEdit": "dataFolder", "outputFolderPathLineEdit
 def settings_from(parameters: PCLPretrainParameterNode) -> PretrainSettings:
     """The engine settings the panel describes."""
     return PretrainSettings(
-        method=parameters.method, epochs=parameters.epochs, size=parameters.size,
-        features=parameters.features, batch_size=parameters.batchSize,
-        threshold=parameters.threshold, temperature=parameters.temperature,
-        lr=parameters.learningRate, device=parameters.device, seed=parameters.seed,
-        spacing=parameters.spacing, slice_axis=parameters.sliceAxis,
+        method=parameters.method,
+        epochs=parameters.epochs,
+        size=parameters.size,
+        features=parameters.features,
+        batch_size=parameters.batchSize,
+        threshold=parameters.threshold,
+        temperature=parameters.temperature,
+        lr=parameters.learningRate,
+        device=parameters.device,
+        seed=parameters.seed,
+        spacing=parameters.spacing,
+        slice_axis=parameters.sliceAxis,
         amp=parameters.mixedPrecision,
     )
 
@@ -202,17 +209,23 @@ class PCLPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateButtons(self) -> None:
         running = self._job is not None and self._job.running
         parameters = self._parameterNode
-        ready = parameters is not None and bool(parameters.dataFolder) and bool(parameters.outputFolder)
+        ready = (
+            parameters is not None and bool(parameters.dataFolder) and bool(parameters.outputFolder)
+        )
         resumable = ready and can_resume(parameters.outputFolder)
         self.ui.pretrainButton.setEnabled(ready and not running and not resumable)
         self.ui.pretrainButton.setToolTip(
-            "Start pretraining in a background process." if not resumable else
-            "The output folder already holds a run: Resume it or choose another folder."
+            "Start pretraining in a background process."
+            if not resumable
+            else "The output folder already holds a run: Resume it or choose another folder."
         )
         self.ui.resumeButton.setEnabled(bool(resumable) and not running)
         self.ui.cancelButton.setEnabled(running)
-        finished = self._runFolder if self._runFolder is not None else (
-            parameters.outputFolder if ready else None)
+        finished = (
+            self._runFolder
+            if self._runFolder is not None
+            else (parameters.outputFolder if ready else None)
+        )
         self.ui.useEncoderButton.setEnabled(
             not running and finished is not None and encoder_file(finished) is not None
         )
@@ -228,7 +241,9 @@ class PCLPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         try:
             self._job = self.logic.start(
-                parameters.dataFolder, parameters.outputFolder, settings_from(parameters),
+                parameters.dataFolder,
+                parameters.outputFolder,
+                settings_from(parameters),
                 resume=resume,
             )
         except PCLSegError as error:
@@ -261,7 +276,9 @@ class PCLPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._lossCurve is None:
             self._lossCurve = LossCurve(slicer.mrmlScene)
             view = embedded_plot_view(
-                slicer.mrmlScene, self._parameterNode.parameterNode, self._lossCurve.chart,
+                slicer.mrmlScene,
+                self._parameterNode.parameterNode,
+                self._lossCurve.chart,
                 "PCLPretrainLoss",
             )
             self.ui.lossPlotWidget.setMRMLPlotViewNode(view)
@@ -269,32 +286,36 @@ class PCLPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def poll(self) -> None:
         """Timer tick: fold the new progress events into the panel."""
-        if self._job is None:
+        job = self._job
+        if job is None:
             self._timer.stop()
             return
-        for event in self._job.poll():
+        for event in job.poll():
             self._status.update(event)
             name = event.get("event")
             if name == "epoch" and self._lossCurve is not None:
                 self._lossCurve.set_points(self._status.losses or [])
             elif name == "output" and event.get("stream") == "stderr":
                 logging.info("pclseg: %s", event.get("text"))
-            elif name == "finished":
-                self.onFinished(event)
         self.ui.progressBar.setValue(int(round(100 * self._status.fraction)))
         self.ui.progressBar.setFormat(self._status.text())
-        if self._status.message and self._job.running:
-            self.ui.statusLabel.setText(self._status.message)
+        if job.running:
+            if self._status.message:
+                self.ui.statusLabel.setText(self._status.message)
+        else:
+            self.onFinished(job)
 
-    def onFinished(self, event: dict) -> None:
+    def onFinished(self, job: ProcessJob) -> None:
         self._timer.stop()
-        job, self._job = self._job, None
+        self._job = None
         if job.ok:
             self.ui.progressBar.setValue(100)
             self.ui.statusLabel.setText(f"Encoder written to {job.result}.")
             self.offerEncoder(self._runFolder)
         elif job.cancelled:
-            self.ui.statusLabel.setText("Stopped. Press Resume to continue from the last checkpoint.")
+            self.ui.statusLabel.setText(
+                "Stopped. Press Resume to continue from the last checkpoint."
+            )
         else:
             self.ui.statusLabel.setText(f"Failed: {job.error}")
             slicer.util.errorDisplay(f"Pretraining failed: {job.error}", windowTitle="PCL Pretrain")
@@ -352,7 +373,9 @@ class PCLPretrainTest(ScriptedLoadableModuleTest):
         work = pathlib.Path(tempfile.mkdtemp(prefix="PCLPretrainTest-"))
         folder = write_test_volumes(work / "volumes")
         settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu")
-        encoder = PCLPretrainLogic().pretrain(folder, work / "run", settings, on_event=lambda e: None)
+        encoder = PCLPretrainLogic().pretrain(
+            folder, work / "run", settings, on_event=lambda e: None
+        )
         self.assertTrue(encoder.is_file())
         history = loss_history(work / "run")
         self.assertEqual([epoch for epoch, _ in history], [1])
@@ -360,7 +383,9 @@ class PCLPretrainTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
 
-def write_test_volumes(folder: pathlib.Path, count: int = 3, slices: int = 12, size: int = 32) -> pathlib.Path:
+def write_test_volumes(
+    folder: pathlib.Path, count: int = 3, slices: int = 12, size: int = 32
+) -> pathlib.Path:
     """A few small volumes whose intensity changes along the slice axis (a positional cue)."""
     import numpy as np
     import SimpleITK as sitk

@@ -27,3 +27,26 @@ def chaos_dir() -> Path:
     if not (CHAOS_DIR / "imagesTr").is_dir():
         pytest.skip(f"real data not found at {CHAOS_DIR} (set PCLSEG_CHAOS)")
     return CHAOS_DIR
+
+
+@pytest.fixture(scope="session")
+def a_pretraining_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch PCL run (features 4, 32 px) on three generated volumes, made the
+    way the PCLPretrain module makes one: ``pclseg pretrain`` in a child process."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from pclseg.pretrain_logic import PretrainLogic, PretrainSettings
+
+    root = tmp_path_factory.mktemp("pretraining")
+    volumes = root / "volumes"
+    volumes.mkdir()
+    rng = np.random.default_rng(0)
+    for n in range(3):
+        z = np.arange(12, dtype=np.float32)[:, None, None] / 12
+        image = sitk.GetImageFromArray((rng.normal(size=(12, 32, 32)) + 4 * z).astype(np.float32))
+        image.SetSpacing((1.0, 1.0, 3.0))
+        sitk.WriteImage(image, str(volumes / f"volume{n}.nii.gz"))
+    settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu")
+    PretrainLogic().pretrain(volumes, root / "run", settings, on_event=lambda event: None)
+    return root / "run"

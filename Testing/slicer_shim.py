@@ -145,22 +145,40 @@ def _placeholder_classes() -> dict[str, type]:
         def mrmlScene(self) -> Any:
             return self._scene
 
-    class ctkCollapsibleButton(QtWidgets.QWidget):  # noqa: N801
+    class ctkCollapsibleButton(QtWidgets.QGroupBox):  # noqa: N801
+        """Drawn as a titled group box; collapsed hides its contents, as ctk's does."""
+
         def __init__(self, parent: Any = None) -> None:
             super().__init__(parent)
             self._text, self._collapsed = "", False
 
         def setText(self, text: str) -> None:
             self._text = text
+            self._retitle()
 
         def text(self) -> str:
             return self._text
 
         def setCollapsed(self, collapsed: bool) -> None:
-            self._collapsed = collapsed
+            self._collapsed = bool(collapsed)
+            self._retitle()
+            self._apply()
 
         def collapsed(self) -> bool:
             return self._collapsed
+
+        def _retitle(self) -> None:
+            self.setTitle(("\u25b6 " if self._collapsed else "\u25bc ") + self._text)
+
+        def _apply(self) -> None:
+            for child in self.findChildren(
+                QtWidgets.QWidget, options=QtCore.Qt.FindDirectChildrenOnly
+            ):
+                child.setVisible(not self._collapsed)
+
+        def showEvent(self, event: Any) -> None:
+            self._apply()
+            super().showEvent(event)
 
     class ctkPathLineEdit(QtWidgets.QLineEdit):  # noqa: N801
         Dirs, Files, Drives, NoSymLinks, AllEntries = 0x1, 0x2, 0x4, 0x8, 0x7
@@ -200,8 +218,15 @@ def _placeholder_classes() -> dict[str, type]:
         def __init__(self, parent: Any = None) -> None:
             super().__init__(parent)
             self._scene, self._node, self._types, self._base = None, None, [], ""
-            for name in ("ShowChildNodeTypes", "AddEnabled", "RemoveEnabled", "RenameEnabled",
-                         "NoneEnabled", "ShowHidden", "SelectNodeUponCreation"):
+            for name in (
+                "ShowChildNodeTypes",
+                "AddEnabled",
+                "RemoveEnabled",
+                "RenameEnabled",
+                "NoneEnabled",
+                "ShowHidden",
+                "SelectNodeUponCreation",
+            ):
                 setattr(self, f"set{name}", lambda value, _n=name: setattr(self, f"_{_n}", value))
 
         def setNodeTypes(self, types_: list[str]) -> None:
@@ -231,21 +256,81 @@ def _placeholder_classes() -> dict[str, type]:
             return self._node
 
     class qMRMLPlotWidget(QtWidgets.QWidget):  # noqa: N801
+        """Draws the first series of its view's chart as a polyline with markers."""
+
         def __init__(self, parent: Any = None) -> None:
             super().__init__(parent)
             self._scene = self._view = None
+            self.setMinimumHeight(150)
 
         def setMRMLScene(self, scene: Any) -> None:
             self._scene = scene
 
         def setMRMLPlotViewNode(self, node: Any) -> None:
             self._view = node
+            self.update()
 
         def mrmlPlotViewNode(self) -> Any:
             return self._view
 
+        def points(self) -> list[tuple[float, float]]:
+            chart = self._view.GetPlotChartNode() if self._view is not None else None
+            series = chart.GetNthPlotSeriesNode(0) if chart is not None else None
+            table = series.GetTableNode().GetTable() if series is not None else None
+            if table is None:
+                return []
+            x = table.GetColumnByName(series.GetXColumnName())
+            y = table.GetColumnByName(series.GetYColumnName())
+            return [(x.GetValue(r), y.GetValue(r)) for r in range(table.GetNumberOfRows())]
+
+        def paintEvent(self, event: Any) -> None:
+            from PyQt5 import QtGui
+
+            painter = QtGui.QPainter(self)
+            painter.setRenderHint(QtGui.QPainter.Antialiasing)
+            painter.fillRect(self.rect(), QtGui.QColor("white"))
+            left, top, right, bottom = 44, 12, self.width() - 12, self.height() - 28
+            painter.setPen(QtGui.QColor(90, 90, 90))
+            painter.drawLine(left, bottom, right, bottom)
+            painter.drawLine(left, top, left, bottom)
+            painter.drawText(right - 40, self.height() - 8, "epoch")
+            painter.drawText(4, top + 10, "loss")
+            points = self.points()
+            if points:
+                xs, ys = [p[0] for p in points], [p[1] for p in points]
+                x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+                y0, y1 = min(ys), max(max(ys), min(ys) + 1e-6)
+
+                def at(x: float, y: float) -> QtCore.QPointF:
+                    return QtCore.QPointF(
+                        left + (x - x0) / (x1 - x0) * (right - left - 8) + 4,
+                        bottom - 6 - (y - y0) / (y1 - y0) * (bottom - top - 12),
+                    )
+
+                painter.drawText(4, bottom - 4, f"{y0:.2f}")
+                painter.drawText(4, top + 24, f"{y1:.2f}")
+                painter.setPen(QtGui.QPen(QtGui.QColor(31, 119, 180), 2))
+                painter.drawPolyline(QtGui.QPolygonF([at(x, y) for x, y in points]))
+                painter.setBrush(QtGui.QColor(31, 119, 180))
+                for x, y in points:
+                    painter.drawEllipse(at(x, y), 3, 3)
+            painter.end()
+
     class qMRMLSegmentEditorWidget(qMRMLWidget):  # noqa: N801
         """Records what the module asks of Slicer's Segment Editor."""
+
+        EFFECTS = (
+            "Paint",
+            "Draw",
+            "Erase",
+            "Level tracing",
+            "Grow from seeds",
+            "Fill between slices",
+            "Threshold",
+            "Islands",
+            "Scissors",
+            "Smoothing",
+        )
 
         def __init__(self, parent: Any = None) -> None:
             super().__init__(parent)
@@ -253,8 +338,25 @@ def _placeholder_classes() -> dict[str, type]:
             self.undoStatesSaved = 0
             self.activeEffect = ""
             self.shortcutsInstalled = False
-            for name in ("SegmentationNodeSelectorVisible", "SourceVolumeNodeSelectorVisible",
-                         "SwitchToSegmentationsButtonVisible", "MaximumNumberOfUndoStates"):
+            # What the editor shows: effect buttons and the segment list.
+            layout = QtWidgets.QVBoxLayout(self)
+            layout.setContentsMargins(0, 0, 0, 0)
+            effects = QtWidgets.QGridLayout()
+            for n, name in enumerate(self.EFFECTS):
+                button = QtWidgets.QToolButton()
+                button.setText(name)
+                button.setMinimumWidth(80)
+                effects.addWidget(button, n // 5, n % 5)
+            layout.addLayout(effects)
+            self.segmentList = QtWidgets.QListWidget()
+            self.segmentList.setMaximumHeight(70)
+            layout.addWidget(self.segmentList)
+            for name in (
+                "SegmentationNodeSelectorVisible",
+                "SourceVolumeNodeSelectorVisible",
+                "SwitchToSegmentationsButtonVisible",
+                "MaximumNumberOfUndoStates",
+            ):
                 setattr(self, f"set{name}", lambda value, _n=name: setattr(self, f"_{_n}", value))
 
         def setMRMLSegmentEditorNode(self, node: Any) -> None:
@@ -267,6 +369,23 @@ def _placeholder_classes() -> dict[str, type]:
             self.segmentation = node
             if self.editorNode is not None:
                 self.editorNode.SetAndObserveSegmentationNode(node)
+            self.showSegments()
+
+        def showSegments(self) -> None:
+            from PyQt5 import QtGui
+
+            self.segmentList.clear()
+            segmentation = (
+                self.segmentation.GetSegmentation() if self.segmentation is not None else None
+            )
+            for n in range(segmentation.GetNumberOfSegments() if segmentation is not None else 0):
+                segment = segmentation.GetNthSegment(n)
+                item = QtWidgets.QListWidgetItem(segment.GetName())
+                color = QtGui.QColor.fromRgbF(*segment.GetColor())
+                pixmap = QtGui.QPixmap(12, 12)
+                pixmap.fill(color)
+                item.setIcon(QtGui.QIcon(pixmap))
+                self.segmentList.addItem(item)
 
         def segmentationNode(self) -> Any:
             return self.segmentation
@@ -291,10 +410,18 @@ def _placeholder_classes() -> dict[str, type]:
         def uninstallKeyboardShortcuts(self) -> None:
             self.shortcutsInstalled = False
 
-    return {cls.__name__: cls for cls in (
-        qMRMLWidget, ctkCollapsibleButton, ctkPathLineEdit, ctkSliderWidget, qMRMLNodeComboBox,
-        qMRMLPlotWidget, qMRMLSegmentEditorWidget,
-    )}
+    return {
+        cls.__name__: cls
+        for cls in (
+            qMRMLWidget,
+            ctkCollapsibleButton,
+            ctkPathLineEdit,
+            ctkSliderWidget,
+            qMRMLNodeComboBox,
+            qMRMLPlotWidget,
+            qMRMLSegmentEditorWidget,
+        )
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +537,10 @@ class _Connector:
         elif kind is int and type(widget) is QtWidgets.QSpinBox:
             self._range(widget)
             self.signal, self.get, self.set = widget.valueChanged, widget.value, widget.setValue
-        elif kind is float and type(widget) in (QtWidgets.QDoubleSpinBox, placeholders["ctkSliderWidget"]):
+        elif kind is float and type(widget) in (
+            QtWidgets.QDoubleSpinBox,
+            placeholders["ctkSliderWidget"],
+        ):
             self._range(widget)
             self.signal, self.get, self.set = widget.valueChanged, widget.value, widget.setValue
         elif kind in (str, int, float, bool) and type(widget) is QtWidgets.QComboBox:
@@ -424,7 +554,10 @@ class _Connector:
             self.set = lambda value: widget.setCurrentIndex(choice.choices.index(value))
         elif field.is_node and type(widget) is placeholders["qMRMLNodeComboBox"]:
             self.signal, self.get, self.set = (
-                widget.currentNodeChanged, widget.currentNode, widget.setCurrentNode)
+                widget.currentNodeChanged,
+                widget.currentNode,
+                widget.setCurrentNode,
+            )
         elif kind is pathlib.Path and type(widget) is placeholders["ctkPathLineEdit"]:
             self.signal = widget.currentPathChanged
             self.get = lambda: pathlib.Path(widget.currentPath())
@@ -482,7 +615,9 @@ def parameterNodeWrapper(cls: type) -> type:  # noqa: N802 - Slicer's name
             if not name:
                 continue
             if name not in fields:
-                raise ValueError(f"{cls.__name__} has no parameter {name!r} (widget {widget.objectName()})")
+                raise ValueError(
+                    f"{cls.__name__} has no parameter {name!r} (widget {widget.objectName()})"
+                )
             connectors.append(_Connector(widget, fields[name], self))
 
         def update(*_args: Any) -> None:
@@ -510,8 +645,12 @@ def parameterNodeWrapper(cls: type) -> type:  # noqa: N802 - Slicer's name
         return lambda self, *args: getattr(self.parameterNode, name)(*args)
 
     namespace: dict[str, Any] = {
-        "__init__": __init__, "connectGui": connectGui, "disconnectGui": disconnectGui,
-        "allParameters": fields, "__doc__": cls.__doc__, "__module__": cls.__module__,
+        "__init__": __init__,
+        "connectGui": connectGui,
+        "disconnectGui": disconnectGui,
+        "allParameters": fields,
+        "__doc__": cls.__doc__,
+        "__module__": cls.__module__,
     }
     for name in ("AddObserver", "RemoveObserver", "StartModify", "EndModify", "Modified"):
         namespace[name] = observer_forwarding(name)
@@ -650,8 +789,12 @@ def install_gui_shims(monkeypatch: Any) -> Dialogs:
     monkeypatch.setattr(slicer, "parameterNodeWrapper", wrapper, raising=False)
 
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest):
+    for cls in (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleWidget,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+    ):
         setattr(scripted, cls.__name__, cls)
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
     monkeypatch.setattr(slicer, "ScriptedLoadableModule", scripted, raising=False)
@@ -689,17 +832,29 @@ def load_module(name: str, monkeypatch: Any) -> types.ModuleType:
 
 
 def process_events_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> bool:
-    """Run the Qt event loop (timers fire) until ``condition()`` or the timeout."""
+    """Run the Qt event loop (timers fire) until ``condition()`` or the timeout.
+
+    An exception raised in a slot (a timer callback) is re-raised here: PyQt would otherwise
+    abort the process, and Slicer would only log it.
+    """
     import time
 
     from PyQt5 import QtWidgets
 
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        QtWidgets.QApplication.processEvents()
-        time.sleep(0.02)
-    return True
-
-
+    raised: list[BaseException] = []
+    previous = sys.excepthook
+    sys.excepthook = lambda kind, error, tb: raised.append(error)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if raised:
+                raise raised[0]
+            if time.monotonic() > deadline:
+                return False
+            QtWidgets.QApplication.processEvents()
+            time.sleep(0.02)
+        if raised:
+            raise raised[0]
+        return True
+    finally:
+        sys.excepthook = previous

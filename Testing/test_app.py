@@ -9,15 +9,20 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from pclseg.errors import PCLSegError
 
 trame_slicer = pytest.importorskip("trame_slicer")
 
+from pclseg import mrml  # noqa: E402
+from pclseg.app.logic import RECOUNT_DELAY_S  # noqa: E402
 from pclseg.app.progress_tracker import ProgressTracker, format_eta, step_fraction  # noqa: E402
 from pclseg.app.serve import add_arguments, settings_from_args  # noqa: E402
 from pclseg.app.settings import AppSettings  # noqa: E402
+from pclseg.app.state import MessageKind  # noqa: E402
 from pclseg.app.workspace import (  # noqa: E402
     DEFAULT_SEGMENT,
     Workspace,
@@ -77,8 +82,10 @@ def test_format_eta(seconds, text):
 
 
 def test_step_fraction_counts_epochs_and_steps():
-    assert step_fraction({"event": "step", "epoch": 1, "epochs": 4, "step": 5, "steps": 10}) == 0.125
-    assert step_fraction({"event": "step", "epoch": 4, "epochs": 4, "step": 10, "steps": 10}) == 1.0
+    first = {"event": "step", "epoch": 1, "epochs": 4, "step": 5, "steps": 10}
+    last = {"event": "step", "epoch": 4, "epochs": 4, "step": 10, "steps": 10}
+    assert step_fraction(first) == 0.125
+    assert step_fraction(last) == 1.0
     assert step_fraction({"event": "step", "step": 3, "steps": 12}) == 0.25
     assert step_fraction({"event": "step", "loss": 1.0}) is None
 
@@ -94,7 +101,9 @@ class FakeClock:
 def test_progress_tracker_extrapolates_the_eta():
     clock = FakeClock()
     tracker = ProgressTracker(clock)
-    tracker.feed({"event": "started", "total_steps": 40, "done_steps": 0})
+    view = tracker.feed({"event": "started", "total_steps": 40, "done_steps": 0, "slices": 48,
+                         "volumes": 4, "device": "cpu"})
+    assert view.percent == 0.0 and view.detail == "48 slices of 4 volumes on cpu"
     clock.now += 10
     view = tracker.feed({"event": "step", "epoch": 1, "epochs": 4, "step": 5, "steps": 10,
                          "loss": 2.5})
@@ -119,16 +128,9 @@ def test_progress_tracker_counts_from_where_a_resumed_run_starts():
 # --- files -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sample_folder(tmp_path_factory) -> Path:
-    from pclseg.sample import make_sample
-
-    return make_sample(tmp_path_factory.mktemp("sample"), n_volumes=2, shape=(12, 48, 48), seed=3)
-
-
-def test_list_volumes_offers_images_not_label_maps(sample_folder):
-    volumes = list_volumes(sample_folder)
-    assert len(volumes) == 2
+def test_list_volumes_offers_images_not_label_maps(a_sample_folder):
+    volumes = list_volumes(a_sample_folder)
+    assert len(volumes) == 4
     assert all("imagesTr" in v for v in volumes)
 
 
@@ -140,9 +142,9 @@ def test_list_volumes_of_a_missing_or_empty_folder_is_a_clear_error(tmp_path):
         list_volumes(tmp_path / "empty")
 
 
-def test_segments_are_named_by_the_dataset_json(sample_folder, tmp_path):
-    expected = json.loads((sample_folder / "dataset.json").read_text())["labels"]
-    names = [label.name for label in segment_labels(sample_folder)]
+def test_segments_are_named_by_the_dataset_json(a_sample_folder, tmp_path):
+    expected = json.loads((a_sample_folder / "dataset.json").read_text())["labels"]
+    names = [label.name for label in segment_labels(a_sample_folder)]
     assert names and set(names) <= {str(v) for v in expected.values()} | set(expected)
     assert [label.name for label in segment_labels(tmp_path)] == [DEFAULT_SEGMENT]
     assert [label.name for label in segment_labels(None)] == [DEFAULT_SEGMENT]
@@ -187,10 +189,11 @@ def a_state():
 
 
 def test_job_runner_shows_progress_and_clears_it(a_state):
+    from trame_server.utils.typed_state import TypedState
+
     from pclseg.app.job_runner import JobRunner
     from pclseg.app.state import NAMESPACE, AppState, JobKind
     from pclseg.jobs import ProcessJob
-    from trame_server.utils.typed_state import TypedState
 
     data = TypedState(a_state, AppState, namespace=NAMESPACE).data
     runner = JobRunner(a_state, data, interval_s=0.02)
@@ -208,10 +211,11 @@ def test_job_runner_shows_progress_and_clears_it(a_state):
 
 
 def test_job_runner_cancels_a_child_process(a_state):
+    from trame_server.utils.typed_state import TypedState
+
     from pclseg.app.job_runner import JobRunner
     from pclseg.app.state import NAMESPACE, AppState, JobKind
     from pclseg.jobs import ProcessJob
-    from trame_server.utils.typed_state import TypedState
 
     data = TypedState(a_state, AppState, namespace=NAMESPACE).data
     runner = JobRunner(a_state, data, interval_s=0.02)
@@ -226,3 +230,141 @@ def test_job_runner_cancels_a_child_process(a_state):
                                  on_event))
     assert job.finished and job.cancelled and not job.ok
     assert not runner.running and not data.busy
+
+
+# --- the whole loop through the app's logic, on a real MRML scene ------------------------------
+
+
+@pytest.fixture(scope="module")
+def an_app(a_sample_folder, tmp_path_factory):
+    """The app (scene, views, logic, page) on a trame server that is never started."""
+    import uuid
+
+    from trame.app import get_server
+
+    from pclseg.app.app import PCLApp
+
+    settings = AppSettings(folder=a_sample_folder, workdir=tmp_path_factory.mktemp("work"),
+                           refine_steps=30, pretrain_epochs=1, size=32, features=4, device="cpu")
+    app = PCLApp(get_server(f"test-app-{uuid.uuid4()}", client_type="vue3"), settings)
+    yield app
+    app.logic.close()
+
+
+def axial_view(app):
+    view = next(v for v in app.slicer_app.view_manager.get_slice_views()
+                if v.get_orientation() == "Axial")
+    view.interactor().UpdateSize(240, 240)
+    view.fit_view_to_content()
+    return view
+
+
+def brush_stroke(view, start: tuple[int, int], end: tuple[int, int]) -> None:
+    """A left-button drag in a view, as trame-slicer's remote views deliver mouse events."""
+    interactor = view.interactor()
+    interactor.SetEventPosition(*start)
+    interactor.InvokeEvent("MouseMoveEvent")
+    interactor.InvokeEvent("LeftButtonPressEvent")
+    for t in np.linspace(0, 1, 6)[1:]:
+        x, y = (int(a + t * (b - a)) for a, b in zip(start, end, strict=True))
+        interactor.SetEventPosition(x, y)
+        interactor.InvokeEvent("MouseMoveEvent")
+    interactor.InvokeEvent("LeftButtonReleaseEvent")
+
+
+def paint_slices(app, slices: list[int]) -> None:
+    """Paint the first segment on each canonical slice with the editor's Paint effect."""
+    from trame_slicer.segmentation import SegmentationEffectNoTool, SegmentationEffectPaint
+
+    editor = app.slicer_app.segmentation_editor
+    view = axial_view(app)
+    editor.set_active_effect_type(SegmentationEffectPaint)
+    for index in slices:
+        volume = app.logic.scene.require().volume
+        mrml.jump_slice_views(app.slicer_app.scene, mrml.slice_center_ras(volume, index))
+        for row in (100, 115, 130):
+            brush_stroke(view, (70, row), (110, row))
+    editor.set_active_effect_type(SegmentationEffectNoTool)
+
+
+def test_opening_a_volume_shows_it_with_one_segment_per_label(an_app, a_sample_folder):
+    data = an_app.logic.data
+    assert len(data.volumes) == 4 and data.volume == data.volumes[0]
+    asyncio.run(an_app.logic.open_volume())
+    opened = an_app.logic.scene.require()
+    assert data.opened_volume == data.volumes[0]
+    assert "opened" in data.message and data.message_kind == MessageKind.INFO
+    names = [label.name for label in mrml.segment_labels(opened.annotation)]
+    assert names == [label.name for label in segment_labels(a_sample_folder)]
+    views = an_app.slicer_app.view_manager.get_slice_views()
+    assert all(v.get_background_volume_id() == opened.node.GetID() for v in views)
+    assert an_app.slicer_app.segmentation_editor.active_segmentation_node is opened.annotation
+
+
+def test_errors_are_messages_and_the_app_keeps_working(an_app, a_sample_folder, tmp_path):
+    logic, data = an_app.logic, an_app.logic.data
+    asyncio.run(logic.open_volume())
+    asyncio.run(logic.finetune())
+    assert data.message_kind == MessageKind.ERROR and "no annotation yet" in data.message
+
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a volume")
+    data.volume = str(broken)
+    asyncio.run(logic.open_volume())
+    assert data.message_kind == MessageKind.ERROR and "broken.nii.gz" in data.message
+
+    data.folder = str(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    asyncio.run(logic.scan())
+    assert data.message_kind == MessageKind.ERROR and "no volumes" in data.message
+
+    data.folder = str(a_sample_folder)
+    asyncio.run(logic.scan())
+    asyncio.run(logic.open_volume())
+    assert data.message_kind == MessageKind.INFO and "opened" in data.message
+
+
+def test_the_loop_pretrain_paint_fine_tune_suggest_accept_export(an_app):
+    logic, data = an_app.logic, an_app.logic.data
+
+    async def loop() -> None:
+        await logic.pretrain()
+        assert data.message_kind == MessageKind.SUCCESS, data.message
+        assert data.encoder in data.encoders and Path(data.encoder, "encoder.json").is_file()
+
+        await logic.open_volume()
+        paint_slices(an_app, [5, 7])
+        await asyncio.sleep(2 * RECOUNT_DELAY_S)  # the page's counter follows the brush
+        assert data.annotated_slices == [5, 7]
+        opened = logic.scene.require()
+        painted = mrml.annotation_array(opened.annotation, opened.node, opened_labels(opened))
+
+        await logic.finetune()
+        assert data.message_kind == MessageKind.SUCCESS, data.message
+        assert data.has_prediction and data.refine_rounds == 1
+        predicted = mrml.annotation_array(opened.prediction, opened.node, opened_labels(opened))
+        assert predicted.any(), "the prediction is empty"
+        after = mrml.annotation_array(opened.annotation, opened.node, opened_labels(opened))
+        assert np.array_equal(after, painted), "the prediction changed the user's annotation"
+        canonical = opened.volume.geometry.to_canonical(predicted)
+        assert not canonical[[5, 7]].any(), "the prediction drew on annotated slices"
+
+        await logic.suggest()
+        suggested = data.current_suggestion
+        assert suggested >= 0 and suggested not in (5, 7)
+        assert logic.segment.current_slice() == suggested  # the views moved there
+
+        await logic.accept()
+        assert suggested in data.annotated_slices
+        await logic.export()
+        assert data.message_kind == MessageKind.SUCCESS, data.message
+
+    asyncio.run(loop())
+    seg, nifti = (Path(p) for p in data.exported)
+    assert seg.name.endswith(".seg.nrrd") and seg.is_file()
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(nifti)))
+    assert labels.any() and set(np.unique(labels)) <= {0, 1, 2, 3, 4}
+
+
+def opened_labels(opened):
+    return mrml.segment_labels(opened.annotation)

@@ -27,15 +27,25 @@ TINY = ["--size", "32", "--features", "4", "--batch-size", "8", "--device", "cpu
 
 
 def tiny_config(**overrides) -> PretrainConfig:
-    settings = dict(epochs=2, batch_size=8, device="cpu", preprocess=PreprocessConfig(size=32),
-                    model=ModelConfig(features=4))
+    settings = dict(
+        epochs=2,
+        batch_size=8,
+        device="cpu",
+        preprocess=PreprocessConfig(size=32),
+        model=ModelConfig(features=4),
+    )
     settings.update(overrides)
     return PretrainConfig(**settings)
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pclseg", *args], capture_output=True,
-                          text=True, timeout=timeout, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "pclseg", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+    )
 
 
 def _env() -> dict[str, str]:
@@ -63,7 +73,10 @@ def test_epoch_batches_are_reproducible_disjoint_and_drop_the_remainder():
     assert len(one) == 6 and all(len(b) == 8 for b in one)
     assert len(np.unique(np.concatenate(one))) == 48
     assert [b.tolist() for b in one] != [b.tolist() for b in epoch_batches(50, 8, 4, 7)]
-    r0, r1 = epoch_batches(50, 4, 0, 7, rank=0, world=2), epoch_batches(50, 4, 0, 7, rank=1, world=2)
+    r0, r1 = (
+        epoch_batches(50, 4, 0, 7, rank=0, world=2),
+        epoch_batches(50, 4, 0, 7, rank=1, world=2),
+    )
     assert len(r0) == len(r1) == 6
     assert not set(np.concatenate(r0)) & set(np.concatenate(r1))
 
@@ -77,7 +90,9 @@ def test_pretraining_writes_an_encoder_that_loads_into_the_segmentation_network(
     result = pretrain(a_sample_folder / "imagesTr", tmp_path / "run", tiny_config())
     assert not result.stopped and result.epochs_done == 2 and np.isfinite(result.final_loss)
 
-    tensors, meta = checkpoint.load_pair(tmp_path / "run" / "encoder", expect_format="pclseg-encoder")
+    tensors, meta = checkpoint.load_pair(
+        tmp_path / "run" / "encoder", expect_format="pclseg-encoder"
+    )
     assert meta["config"]["method"] == "pcl" and meta["epoch"] == 2
     assert meta["data"]["volumes"] >= 4 and meta["data"]["slices"] > 0
     unet = UNet(ModelConfig(features=4))
@@ -97,8 +112,12 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(a_sample_folder, tmp
         if event["event"] == "epoch" and event["epoch"] == 1:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would: stops one step later
 
-    stopped = pretrain(images, tmp_path / "split", tiny_config(epochs=2),
-                       progress=Progress("none", callback=interrupt_after_first_epoch))
+    stopped = pretrain(
+        images,
+        tmp_path / "split",
+        tiny_config(epochs=2),
+        progress=Progress("none", callback=interrupt_after_first_epoch),
+    )
     assert stopped.stopped
     _, meta = checkpoint.load_pair(tmp_path / "split" / "checkpoint")
     assert (meta["epoch"], meta["step"]) == (1, 1), "saved mid-epoch, one step after the signal"
@@ -121,8 +140,9 @@ def test_a_second_run_into_the_same_folder_needs_resume(a_sample_folder, tmp_pat
 
 @pytest.mark.parametrize("method", ["simclr", "gcl"])
 def test_baseline_methods_train_with_the_same_loop(a_sample_folder, tmp_path, method):
-    result = pretrain(a_sample_folder / "imagesTr", tmp_path / method,
-                      tiny_config(method=method, epochs=1))
+    result = pretrain(
+        a_sample_folder / "imagesTr", tmp_path / method, tiny_config(method=method, epochs=1)
+    )
     _, meta = checkpoint.load_pair(tmp_path / method / "encoder")
     assert meta["method"]["name"] == method and np.isfinite(result.final_loss)
 
@@ -132,8 +152,17 @@ def test_baseline_methods_train_with_the_same_loop(a_sample_folder, tmp_path, me
 
 def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("pretrain", str(a_sample_folder / "imagesTr"), "--out", str(out),
-                   "--epochs", "1", "--progress", "json", *TINY)
+    proc = run_cli(
+        "pretrain",
+        str(a_sample_folder / "imagesTr"),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--progress",
+        "json",
+        *TINY,
+    )
     assert proc.returncode == 0, proc.stderr
     names = [e["event"] for e in events(proc.stdout)]
     assert "started" in names and names[-1] == "done"
@@ -143,8 +172,20 @@ def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path):
 
 def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "pclseg", "pretrain", str(a_sample_folder / "imagesTr"),
-            "--out", str(out), "--epochs", "3", "--progress", "json", *TINY]
+    args = [
+        sys.executable,
+        "-m",
+        "pclseg",
+        "pretrain",
+        str(a_sample_folder / "imagesTr"),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--progress",
+        "json",
+        *TINY,
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=_env())
     for line in proc.stdout:
         if '"event": "checkpoint"' in line:
@@ -155,8 +196,18 @@ def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):
     _, meta = checkpoint.load_pair(out / "checkpoint", expect_format="pclseg-checkpoint")
     assert 1 <= meta["epoch"] < 3
 
-    proc = run_cli("pretrain", str(a_sample_folder / "imagesTr"), "--out", str(out),
-                   "--epochs", "3", "--resume", "--progress", "json", *TINY)
+    proc = run_cli(
+        "pretrain",
+        str(a_sample_folder / "imagesTr"),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--resume",
+        "--progress",
+        "json",
+        *TINY,
+    )
     assert proc.returncode == 0, proc.stderr
     started = next(e for e in events(proc.stdout) if e["event"] == "started")
     assert started["done_steps"] > 0
@@ -166,10 +217,23 @@ def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):
 
 def test_sigterm_saves_mid_epoch_and_exits_cleanly(a_sample_folder, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "pclseg", "pretrain", str(a_sample_folder / "imagesTr"),
-            "--out", str(out), "--epochs", "50", "--progress", "json", *TINY]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env())
+    args = [
+        sys.executable,
+        "-m",
+        "pclseg",
+        "pretrain",
+        str(a_sample_folder / "imagesTr"),
+        "--out",
+        str(out),
+        "--epochs",
+        "50",
+        "--progress",
+        "json",
+        *TINY,
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
     for line in proc.stdout:
         if '"event": "step"' in line:
             proc.send_signal(signal.SIGTERM)
@@ -217,8 +281,16 @@ def test_nothing_usable_is_one_clear_line(tmp_path, make):
 
 
 def test_bad_arguments_are_one_clear_line(a_sample_folder, tmp_path):
-    proc = run_cli("pretrain", str(a_sample_folder), "--out", str(tmp_path / "r"),
-                   "--size", "50", "--device", "cpu")
+    proc = run_cli(
+        "pretrain",
+        str(a_sample_folder),
+        "--out",
+        str(tmp_path / "r"),
+        "--size",
+        "50",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 2 and "size must be a multiple of 16" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -226,10 +298,28 @@ def test_bad_arguments_are_one_clear_line(a_sample_folder, tmp_path):
 def test_torchrun_trains_with_two_processes(a_sample_folder, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "pclseg", "pretrain", str(a_sample_folder / "imagesTr"), "--out", str(out),
-         "--epochs", "1", "--progress", "json", *TINY],
-        capture_output=True, text=True, timeout=300, env=_env(),
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pclseg",
+            "pretrain",
+            str(a_sample_folder / "imagesTr"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--progress",
+            "json",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, meta = checkpoint.load_pair(out / "encoder", expect_format="pclseg-encoder")

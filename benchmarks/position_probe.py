@@ -83,18 +83,31 @@ def main() -> None:
     losses: dict[str, list[float]] = {}
     for method in args.methods:
         run = args.out / method
-        cfg = PretrainConfig(method=method, epochs=args.epochs, batch_size=args.batch_size,
-                             device=args.device, seed=args.seed, preprocess=preprocess,
-                             model=model_cfg)
+        cfg = PretrainConfig(
+            method=method,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            device=args.device,
+            seed=args.seed,
+            preprocess=preprocess,
+            model=model_cfg,
+        )
         epoch_losses: list[float] = []
         start = time.monotonic()
-        with Progress("bar", callback=lambda e, acc=epoch_losses: acc.append(e["loss"])
-                      if e["event"] == "epoch" else None) as progress:
-            pretrain(train_files, run, cfg, resume=(run / "checkpoint.json").exists(),
-                     progress=progress)
+        with Progress(
+            "bar",
+            callback=lambda e, acc=epoch_losses: (
+                acc.append(e["loss"]) if e["event"] == "epoch" else None
+            ),
+        ) as progress:
+            pretrain(
+                train_files, run, cfg, resume=(run / "checkpoint.json").exists(), progress=progress
+            )
         losses[method] = epoch_losses
-        print(f"{method}: pretrained in {time.monotonic() - start:.0f} s; epoch losses "
-              + ", ".join(f"{v:.3f}" for v in epoch_losses))
+        print(
+            f"{method}: pretrained in {time.monotonic() - start:.0f} s; epoch losses "
+            + ", ".join(f"{v:.3f}" for v in epoch_losses)
+        )
         tensors, _ = checkpoint.load_pair(run / "encoder", expect_format="pclseg-encoder")
         unet = UNet(model_cfg)
         load_encoder(unet, tensors)
@@ -102,22 +115,34 @@ def main() -> None:
 
     for name, unet in encoders.items():
         train_x, test_x = embed(unet, train.slices), embed(unet, test.slices)
-        rows.append({
-            "encoder": name,
-            "knn_mae": knn_mae(train_x, train.positions, test_x, test.positions),
-            "ridge_mae": ridge_mae(train_x, train.positions, test_x, test.positions),
-        })
+        rows.append(
+            {
+                "encoder": name,
+                "knn_mae": knn_mae(train_x, train.positions, test_x, test.positions),
+                "ridge_mae": ridge_mae(train_x, train.positions, test_x, test.positions),
+            }
+        )
     chance = float(np.abs(test.positions - train.positions.mean()).mean())
-    print(f"\nSlice-position probe: {len(train_files)} training volumes ({len(train)} slices), "
-          f"{len(test_files)} held-out volumes ({len(test)} slices); size {args.size}, "
-          f"features {args.features}, {args.epochs} epochs; MAE of predicted relative position "
-          f"(predicting the mean: {chance:.3f})\n")
+    print(
+        f"\nSlice-position probe: {len(train_files)} training volumes ({len(train)} slices), "
+        f"{len(test_files)} held-out volumes ({len(test)} slices); size {args.size}, "
+        f"features {args.features}, {args.epochs} epochs; MAE of predicted relative position "
+        f"(predicting the mean: {chance:.3f})\n"
+    )
     print("| encoder | k-NN MAE (k=5) | ridge MAE |\n|---|---|---|")
     for r in rows:
         print(f"| {r['encoder']} | {r['knn_mae']:.3f} | {r['ridge_mae']:.3f} |")
-    (args.out / "probe.json").write_text(json.dumps(
-        {"rows": rows, "chance_mae": chance, "losses": losses, "args": {
-            k: str(v) for k, v in vars(args).items()}}, indent=2))
+    (args.out / "probe.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "chance_mae": chance,
+                "losses": losses,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

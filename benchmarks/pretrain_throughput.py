@@ -38,8 +38,9 @@ from pclseg.sample import make_sample
 def pipeline_rate(cache: SliceCache, size: int, batch: int, workers: int, steps: int) -> float:
     dataset = TwoViewSliceDataset(cache.slices, cache.positions, pretrain_augment(size), seed=0)
     batches = [b for e in range(100) for b in epoch_batches(len(cache), batch, e, 0)][: steps + 2]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                        persistent_workers=False)
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, persistent_workers=False
+    )
     it = iter(loader)
     next(it), next(it)  # warm-up: worker start and first allocations
     start = time.perf_counter()
@@ -83,8 +84,9 @@ def step_rate(cfg: PretrainConfig, device: torch.device, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None,
-                        help="folder of volumes (default: the built-in sample)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="folder of volumes (default: the built-in sample)"
+    )
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -98,20 +100,27 @@ def main() -> None:
         data = args.data or make_sample(Path(tmp) / "sample", n_volumes=6) / "imagesTr"
         cache = SliceCache.build(data, PreprocessConfig(size=args.size), Path(tmp) / "cache")
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        print(f"device: {device} ({name or platform.machine()}), torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads; {len(cache)} slices; size {args.size}, "
-              f"features {args.features}, batch {args.batch_size}\n")
+        print(
+            f"device: {device} ({name or platform.machine()}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; {len(cache)} slices; size {args.size}, "
+            f"features {args.features}, batch {args.batch_size}\n"
+        )
         print("| what | setting | slices/s |\n|---|---|---|")
         for workers in args.workers:
             rate = pipeline_rate(cache, args.size, args.batch_size, workers, args.steps)
             print(f"| pipeline | {workers} workers | {rate:.1f} |", flush=True)
         amps = [False, True] if device.type == "cuda" else [False]
         for amp in amps:
-            cfg = PretrainConfig(batch_size=args.batch_size, amp=amp, device=str(device),
-                                 preprocess=PreprocessConfig(size=args.size),
-                                 model=ModelConfig(features=args.features))
+            cfg = PretrainConfig(
+                batch_size=args.batch_size,
+                amp=amp,
+                device=str(device),
+                preprocess=PreprocessConfig(size=args.size),
+                model=ModelConfig(features=args.features),
+            )
             label = ("mixed precision" if amp else "fp32") + (
-                " (reference: paper's batch, fp32)" if not amp and args.batch_size == 32 else "")
+                " (reference: paper's batch, fp32)" if not amp and args.batch_size == 32 else ""
+            )
             print(f"| step | {label} | {step_rate(cfg, device, args.steps):.1f} |", flush=True)
 
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ModelConfig, PreprocessConfig, PretrainConfig
+from .config import FinetuneConfig, ModelConfig, PredictConfig, PreprocessConfig, PretrainConfig
 from .errors import PCLSegError
 from .progress import Progress
 
@@ -21,16 +21,28 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
-                   help="bar in a terminal (default), JSON lines for programs, or none")
+    p.add_argument(
+        "--progress",
+        choices=("bar", "json", "none"),
+        default=None,
+        help="bar in a terminal (default), JSON lines for programs, or none",
+    )
 
 
 def _add_preprocess(p: argparse.ArgumentParser, size: int = 128) -> None:
     p.add_argument("--size", type=int, default=size, help="training slice size in pixels")
-    p.add_argument("--spacing", type=float, default=None,
-                   help="resample slices in-plane to this spacing (mm) first")
-    p.add_argument("--slice-axis", default="auto", choices=("auto", "axial", "coronal", "sagittal"),
-                   help="slice axis (default: the through-plane, largest-spacing axis)")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        help="resample slices in-plane to this spacing (mm) first",
+    )
+    p.add_argument(
+        "--slice-axis",
+        default="auto",
+        choices=("auto", "axial", "coronal", "sagittal"),
+        help="slice axis (default: the through-plane, largest-spacing axis)",
+    )
 
 
 def _progress(args: argparse.Namespace, log_path: Path | None = None) -> Progress:
@@ -48,17 +60,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not folder.exists():
         raise PCLSegError(f"{folder}: no such file or folder")
     cfg = PretrainConfig(
-        method=args.method, threshold=args.threshold, temperature=args.temperature,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, amp=not args.no_amp, num_workers=args.num_workers,
-        preprocess=_preprocess(args), model=ModelConfig(features=args.features),
+        method=args.method,
+        threshold=args.threshold,
+        temperature=args.temperature,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        amp=not args.no_amp,
+        num_workers=args.num_workers,
+        preprocess=_preprocess(args),
+        model=ModelConfig(features=args.features),
     )
     out = Path(args.out)
     with _progress(args, log_path=out / "log.jsonl") as progress:
         result = pretrain(folder, out, cfg, resume=args.resume, progress=progress)
     if result.stopped:
-        print(f"stopped after epoch {result.epochs_done}; continue with: "
-              f"pclseg pretrain {folder} --out {out} --resume", file=sys.stderr)
+        print(
+            f"stopped after epoch {result.epochs_done}; continue with: "
+            f"pclseg pretrain {folder} --out {out} --resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     print(f"encoder written to {out / 'encoder.safetensors'}", file=sys.stderr)
     return 0
@@ -81,6 +104,95 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    slices = None
+    if args.slices:
+        slices = _parse_slices(args.slices)
+    cfg = FinetuneConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        loss=args.loss,
+        augment=not args.no_augment,
+        seed=args.seed,
+        device=args.device,
+        amp=not args.no_amp,
+        preprocess=_preprocess(args),
+        model=ModelConfig(features=args.features),
+    )
+    init = None if args.init.lower() == "none" else Path(args.init)
+    out = Path(args.out)
+    with _progress(args, log_path=out / "log.jsonl") as progress:
+        result = finetune(
+            args.images,
+            args.labels,
+            out,
+            cfg,
+            init=init,
+            slices=slices,
+            resume=args.resume,
+            progress=progress,
+        )
+    if result.stopped:
+        return EXIT_INTERRUPTED
+    print(f"model written to {out}", file=sys.stderr)
+    return 0
+
+
+def _parse_slices(text: str) -> dict[str, list[int]]:
+    """``NAME:1,5,9;OTHER:3`` or a JSON file ``{"NAME": [1, 5, 9]}``: canonical slice indices."""
+    path = Path(text)
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return {str(k): [int(i) for i in v] for k, v in data.items()}
+        result: dict[str, list[int]] = {}
+        for part in filter(None, text.split(";")):
+            name, _, indices = part.partition(":")
+            result[name.strip()] = [int(i) for i in indices.split(",") if i.strip()]
+        return result
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise PCLSegError(
+            f'--slices {text!r}: expected NAME:1,5,9;OTHER:3 or a JSON file {{"NAME": [1, 5, 9]}}'
+        ) from exc
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    cfg = PredictConfig(
+        batch_size=args.batch_size,
+        device=args.device,
+        amp=not args.no_amp,
+        probabilities=args.probabilities,
+        uncertainty=args.uncertainty,
+    )
+    with _progress(args) as progress:
+        written = predict(args.model, args.input, args.out, cfg, progress=progress)
+    print(f"{len(written)} prediction(s) written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, write_report
+
+    report = evaluate(args.pred, args.truth)
+    print(report.table())
+    if args.json:
+        write_report(report, args.json)
+        print(f"scores written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from .app.serve import run, settings_from_args
+
+    run(settings_from_args(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pclseg",
@@ -95,14 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder of volumes (NIfTI, NRRD, MHA/MHD, DICOM series)")
     p.add_argument("--out", required=True, help="run folder (encoder, checkpoints, log)")
     p.add_argument("--method", default="pcl", choices=("pcl", "simclr", "gcl"))
-    p.add_argument("--threshold", type=float, default=0.1,
-                   help="PCL: slices closer than this in relative position are positives")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.1,
+        help="PCL: slices closer than this in relative position are positives",
+    )
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--features", type=int, default=32, help="U-Net width f (levels f..16f)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps"
+    )
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on the GPU")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -123,6 +241,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_progress(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("finetune", help="fine-tune the U-Net on annotated slices")
+    p.add_argument("--images", required=True, help="a volume file or a folder")
+    p.add_argument(
+        "--labels",
+        required=True,
+        help="label map(s) on the images' grids, paired by file name; 0 = background",
+    )
+    p.add_argument("--out", required=True, help="model folder")
+    p.add_argument(
+        "--init",
+        default="none",
+        help="a pretraining run folder (its encoder), or none for random init",
+    )
+    p.add_argument(
+        "--slices",
+        default=None,
+        help="annotated slices per volume (NAME:1,5,9;OTHER:3 or a JSON file); "
+        "default: every slice holding a label voxel",
+    )
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--loss", default="dice_ce", choices=("ce", "dice", "dice_ce"))
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--features",
+        type=int,
+        default=32,
+        help="U-Net width for random init (an encoder brings its own)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    _add_preprocess(p)
+    _add_progress(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="segment volumes with a fine-tuned model")
+    p.add_argument("model", help="model folder written by pclseg finetune")
+    p.add_argument("input", help="a volume file or a folder of volumes")
+    p.add_argument("--out", required=True, help="output folder (outputs keep the input names)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--probabilities", action="store_true", help="also write class probabilities")
+    p.add_argument("--uncertainty", action="store_true", help="also write an entropy map")
+    _add_progress(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 per class against reference label maps")
+    p.add_argument("--pred", required=True, help="prediction file or folder")
+    p.add_argument("--truth", required=True, help="reference file or folder (same names)")
+    p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    from .app.serve import add_arguments as add_app_arguments
+
+    p = sub.add_parser("app", help="the browser app (binds 127.0.0.1 by default)")
+    add_app_arguments(p)
+    p.set_defaults(func=cmd_app)
 
     return parser
 

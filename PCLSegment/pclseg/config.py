@@ -36,7 +36,9 @@ class PreprocessConfig:
             raise PCLSegError(f"size must be a multiple of 16 and at least 16, got {self.size}")
         lo, hi = self.clip_percentiles
         if not 0 <= lo < hi <= 100:
-            raise PCLSegError(f"clip percentiles must satisfy 0 <= low < high <= 100, got {lo}, {hi}")
+            raise PCLSegError(
+                f"clip percentiles must satisfy 0 <= low < high <= 100, got {lo}, {hi}"
+            )
         if self.spacing is not None and self.spacing <= 0:
             raise PCLSegError(f"spacing must be positive, got {self.spacing}")
         if self.slice_axis not in ("auto", "axial", "coronal", "sagittal"):
@@ -58,7 +60,9 @@ class ModelConfig:
         if self.features < 1:
             raise PCLSegError(f"features must be at least 1, got {self.features}")
         if self.num_classes < 2:
-            raise PCLSegError(f"num_classes must be at least 2 (background + one), got {self.num_classes}")
+            raise PCLSegError(
+                f"num_classes must be at least 2 (background + one), got {self.num_classes}"
+            )
 
 
 @dataclass
@@ -136,9 +140,13 @@ class FinetuneConfig:
         if self.loss not in ("ce", "dice", "dice_ce"):
             raise PCLSegError(f"loss must be ce, dice or dice_ce, got {self.loss!r}")
         if not 0 <= self.validation_fraction < 1:
-            raise PCLSegError(f"validation fraction must be in [0, 1), got {self.validation_fraction}")
+            raise PCLSegError(
+                f"validation fraction must be in [0, 1), got {self.validation_fraction}"
+            )
         if self.min_steps_per_epoch < 1:
-            raise PCLSegError(f"min steps per epoch must be at least 1, got {self.min_steps_per_epoch}")
+            raise PCLSegError(
+                f"min steps per epoch must be at least 1, got {self.min_steps_per_epoch}"
+            )
 
 
 @dataclass

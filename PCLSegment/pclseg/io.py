@@ -60,7 +60,8 @@ VOLUME_SUFFIXES: tuple[str, ...] = (
 #: Suffixes of files that are plainly not volumes: ignored without being reported.
 IGNORED_SUFFIXES: tuple[str, ...] = (
     ".seg.nrrd", ".raw", ".raw.gz", ".zraw", ".img", ".img.gz",
-    ".json", ".txt", ".csv", ".tsv", ".md", ".rst", ".html", ".htm", ".xml", ".yaml", ".yml",
+    ".json", ".jsonl", ".txt", ".csv", ".tsv", ".md", ".rst", ".html", ".htm", ".xml",
+    ".yaml", ".yml",
     ".toml", ".ini", ".cfg", ".log", ".pdf", ".doc", ".docx", ".xls", ".xlsx",
     ".py", ".ipynb", ".sh", ".bat", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".svg",
     ".zip", ".tar", ".tar.gz", ".tgz", ".7z", ".mrml", ".mrb", ".fcsv", ".md5", ".sha256", ".db",

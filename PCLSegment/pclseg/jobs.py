@@ -73,8 +73,12 @@ class Job:
             events.append(self._finish())
         return events
 
-    def wait(self, on_event: EventCallback | None = None, interval_s: float = 0.1,
-             timeout_s: float | None = None) -> Any:
+    def wait(
+        self,
+        on_event: EventCallback | None = None,
+        interval_s: float = 0.1,
+        timeout_s: float | None = None,
+    ) -> Any:
         """Block until the job ends (console use); returns its result, raises on failure."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -136,8 +140,13 @@ class ProcessJob(Job):
     is the last ``error`` event's message, else the last lines of stderr.
     """
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None, on_done: Callable[[int], Any] | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        on_done: Callable[[int], Any] | None = None,
+    ) -> None:
         super().__init__(on_done)
         self.args = [str(a) for a in args]
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -146,13 +155,22 @@ class ProcessJob(Job):
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         group = (
             {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
-            if sys.platform == "win32" else {"start_new_session": True}
+            if sys.platform == "win32"
+            else {"start_new_session": True}
         )
         try:
             self._proc = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=full_env, cwd=cwd, text=True, encoding="utf-8",
-                errors="replace", bufsize=1, **group,
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=full_env,
+                cwd=cwd,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                **group,
             )
         except OSError as exc:
             raise PCLSegError(f"cannot start {self.args[0]}: {exc.strerror or exc}") from exc
@@ -226,8 +244,11 @@ class ProcessJob(Job):
         try:
             if sys.platform == "win32":
                 if kill:
-                    subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._proc.pid)],
-                                   capture_output=True, check=False)
+                    subprocess.run(
+                        ["taskkill", "/F", "/T", "/PID", str(self._proc.pid)],
+                        capture_output=True,
+                        check=False,
+                    )
                 else:
                     self._proc.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
             else:
@@ -249,9 +270,12 @@ class ThreadJob(Job):
     other exception is a bug and keeps its type and message.
     """
 
-    def __init__(self, work: Callable[[EventCallback], Any],
-                 on_cancel: Callable[[], None] | None = None,
-                 on_done: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        work: Callable[[EventCallback], Any],
+        on_cancel: Callable[[], None] | None = None,
+        on_done: Callable[[Any], Any] | None = None,
+    ) -> None:
         super().__init__(on_done)
         self._on_cancel = on_cancel
         self._result: Any = None

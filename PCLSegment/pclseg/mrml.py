@@ -81,7 +81,9 @@ def _check_volume(volume_node: object, what: str = "volume") -> slicer.vtkMRMLSc
     return volume_node
 
 
-def node_geometry(volume_node: slicer.vtkMRMLVolumeNode, slice_axis: SliceAxis = "auto") -> Geometry:
+def node_geometry(
+    volume_node: slicer.vtkMRMLVolumeNode, slice_axis: SliceAxis = "auto"
+) -> Geometry:
     """The engine's :class:`~pclseg.io.Geometry` of a volume node's voxel grid.
 
     From ``M``: spacing ``sp_j = |M[:3, j]|``, direction column ``j = M[:3, j] / sp_j`` and the
@@ -157,7 +159,9 @@ def write_volume(volume_node: slicer.vtkMRMLScalarVolumeNode, path: str | os.Pat
 
 
 def read_volume_node(
-    scene: slicer.vtkMRMLScene, path: str | os.PathLike[str], name: str | None = None,
+    scene: slicer.vtkMRMLScene,
+    path: str | os.PathLike[str],
+    name: str | None = None,
     label_map: bool = False,
 ) -> slicer.vtkMRMLScalarVolumeNode:
     """A new volume (or label map) node in ``scene`` holding the file at ``path``."""
@@ -218,7 +222,10 @@ def segments_to_array(
     scene = _scene_of(segmentation_node, volume_node)
     with _temporary_label_map(scene) as label_node:
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, ids, label_node, volume_node,
+            segmentation_node,
+            ids,
+            label_node,
+            volume_node,
             slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
         )
         if not ok:
@@ -240,7 +247,8 @@ def _oriented_image(mask: np.ndarray, volume_node: slicer.vtkMRMLVolumeNode) -> 
     volume_node.GetIJKToRASMatrix(matrix)
     image.SetImageToWorldMatrix(matrix)
     scalars = numpy_support.numpy_to_vtk(
-        np.ascontiguousarray(mask, dtype=np.uint8).ravel(), deep=True,
+        np.ascontiguousarray(mask, dtype=np.uint8).ravel(),
+        deep=True,
         array_type=vtk.VTK_UNSIGNED_CHAR,
     )
     image.GetPointData().SetScalars(scalars)
@@ -256,8 +264,11 @@ def set_segment_array(
     """Replace a segment's voxels with a boolean ``(k, j, i)`` mask on the volume's grid."""
     image = _oriented_image(mask, volume_node)
     ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        image, segmentation_node, segment_id,
-        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent(),
+        image,
+        segmentation_node,
+        segment_id,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
+        image.GetExtent(),
     )
     if not ok:
         raise PCLSegError(f"cannot update segment {segment_id} of '{segmentation_node.GetName()}'")
@@ -320,7 +331,9 @@ def prepare_segmentation(
 
 
 def new_segmentation(
-    scene: slicer.vtkMRMLScene, name: str, volume_node: slicer.vtkMRMLScalarVolumeNode,
+    scene: slicer.vtkMRMLScene,
+    name: str,
+    volume_node: slicer.vtkMRMLScalarVolumeNode,
     fill_opacity: float | None = None,
 ) -> slicer.vtkMRMLSegmentationNode:
     """A new, empty segmentation node on the volume's grid."""
@@ -331,7 +344,9 @@ def new_segmentation(
     return node
 
 
-def check_labels_cover(annotation_node: slicer.vtkMRMLSegmentationNode, labels: Sequence[Label]) -> None:
+def check_labels_cover(
+    annotation_node: slicer.vtkMRMLSegmentationNode, labels: Sequence[Label]
+) -> None:
     """Every annotation segment must be one of the model's labels (matched by name)."""
     known = {label.name for label in labels}
     segmentation = annotation_node.GetSegmentation()
@@ -395,15 +410,28 @@ def write_annotation(
     if annotation_node is None or not isinstance(annotation_node, slicer.vtkMRMLSegmentationNode):
         raise PCLSegError("annotation: select a segmentation")
     array = annotation_array(annotation_node, volume_node, labels)
-    image = sitk.GetImageFromArray(array)
-    geometry = volume.geometry
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
-    path = Path(path)
-
-    write_image(image, path, compress=False)
+    image = volume.to_image(volume.geometry.to_canonical(array), like="label")
+    path = write_image(image, path, compress=False)
     return Annotation(path, annotated_slices(array, volume), list(labels))
+
+
+#: Annotation node attribute listing slices the user declared annotated although they may
+#: hold no label (an accepted all-background slice): comma-separated canonical indices.
+EXPLICIT_SLICES_ATTRIBUTE = "PCLSegment.AnnotatedSlices"
+
+
+def explicit_slices(annotation_node: slicer.vtkMRMLSegmentationNode) -> set[int]:
+    """Slices the user declared annotated (saved with the scene on the annotation node)."""
+    text = annotation_node.GetAttribute(EXPLICIT_SLICES_ATTRIBUTE) or ""
+    return {int(part) for part in text.split(",") if part.strip().isdigit()}
+
+
+def add_explicit_slices(
+    annotation_node: slicer.vtkMRMLSegmentationNode, slices: Iterable[int]
+) -> None:
+    """Declare slices annotated even if they hold no label."""
+    merged = sorted(explicit_slices(annotation_node) | {int(s) for s in slices})
+    annotation_node.SetAttribute(EXPLICIT_SLICES_ATTRIBUTE, ",".join(str(s) for s in merged))
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +472,9 @@ def import_prediction(
     """
     expected = tuple(reversed(volume_node.GetImageData().GetDimensions()))
     if prediction.shape != expected:
-        raise PCLSegError(f"prediction of shape {prediction.shape} does not fit the volume {expected}")
+        raise PCLSegError(
+            f"prediction of shape {prediction.shape} does not fit the volume {expected}"
+        )
     keep = np.ones(prediction.shape, bool)
     if user_labels is not None:
         keep &= user_labels == 0
@@ -453,7 +483,7 @@ def import_prediction(
     segment_ids = ensure_segments(prediction_node, labels)
     counts = {}
     with _batch_modify(prediction_node):
-        for label, segment_id in zip(labels, segment_ids):
+        for label, segment_id in zip(labels, segment_ids, strict=True):
             mask = (prediction == label.value) & keep
             set_segment_array(prediction_node, segment_id, mask, volume_node)
             segment = prediction_node.GetSegmentation().GetSegment(segment_id)
@@ -495,7 +525,7 @@ def accept_slice(
     annotation_ids = ensure_segments(annotation_node, labels)
     total = 0
     with _batch_modify(annotation_node), _batch_modify(prediction_node):
-        for predicted_id, annotation_id in zip(predicted_ids, annotation_ids):
+        for predicted_id, annotation_id in zip(predicted_ids, annotation_ids, strict=True):
             predicted = segment_array(prediction_node, predicted_id, volume_node)
             annotated = segment_array(annotation_node, annotation_id, volume_node)
             annotated[on_slice] = predicted[on_slice]
@@ -560,20 +590,28 @@ def export_segmentation(
     return path
 
 
+def write_label_array(
+    array: np.ndarray, volume_node: slicer.vtkMRMLScalarVolumeNode, path: str | os.PathLike[str]
+) -> Path:
+    """Save a ``(k, j, i)`` label array on the volume's grid (``.nii.gz``, ``.nrrd``, ...)."""
+    geometry = node_geometry(volume_node)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return write_image(image, path)
+
+
 def export_label_map(
     segmentation_node: slicer.vtkMRMLSegmentationNode,
     volume_node: slicer.vtkMRMLScalarVolumeNode,
     labels: Sequence[Label],
     path: str | os.PathLike[str],
 ) -> Path:
-    """Save segments as a label map (e.g. ``.nii.gz``) on the volume's grid, values = labels."""
-    geometry = node_geometry(volume_node)
-    image = sitk.GetImageFromArray(annotation_array(segmentation_node, volume_node, labels))
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
-
-    return write_image(image, path)
+    """Save segments as a label map on the volume's grid, label values by name."""
+    return write_label_array(
+        annotation_array(segmentation_node, volume_node, labels), volume_node, path
+    )
 
 
 def merged_label_array(
@@ -588,6 +626,19 @@ def merged_label_array(
         merged = annotation_array(prediction_node, volume_node, labels)
     user = annotation_array(annotation_node, volume_node, labels)
     return np.where(user > 0, user, merged)
+
+
+def label_array_to_segmentation(
+    array: np.ndarray,
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    volume_node: slicer.vtkMRMLScalarVolumeNode,
+    labels: Sequence[Label],
+) -> None:
+    """Write a ``(k, j, i)`` label array into a segmentation, one named segment per label."""
+    ids = ensure_segments(segmentation_node, labels)
+    with _batch_modify(segmentation_node):
+        for label, segment_id in zip(labels, ids, strict=True):
+            set_segment_array(segmentation_node, segment_id, array == label.value, volume_node)
 
 
 class LossCurve:
@@ -643,7 +694,9 @@ def _named_node(scene: slicer.vtkMRMLScene, class_name: str, name: str) -> slice
 
 
 def embedded_plot_view(
-    scene: slicer.vtkMRMLScene, owner: slicer.vtkMRMLNode, chart: slicer.vtkMRMLPlotChartNode,
+    scene: slicer.vtkMRMLScene,
+    owner: slicer.vtkMRMLNode,
+    chart: slicer.vtkMRMLPlotChartNode,
     name: str,
 ) -> slicer.vtkMRMLPlotViewNode:
     """A plot view node for a plot widget inside a module panel.

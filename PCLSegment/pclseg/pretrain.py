@@ -214,12 +214,16 @@ def pretrain(
     )
     start_epoch, start_step = 0, 0
     if resume:
-        model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+        model.load_state_dict(
+            {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        )
         checkpoint.optimizer_from_tensors(optimizer, state, meta["optimizer"])
         start_epoch, start_step = meta["epoch"], meta["step"]
     net: torch.nn.Module = model
     if ddp.world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     scaler = grad_scaler(device, cfg.amp)
 
     steps_per_epoch = len(epoch_batches(len(cache), batch_size, 0, cfg.seed, 0, ddp.world))
@@ -236,8 +240,12 @@ def pretrain(
         """Encoder for fine-tuning + full state for resuming, each pair atomic."""
         common = {
             "config": to_dict(cfg),
-            "method": {"name": cfg.method, "threshold": cfg.threshold,
-                       "temperature": cfg.temperature, "gcl_partitions": cfg.gcl_partitions},
+            "method": {
+                "name": cfg.method,
+                "threshold": cfg.threshold,
+                "temperature": cfg.temperature,
+                "gcl_partitions": cfg.gcl_partitions,
+            },
             "data": data_summary,
             "epoch": epoch,
             "step": step,
@@ -245,17 +253,29 @@ def pretrain(
         }
         opt_tensors, opt_meta = checkpoint.optimizer_to_tensors(optimizer)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | opt_tensors
-        checkpoint.save_pair(run_dir / CHECKPOINT, tensors,
-                             {"format": "pclseg-checkpoint", "optimizer": opt_meta, **common})
-        checkpoint.save_pair(run_dir / ENCODER, encoder_state_dict(model.encoder),
-                             {"format": "pclseg-encoder", **common})
+        checkpoint.save_pair(
+            run_dir / CHECKPOINT,
+            tensors,
+            {"format": "pclseg-checkpoint", "optimizer": opt_meta, **common},
+        )
+        checkpoint.save_pair(
+            run_dir / ENCODER,
+            encoder_state_dict(model.encoder),
+            {"format": "pclseg-encoder", **common},
+        )
         progress.event("checkpoint", path=run_dir / ENCODER, epoch=epoch, step=step)
 
     if ddp.main:
         progress.event(
-            "started", run_dir=run_dir, device=str(device), method=cfg.method,
-            total_steps=total_steps, done_steps=start_epoch * steps_per_epoch + start_step,
-            epochs=cfg.epochs, desc=f"{cfg.method} pretraining", **data_summary,
+            "started",
+            run_dir=run_dir,
+            device=str(device),
+            method=cfg.method,
+            total_steps=total_steps,
+            done_steps=start_epoch * steps_per_epoch + start_step,
+            epochs=cfg.epochs,
+            desc=f"{cfg.method} pretraining",
+            **data_summary,
         )
 
     # 3. The loop.
@@ -271,10 +291,17 @@ def pretrain(
             epoch_start = time.monotonic()
             first = start_step if epoch == start_epoch else 0
             dataset.set_epoch(epoch)  # augmentation is a function of (seed, epoch, slice)
-            loader = DataLoader(dataset, batch_sampler=batches[first:], num_workers=cfg.num_workers,
-                                pin_memory=device.type == "cuda")
+            loader = DataLoader(
+                dataset,
+                batch_sampler=batches[first:],
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+            )
             for step, (view1, view2, positions) in enumerate(loader, start=first):
-                view1, view2 = view1.to(device, non_blocking=True), view2.to(device, non_blocking=True)
+                view1, view2 = (
+                    view1.to(device, non_blocking=True),
+                    view2.to(device, non_blocking=True),
+                )
                 positions = positions.to(device)
                 lr = get_lr(epoch * steps_per_epoch + step, total_steps, cfg.lr)
                 for group in optimizer.param_groups:
@@ -299,13 +326,26 @@ def pretrain(
                 slices_seen += len(batches[step]) * ddp.world
                 rate = slices_seen / max(1e-9, time.monotonic() - run_start)
                 if ddp.main:
-                    progress.event("step", epoch=epoch + 1, epochs=cfg.epochs, step=step + 1,
-                                   steps=len(batches), loss=loss_value, lr=lr, slices_per_s=rate)
+                    progress.event(
+                        "step",
+                        epoch=epoch + 1,
+                        epochs=cfg.epochs,
+                        step=step + 1,
+                        steps=len(batches),
+                        loss=loss_value,
+                        lr=lr,
+                        slices_per_s=rate,
+                    )
                 if _any_rank(bool(stop), ddp, device):
                     if ddp.main:
                         save(epoch, step + 1, loss_value)
-                        progress.event("stopped", epoch=epoch + 1, step=step + 1,
-                                       signal=stop.signal or 0, run_dir=run_dir)
+                        progress.event(
+                            "stopped",
+                            epoch=epoch + 1,
+                            step=step + 1,
+                            signal=stop.signal or 0,
+                            run_dir=run_dir,
+                        )
                     _finish(ddp)
                     return PretrainResult(run_dir, epoch, loss_value, stopped=True)
 
@@ -313,16 +353,27 @@ def pretrain(
             if ddp.main:
                 elapsed = time.monotonic() - epoch_start
                 remaining = (cfg.epochs - epoch - 1) * elapsed
-                progress.event("epoch", epoch=epoch + 1, epochs=cfg.epochs, loss=mean_loss,
-                               seconds=elapsed, slices_per_s=epoch_steps * batch_size * ddp.world
-                               / max(1e-9, elapsed), eta_s=remaining)
+                progress.event(
+                    "epoch",
+                    epoch=epoch + 1,
+                    epochs=cfg.epochs,
+                    loss=mean_loss,
+                    seconds=elapsed,
+                    slices_per_s=epoch_steps * batch_size * ddp.world / max(1e-9, elapsed),
+                    eta_s=remaining,
+                )
                 save(epoch + 1, 0, mean_loss)
             loss_value = mean_loss
 
     if ddp.main:
-        progress.event("done", run_dir=run_dir, encoder=run_dir / f"{ENCODER}.safetensors",
-                       epochs=cfg.epochs, loss=loss_value,
-                       seconds=time.monotonic() - run_start)
+        progress.event(
+            "done",
+            run_dir=run_dir,
+            encoder=run_dir / f"{ENCODER}.safetensors",
+            epochs=cfg.epochs,
+            loss=loss_value,
+            seconds=time.monotonic() - run_start,
+        )
     _finish(ddp)
     return PretrainResult(run_dir, cfg.epochs, loss_value, stopped=False)
 

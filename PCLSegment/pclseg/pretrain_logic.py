@@ -67,7 +67,8 @@ class PretrainSettings:
             amp=self.amp,
             num_workers=self.num_workers,
             preprocess=PreprocessConfig(
-                size=self.size, spacing=self.spacing or None,
+                size=self.size,
+                spacing=self.spacing or None,
                 slice_axis=self.slice_axis,  # type: ignore[arg-type]
             ),
             model=ModelConfig(features=self.features),
@@ -77,12 +78,30 @@ class PretrainSettings:
         """``pclseg pretrain`` options for these settings."""
         self.to_config()
         args = [
-            "--method", self.method, "--epochs", str(self.epochs), "--size", str(self.size),
-            "--features", str(self.features), "--batch-size", str(self.batch_size),
-            "--threshold", repr(float(self.threshold)),
-            "--temperature", repr(float(self.temperature)), "--lr", repr(float(self.lr)),
-            "--device", self.device, "--seed", str(self.seed), "--slice-axis", self.slice_axis,
-            "--num-workers", str(self.num_workers),
+            "--method",
+            self.method,
+            "--epochs",
+            str(self.epochs),
+            "--size",
+            str(self.size),
+            "--features",
+            str(self.features),
+            "--batch-size",
+            str(self.batch_size),
+            "--threshold",
+            repr(float(self.threshold)),
+            "--temperature",
+            repr(float(self.temperature)),
+            "--lr",
+            repr(float(self.lr)),
+            "--device",
+            self.device,
+            "--seed",
+            str(self.seed),
+            "--slice-axis",
+            self.slice_axis,
+            "--num-workers",
+            str(self.num_workers),
         ]
         if self.spacing:
             args += ["--spacing", repr(float(self.spacing))]
@@ -232,8 +251,18 @@ class PretrainLogic:
     ) -> list[str]:
         """The ``pclseg pretrain`` command line of a run."""
         settings = settings or PretrainSettings()
-        args = [self.python, "-m", "pclseg", "pretrain", os.fspath(folder),
-                "--out", os.fspath(run_dir), *settings.cli_args(), "--progress", "json"]
+        args = [
+            self.python,
+            "-m",
+            "pclseg",
+            "pretrain",
+            os.fspath(folder),
+            "--out",
+            os.fspath(run_dir),
+            *settings.cli_args(),
+            "--progress",
+            "json",
+        ]
         if resume:
             args.append("--resume")
         return args
@@ -259,8 +288,9 @@ class PretrainLogic:
                 "or choose another folder"
             )
         command = self.command(folder, run_dir, settings, resume)
-        return ProcessJob(command, env=engine_environment(),
-                          on_done=lambda _code: encoder_file(run_dir))
+        return ProcessJob(
+            command, env=engine_environment(), on_done=lambda _code: encoder_file(run_dir)
+        )
 
     def pretrain(
         self,

@@ -139,10 +139,10 @@ def ensure_dependencies(
         "Download and install them now? This takes a minute and needs the internet once."
     )
     if not confirm(question):
+        command = " ".join(p.requirement for p in missing)
         raise PCLSegError(
             f"{requester} cannot run without {names}; press the button again and accept the "
-            f"installation, or run slicer.util.pip_install('{' '.join(p.requirement for p in missing)}')"
-            " in the Python console"
+            f"installation, or run slicer.util.pip_install('{command}') in the Python console"
         )
     install(missing)
     still = missing_packages()

@@ -36,6 +36,11 @@ from .panel_ui import PCLPanelUI
 from .state import NAMESPACE, AppState, Panel
 
 TITLE = "PCL Segment"
+#: Messages float over the top of the views, so showing one does not resize (re-render) them.
+MESSAGE_STYLE = (
+    "position: absolute; top: 8px; left: 50%; transform: translateX(-50%); z-index: 20;"
+    " max-width: 80%; min-width: 40%;"
+)
 
 
 class PCLAppUI:
@@ -57,19 +62,7 @@ class PCLAppUI:
                     prepend_icon="mdi-cube-outline",
                 )
                 VSpacer()
-                VProgressCircular(v_if=(n.busy,), indeterminate=True, size=20, classes="mx-2")
-                VAlert(
-                    "{{ " + n.message + " }}",
-                    id="pcl-message",
-                    v_if=(n.message,),
-                    type=(n.message_kind,),
-                    density="compact",
-                    variant="tonal",
-                    closable=True,
-                    click_close=f"{n.message} = ''",
-                    classes="mx-2",
-                    style="max-width: 60%;",
-                )
+                VProgressCircular(v_if=(n.busy,), indeterminate=True, size=20, classes="mx-4")
 
             with VNavigationDrawer(
                 permanent=True,
@@ -77,14 +70,18 @@ class PCLAppUI:
                 location="left",
                 model_value=(f"!!{n.panel}",),
             ):
-                # Plain wrappers: v-show cannot hide a ``d-flex`` element (display: flex !important).
+                # Plain wrappers: v-show cannot hide a ``d-flex`` element (its display is
+                # !important).
                 with html.Div(v_show=(f"{n.panel} === '{Panel.PCL.value}'",)):
                     self.panel = PCLPanelUI()
-                with html.Div(v_show=(f"{n.panel} === '{Panel.EDITOR.value}'",), style="height: 100%;"):
+                editor_shown = f"{n.panel} === '{Panel.EDITOR.value}'"
+                with html.Div(v_show=(editor_shown,), style="height: 100%;"):
                     self.editor = SegmentEditorUI()
 
             with VNavigationDrawer(permanent=True, width=44, location="left"):
-                with FlexContainer(fill_height=True, align="center", classes="py-2"):
+                with FlexContainer(
+                    fill_height=True, align="center", classes="py-2", id="pcl-tools"
+                ):
                     self._panel_button("PCL panel", "mdi-school", Panel.PCL)
                     self._panel_button("Segment editor", "mdi-palette", Panel.EDITOR)
                     LayoutButton(classes="mt-1")
@@ -93,7 +90,20 @@ class PCLAppUI:
                     VSpacer()
                     SegmentEditorUndoRedoUI(editor_ui=self.editor)
 
-            with VMain(), html.Div(classes="d-flex flex-row fill-height"):
+            with (
+                VMain(),
+                html.Div(classes="d-flex flex-row fill-height", style="position: relative;"),
+            ):
+                VAlert(
+                    "{{ " + n.message + " }}",
+                    id="pcl-message",
+                    v_if=(n.message,),
+                    type=(n.message_kind,),
+                    density="compact",
+                    closable=True,
+                    click_close=f"{n.message} = ''",
+                    style=MESSAGE_STYLE,
+                )
                 layout_manager.initialize_layout_grid(self.layout)
 
     def _panel_button(self, name: str, icon: str, panel: Panel) -> None:

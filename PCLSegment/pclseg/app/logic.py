@@ -19,15 +19,15 @@ from typing import Any, TypeVar
 from trame_server import Server
 from trame_server.utils.typed_state import TypedState
 from trame_slicer.app.logic import LayoutButtonLogic, SegmentEditorLogic
+from trame_slicer.app.ui import PaintEffectState
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 
 from ..errors import PCLSegError
-from ..jobs import ThreadJob
 from ..pretrain_logic import PretrainLogic, PretrainSettings, can_resume, encoder_file
+from ..segment_logic import SegmentLogic, resolve_init
 from .job_runner import JobRunner
 from .layout_ui import PCLAppUI
-from .refine_link import RefineLink, RefineResult
 from .scene import VolumeScene
 from .settings import AppSettings
 from .state import NAMESPACE, RANDOM_INIT, AppState, JobKind, MessageKind
@@ -68,16 +68,17 @@ class PCLAppLogic:
         self.typed = TypedState(server.state, AppState, namespace=NAMESPACE)
         self.data = self.typed.data
         self.workspace = Workspace(settings.workdir)
-        self.scene = VolumeScene(slicer_app)
+        self.segment = SegmentLogic(work_dir=self.workspace.root / "scratch" / "worker")
+        self.scene = VolumeScene(slicer_app, self.segment)
         self.jobs = JobRunner(server.state, self.data)
-        self.worker = RefineLink(settings)
         self.pretrainer = PretrainLogic()
-        self._accepted: set[int] = set()
         self._recount: asyncio.TimerHandle | None = None
 
         register_rca_factories(slicer_app.view_manager, server)
         self._layout_logic = LayoutButtonLogic(server, slicer_app)
         self._editor_logic = SegmentEditorLogic(server, slicer_app)
+        # Annotations are slices: a 2D brush, since a sphere would label the neighbouring slices.
+        TypedState(server.state, PaintEffectState).data.use_sphere_brush = False
         slicer_app.segmentation_editor.segmentation_modified.connect(self._schedule_recount)
         server.controller.on_server_exited.add(self.close)
 
@@ -115,7 +116,7 @@ class PCLAppLogic:
     def close(self, **_: Any) -> None:
         """Stop the worker and any job when the server exits."""
         self.jobs.cancel()
-        self.worker.close()
+        self.segment.shutdown()
 
     # -- 1. Data ----------------------------------------------------------------------------
 
@@ -146,7 +147,6 @@ class PCLAppLogic:
         folder = Path(self.data.folder) if self.data.folder else source.parent
         labels = segment_labels(folder)
         opened = self.scene.open(source, labels, self.workspace.scratch_for(source))
-        self._accepted.clear()
         with self.server.state:
             self.data.opened_volume = str(source)
             self.data.annotated_slices = []
@@ -159,7 +159,6 @@ class PCLAppLogic:
             f"opened {source.name}: {opened.volume.shape[0]} {opened.volume.slice_axis_name} "
             f"slices; paint a few with the brush, then fine-tune",
         )
-        self.worker.start()  # warm the worker up while the user paints
 
     # -- 2. Encoder -------------------------------------------------------------------------
 
@@ -199,90 +198,76 @@ class PCLAppLogic:
     @reports_errors
     async def finetune(self) -> None:
         opened = self.scene.require()
-        scratch = self.workspace.scratch_for(opened.source)
-        annotation = self.scene.write_annotation(scratch)
-        slices = sorted(set(annotation.slices) | self._accepted)
-        if not slices:
+        if not self.scene.annotated_slices():
             raise PCLSegError(
                 "no annotation yet: paint at least one slice with the brush, then fine-tune"
             )
-        init = self._encoder()
-        out = scratch / "prediction.nrrd"
+        init = resolve_init(self._encoder())
         steps = self.settings.refine_steps
-
-        def work(report: Callable[[dict[str, Any]], None]) -> RefineResult:
-            self.worker.load(opened.image_path, init, opened.labels)
-            return self.worker.refine(annotation.path, slices, steps, out, report)
-
         job = await self.jobs.run(
-            JobKind.FINETUNE, f"Fine-tuning on {len(slices)} slice(s)",
-            lambda: ThreadJob(work, on_cancel=self.worker.cancel),
+            JobKind.FINETUNE,
+            f"Fine-tuning {steps} steps",
+            lambda: self.segment.start_fine_tune_and_predict(
+                opened.node, opened.annotation, opened.prediction, init=init, steps=steps
+            ),
         )
+        if job.cancelled:
+            self.tell("fine-tuning cancelled; the prediction is unchanged")
+            return
         if not job.ok:
-            if job.cancelled:
-                self.tell("fine-tuning cancelled")
-                return
             raise PCLSegError(f"fine-tuning failed: {job.error}")
-        result: RefineResult = job.result
-        counts = self.scene.show_prediction(result.prediction, slices)
+        counts: dict[str, Any] = dict(job.result)
+        loss = counts.pop("loss", None)
+        self.scene.show_prediction_in_3d()
         with self.server.state:
-            self.data.annotated_slices = slices
+            self.data.annotated_slices = self.scene.annotated_slices()
             self.data.has_prediction = True
             self.data.current_suggestion = -1
             self.data.suggested_slices = []
             self.data.refine_rounds += 1
-            self.data.last_loss = result.loss
+            self.data.last_loss = loss
         found = ", ".join(f"{name} {n}" for name, n in counts.items() if n) or "nothing"
+        loss_text = f"loss {loss:.3f}; " if isinstance(loss, (int, float)) else ""
         self.tell(
-            f"round {self.data.refine_rounds}: loss {result.loss:.3f} in {result.seconds:.0f} s; "
-            f"predicted voxels: {found}. Suggest the next slice to check.",
+            f"round {self.data.refine_rounds}: {loss_text}predicted voxels: {found}. "
+            "Suggest a slice to check next.",
             MessageKind.SUCCESS,
         )
 
-    def _encoder(self) -> Path | None:
-        """The chosen encoder's run folder, or None for random initialisation."""
+    def _encoder(self) -> str | None:
+        """The chosen encoder (a pretraining run folder), or None for random initialisation."""
         choice = (self.data.encoder or "").strip()
-        if choice in ("", RANDOM_INIT):
-            return None
-        run_dir = Path(choice).expanduser()
-        if encoder_file(run_dir) is None:
-            raise PCLSegError(f"encoder: {run_dir} holds no encoder.safetensors; pretrain first")
-        return run_dir
+        return None if choice in ("", RANDOM_INIT) else choice
 
     @reports_errors
     async def suggest(self) -> None:
         if not self.data.has_prediction:
             raise PCLSegError("fine-tune first: suggestions come from the model's uncertainty")
-        slices = await self._off_loop(self.worker.suggest, SUGGESTIONS)
-        annotated = set(self.data.annotated_slices) | self._accepted
-        fresh = [s for s in slices if s not in annotated]
+        job = await self.jobs.run(
+            JobKind.SUGGEST, "Finding the least certain slice",
+            lambda: self.segment.start_suggest(SUGGESTIONS),
+        )
+        if not job.ok:
+            raise PCLSegError(f"suggesting a slice failed: {job.error}")
+        annotated = set(self.scene.annotated_slices())
+        fresh = [(index, ras) for index, ras in job.result if index not in annotated]
         if not fresh:
-            raise PCLSegError("every suggested slice is already annotated; fine-tune again")
-        self.scene.jump_to_slice(fresh[0])
+            raise PCLSegError("every suggested slice is annotated already; fine-tune again")
+        index, ras = fresh[0]
+        self.segment.jump_to(ras)
         with self.server.state:
-            self.data.suggested_slices = fresh
-            self.data.current_suggestion = fresh[0]
-        self.tell(f"slice {fresh[0] + 1} is where the model is least sure: correct or accept it")
+            self.data.suggested_slices = [i for i, _ in fresh]
+            self.data.current_suggestion = index
+        self.tell(f"slice {index + 1} is where the model is least sure: correct it or accept it")
 
     @reports_errors
     async def accept(self) -> None:
-        index = self.scene.current_slice()
-        voxels = self.scene.accept_slice(index)
-        self._accepted.add(index)
+        opened = self.scene.require()
+        index = self.segment.accept_slice(opened.annotation, opened.prediction)
         with self.server.state:
-            self.data.annotated_slices = sorted(set(self.data.annotated_slices) | {index})
+            self.data.annotated_slices = self.scene.annotated_slices()
             self.data.current_suggestion = -1
-        self.tell(f"slice {index + 1} accepted ({voxels} labelled voxels); fine-tune again")
-
-    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a short blocking call (a worker request) in a thread; the page shows busy."""
-        with self.server.state:
-            self.data.busy = True
-        try:
-            return await asyncio.to_thread(function, *args)
-        finally:
-            with self.server.state:
-                self.data.busy = False
+        self.tell(f"slice {index + 1} accepted as annotation; fine-tune again to learn from it")
 
     def _schedule_recount(self, *_: Any) -> None:
         """Recount annotated slices once painting pauses (not on every brush stroke)."""
@@ -300,20 +285,22 @@ class PCLAppLogic:
     def _recount_now(self) -> None:
         self._recount = None
         try:
-            painted = set(self.scene.painted_slices())
+            annotated = self.scene.annotated_slices()
         except PCLSegError:
             return
         with self.server.state:
-            self.data.annotated_slices = sorted(painted | self._accepted)
+            self.data.annotated_slices = annotated
 
     # -- 4. Export --------------------------------------------------------------------------
 
     @reports_errors
     async def export(self) -> None:
         opened = self.scene.require()
-        seg_path, nifti_path = self.workspace.export_paths(opened.source)
-        written = self.scene.export(seg_path, nifti_path)
+        written = [
+            self.segment.export(opened.node, opened.annotation, opened.prediction, path)
+            for path in self.workspace.export_paths(opened.source)
+        ]
         with self.server.state:
             self.data.exported = [str(p) for p in written]
-        self.tell(f"exported {', '.join(p.name for p in written)} to {seg_path.parent}",
+        self.tell(f"exported {', '.join(p.name for p in written)} to {written[0].parent}",
                   MessageKind.SUCCESS)

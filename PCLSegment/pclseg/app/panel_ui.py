@@ -12,8 +12,8 @@ from trame.widgets.vuetify3 import (
     VCard,
     VCardText,
     VCardTitle,
-    VDivider,
     VCombobox,
+    VDivider,
     VProgressLinear,
     VSelect,
     VTextField,
@@ -70,7 +70,8 @@ class PCLPanelUI(html.Div):
                     VSelect(
                         id="pcl-volume",
                         label="Volume",
-                        items=(f"{self.n.volumes}.map(v => ({{title: v.split('/').pop(), value: v}}))",),
+                        items=(f"{self.n.volumes}.map(v => ({{title: v.split('/').pop(), "
+                               "value: v}))",),
                         v_model=(self.n.volume,),
                         density="compact",
                         hide_details=True,
@@ -166,6 +167,7 @@ class PCLPanelUI(html.Div):
                 with html.Div(classes="d-flex ga-2"):
                     VBtn(
                         "Suggest slice",
+                        size="small",
                         classes="flex-grow-1",
                         id="pcl-suggest",
                         prepend_icon="mdi-target",
@@ -174,6 +176,7 @@ class PCLPanelUI(html.Div):
                     )
                     VBtn(
                         "Accept slice",
+                        size="small",
                         classes="flex-grow-1",
                         id="pcl-accept",
                         prepend_icon="mdi-check",

@@ -44,7 +44,7 @@ class ProgressTracker:
         name = event.get("event")
         if name == "started" and event.get("total_steps"):
             self._start_fraction = float(event.get("done_steps", 0)) / float(event["total_steps"])
-            self._set_fraction(self._start_fraction, "started")
+            self._set_fraction(self._start_fraction, _started(event))
         elif name == "step" or (name == "progress" and "step" in event):
             fraction = step_fraction(event)
             if fraction is not None:
@@ -76,6 +76,14 @@ def step_fraction(event: dict[str, Any]) -> float | None:
         epoch, epochs = int(event["epoch"]), int(event["epochs"])
         return ((epoch - 1) * steps + step) / (epochs * steps)
     return step / steps
+
+
+def _started(event: dict[str, Any]) -> str:
+    """``"48 slices of 4 volumes on cpu"`` from a ``started`` event, as far as it says."""
+    what = "started"
+    if "slices" in event:
+        what = f"{event['slices']} slices of {event.get('volumes', '?')} volumes"
+    return f"{what} on {event['device']}" if event.get("device") else what
 
 
 def _detail(event: dict[str, Any]) -> str:

@@ -28,10 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuning steps per 'Fine-tune & predict'")
     parser.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs)
     parser.add_argument("--size", type=int, default=defaults.size,
-                        help="slice size for pretraining and for models without an encoder")
+                        help="slice size of 'Pretrain on folder'")
     parser.add_argument("--features", type=int, default=defaults.features,
-                        help="U-Net width for pretraining and for models without an encoder")
-    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or mps")
+                        help="U-Net width of 'Pretrain on folder'")
+    parser.add_argument("--device", default=defaults.device,
+                        help="device of 'Pretrain on folder': auto, cpu, cuda or mps")
 
 
 def settings_from_args(args: argparse.Namespace) -> AppSettings:

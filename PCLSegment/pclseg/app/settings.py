@@ -1,7 +1,7 @@
 """How the app is served and how much work each button does.
 
-The defaults suit a workstation or a GPU server; tests pass tiny values (``refine_steps=5``,
-``size=32``, ``features=4``) so the whole loop runs in seconds on a CPU.
+The defaults suit a workstation or a GPU server; tests pass tiny values (``refine_steps=40``,
+``size=32``, ``features=4``, one pretraining epoch) so the whole loop runs in a minute on a CPU.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ class AppSettings:
             the loopback interface: one is generated when none is given.
         refine_steps: optimiser steps per "Fine-tune & predict" click.
         pretrain_epochs: default epochs of "Pretrain on folder" (editable in the page).
-        size, features: slice size and U-Net width for pretraining and for a model started
-            without an encoder (with an encoder, its own metadata decides).
-        device: ``auto``, ``cpu``, ``cuda`` or ``mps`` for pretraining and the worker.
+        size, features, device: slice size, U-Net width and device (``auto``, ``cpu``,
+            ``cuda``, ``mps``) of "Pretrain on folder". Fine-tuning from an encoder keeps the
+            encoder's architecture; the warm worker picks its own device.
     """
 
     folder: Path | None = None
@@ -51,8 +51,9 @@ class AppSettings:
         if not 0 <= self.port <= 65535:
             raise PCLSegError(f"--port must be in 0..65535, got {self.port}")
         for name in ("refine_steps", "pretrain_epochs", "features"):
-            if getattr(self, name) < 1:
-                raise PCLSegError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value < 1:
+                raise PCLSegError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.size < 16 or self.size % 16:
             raise PCLSegError(f"--size must be a multiple of 16 and at least 16, got {self.size}")
         if self.token is not None and len(self.token) < 8:

@@ -38,6 +38,7 @@ class JobKind(str, Enum):
     NONE = ""
     PRETRAIN = "pretrain"
     FINETUNE = "finetune"
+    SUGGEST = "suggest"
 
 
 @dataclass

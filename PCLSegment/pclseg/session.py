@@ -1,0 +1,345 @@
+"""The refine session: one volume, its annotations and a model, in one object.
+
+This is what the Slicer module, the browser app and the warm worker hold, and what a user
+drives from a Python console::
+
+    from pclseg.session import RefineSession
+
+    session = RefineSession.from_encoder("liver.nii.gz", "runs/pcl", labels=["liver"])
+    session.set_annotations_from_file("liver_scribbles.nii.gz")   # or set_annotations(array)
+    session.refine(steps=100)
+    mask = session.predict()              # canonical (S, H, W) label map
+    print(session.suggest(k=2))           # the slices to correct next
+    session.add_annotation(17, corrected_slice)
+    session.refine(steps=50)              # continues from the current weights
+    session.save("models/liver")          # a model folder `pclseg predict` can use
+
+Annotations
+    A canonical label map ``(S, H, W)`` and a set of annotated slices. Every voxel of an
+    annotated slice is the user's (background included); the rest of the label map is ignored.
+    :meth:`predict` and :meth:`probabilities` return the user's labels on annotated slices
+    exactly: a prediction never changes an annotated voxel.
+
+Refining
+    :meth:`refine` runs a bounded number of Adam steps on augmented batches of the annotated
+    slices, continuing from the current weights and optimizer moments; the learning rate decays
+    by a cosine from ``cfg.lr`` to zero within each call. The volume is prepared for the
+    network once, when the session starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import FinetuneConfig
+from .device import resolve_device
+from .errors import PCLSegError
+from .finetune import (
+    RunResult,
+    Trainer,
+    annotated_slices,
+    build_model,
+    encoder_stem,
+    init_source,
+    prepared_annotations,
+    save_model,
+    with_encoder_config,
+)
+from .io import Volume, read_label, read_volume, write_image
+from .labels import Label, labels_from_names
+from .predict import load_model, model_stem, slice_probabilities, to_canonical
+from .preprocess import prepare_volume
+from .pretrain import get_lr
+from .progress import Progress
+from .suggest import pick_spread, slice_uncertainty
+
+SESSION_FILE = "session.json"
+ANNOTATIONS_FILE = "annotations.nii.gz"
+
+
+def _as_volume(image: Volume | Path | str, slice_axis: str) -> Volume:
+    return image if isinstance(image, Volume) else read_volume(image, slice_axis)  # type: ignore[arg-type]
+
+
+def _as_labels(labels: Sequence[Label | str] | None) -> list[Label]:
+    if not labels:
+        raise PCLSegError("name at least one label (e.g. labels=['liver'])")
+    if all(isinstance(label, Label) for label in labels):
+        return sorted(labels, key=lambda label: label.value)  # type: ignore[arg-type, return-value]
+    return labels_from_names([str(label) for label in labels])
+
+
+class RefineSession:
+    """One volume, its annotations and a U-Net; see the module docstring.
+
+    Build one with :meth:`from_model`, :meth:`from_encoder` or :meth:`load`.
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        trainer: Trainer,
+        labels: list[Label],
+        init: dict[str, Any],
+    ) -> None:
+        self.volume = volume
+        self.trainer = trainer
+        self.labels = labels
+        self.init = init
+        self.slices, self.geometry = prepare_volume(volume, trainer.cfg.preprocess)
+        self.annotation = np.zeros(volume.shape, dtype=np.int64)
+        self.annotated: list[int] = []
+        self.refines = 0
+        self.steps_done = 0
+        self._network_probabilities: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def from_model(
+        cls, image: Volume | Path | str, model_dir: Path | str, device: str = "auto"
+    ) -> RefineSession:
+        """A session that continues from a fine-tuned model folder."""
+        loaded = load_model(model_dir, resolve_device(device))
+        volume = _as_volume(image, loaded.config.preprocess.slice_axis)
+        init = {"kind": "model", "path": str(model_stem(model_dir).parent),
+                "from": loaded.metadata.get("init", {})}
+        trainer = Trainer(loaded.unet, loaded.config, loaded.device)
+        return cls(volume, trainer, loaded.labels, init)
+
+    @classmethod
+    def from_encoder(
+        cls,
+        image: Volume | Path | str,
+        run_dir: Path | str | None,
+        cfg: FinetuneConfig | None = None,
+        labels: Sequence[Label | str] | None = None,
+        device: str | None = None,
+    ) -> RefineSession:
+        """A fresh U-Net: encoder from a pretraining run (``None`` for random init), new decoder.
+
+        Args:
+            labels: the structures to segment, as names (values 1, 2, ...) or :class:`Label`.
+            device: overrides ``cfg.device``.
+        """
+        cfg = cfg or FinetuneConfig()
+        named = _as_labels(labels)
+        encoder, init = init_source(run_dir)
+        if encoder is not None:
+            cfg = with_encoder_config(cfg, init.pop("meta"), encoder_stem(run_dir))  # type: ignore[arg-type]
+        cfg = dataclasses.replace(
+            cfg,
+            device=device or cfg.device,
+            model=dataclasses.replace(cfg.model, num_classes=max(lb.value for lb in named) + 1),
+        )
+        volume = _as_volume(image, cfg.preprocess.slice_axis)
+        unet = build_model(cfg, encoder, str(run_dir))
+        trainer = Trainer(unet, cfg, resolve_device(cfg.device))
+        return cls(volume, trainer, named, init)
+
+    @classmethod
+    def load(
+        cls, model_dir: Path | str, image: Volume | Path | str | None = None, device: str = "auto"
+    ) -> RefineSession:
+        """A saved session: its model, and its annotations when they were saved with it.
+
+        ``image`` defaults to the volume the session was saved with.
+        """
+        folder = model_stem(model_dir).parent
+        record = folder / SESSION_FILE
+        saved: dict[str, Any] = {}
+        if record.is_file():
+            saved = json.loads(record.read_text(encoding="utf-8"))
+        if image is None:
+            if "image" not in saved:
+                raise PCLSegError(f"{folder}: no saved session image; pass the image")
+            image = saved["image"]
+        session = cls.from_model(image, folder, device)
+        annotations = folder / ANNOTATIONS_FILE
+        if saved.get("annotated") and annotations.is_file():
+            session.set_annotations(read_label(annotations, session.volume), saved["annotated"])
+        session.refines = int(saved.get("refines", 0))
+        session.steps_done = int(saved.get("steps", 0))
+        return session
+
+    # ----------------------------------------------------------------------------------------
+    # Annotations
+
+    @property
+    def cfg(self) -> FinetuneConfig:
+        return self.trainer.cfg
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.model.num_classes
+
+    def _check_values(self, array: np.ndarray, what: str) -> np.ndarray:
+        if array.dtype.kind not in "biu" and not np.array_equal(array, np.round(array)):
+            raise PCLSegError(f"{what}: label values must be whole numbers")
+        array = array.astype(np.int64)
+        if array.size and (array.min() < 0 or array.max() >= self.num_classes):
+            raise PCLSegError(
+                f"{what}: label values must lie in 0..{self.num_classes - 1} "
+                f"(the model's labels), found {array.min()}..{array.max()}"
+            )
+        return array
+
+    def set_annotations(self, label: np.ndarray, slices: Iterable[int] | None = None) -> list[int]:
+        """Replace the annotations with a canonical ``(S, H, W)`` label map.
+
+        Args:
+            label: the user's labels on the volume's canonical grid.
+            slices: the annotated slices; default every slice holding a label voxel.
+
+        Returns:
+            The annotated slice indices.
+        """
+        label = np.asarray(label)
+        if label.shape != self.volume.shape:
+            raise PCLSegError(
+                f"annotations of shape {label.shape} do not fit the volume's {self.volume.shape}"
+            )
+        label = self._check_values(label, "annotations")
+        annotated = annotated_slices(label, slices)
+        self.annotation = np.zeros_like(label)
+        self.annotation[annotated] = label[annotated]
+        self.annotated = annotated
+        return list(self.annotated)
+
+    def set_annotations_from_file(
+        self, path: Path | str, slices: Iterable[int] | None = None
+    ) -> list[int]:
+        """:meth:`set_annotations` from a label-map file on the image's voxel grid."""
+        return self.set_annotations(read_label(path, self.volume), slices)
+
+    def add_annotation(self, slice_index: int, label_slice: np.ndarray) -> list[int]:
+        """Annotate (or re-annotate) one canonical slice with an ``(H, W)`` label map."""
+        label_slice = np.asarray(label_slice)
+        if label_slice.shape != self.volume.shape[1:]:
+            raise PCLSegError(
+                f"slice annotation of shape {label_slice.shape} does not fit the volume's "
+                f"slices {self.volume.shape[1:]}"
+            )
+        if not 0 <= slice_index < self.volume.shape[0]:
+            raise PCLSegError(f"slice {slice_index} is outside 0..{self.volume.shape[0] - 1}")
+        self.annotation[slice_index] = self._check_values(label_slice, f"slice {slice_index}")
+        self.annotated = sorted({*self.annotated, int(slice_index)})
+        return list(self.annotated)
+
+    # ----------------------------------------------------------------------------------------
+    # Refine, predict, suggest
+
+    def refine(
+        self,
+        steps: int,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> RunResult:
+        """Train ``steps`` more steps on the annotated slices (see the module docstring).
+
+        Args:
+            progress: gets ``started``, ``step`` and ``done`` events.
+            should_stop: polled after every step; True ends the refine early (the weights keep
+                what the finished steps learned).
+        """
+        if steps < 1:
+            raise PCLSegError(f"steps must be at least 1, got {steps}")
+        if not self.annotated:
+            raise PCLSegError("no annotated slice yet: annotate at least one slice, then refine")
+        progress = progress or Progress.null()
+        data = prepared_annotations(
+            self.slices, self.annotation, self.geometry, self.annotated, self.volume.name
+        )
+        progress.event("started", total_steps=steps, annotated=len(self.annotated),
+                       desc="refining")
+        start = time.monotonic()
+
+        def on_step(step: int, loss: float) -> None:
+            progress.event("step", step=step, steps=steps, loss=loss)
+
+        self._network_probabilities = None
+        result = self.trainer.run(
+            data, steps, lambda s: get_lr(s, steps, self.cfg.lr),
+            seed=(self.cfg.seed, 1 + self.refines), on_step=on_step, should_stop=should_stop,
+        )
+        self.refines += 1
+        self.steps_done += result.steps
+        progress.event("done", steps=result.steps, loss=result.loss, stopped=result.stopped,
+                       seconds=time.monotonic() - start)
+        return result
+
+    def network_probabilities(self) -> torch.Tensor:
+        """Softmax output on the network grid, ``(S, C, size, size)`` (cached until the next
+        refine)."""
+        if self._network_probabilities is None:
+            self._network_probabilities = slice_probabilities(
+                self.trainer.unet, self.slices, self.trainer.device, amp=self.cfg.amp
+            )
+        return self._network_probabilities
+
+    def probabilities(self) -> np.ndarray:
+        """Class probabilities on the canonical grid, ``(C, S, H, W)`` float32; on annotated
+        slices, the one-hot of the user's labels."""
+        probabilities = to_canonical(self.network_probabilities(), self.geometry).probabilities
+        if self.annotated:
+            user = self.annotation[self.annotated]
+            classes = np.arange(self.num_classes).reshape(-1, 1, 1, 1)
+            probabilities[:, self.annotated] = (user[None] == classes).astype(np.float32)
+        return probabilities
+
+    def predict(self) -> np.ndarray:
+        """The label map ``(S, H, W)`` on the canonical grid: the model's prediction, and the
+        user's labels exactly on annotated slices."""
+        labels = to_canonical(self.network_probabilities(), self.geometry).labels
+        labels = labels.astype(np.uint8 if self.num_classes <= 256 else np.uint16)
+        if self.annotated:
+            labels[self.annotated] = self.annotation[self.annotated]
+        return labels
+
+    def suggest(self, k: int = 1, min_gap: int | None = None) -> list[int]:
+        """The ``k`` non-annotated slices the model is least sure of, spread apart
+        (:mod:`pclseg.suggest`), most uncertain first."""
+        scores = slice_uncertainty(self.network_probabilities())
+        return pick_spread(scores, self.annotated, k, min_gap)
+
+    def slice_centers(self, slices: Iterable[int]) -> list[tuple[float, float, float]]:
+        """The LPS position (mm) of each slice's centre, to jump a viewer there."""
+        return [self.volume.slice_center_lps(int(i)) for i in slices]
+
+    # ----------------------------------------------------------------------------------------
+    # Files
+
+    def write_prediction(self, path: Path | str, probabilities: Path | str | None = None) -> Path:
+        """Write :meth:`predict` (and optionally :meth:`probabilities`) on the image's grid."""
+        target = write_image(self.volume.to_image(self.predict(), like="label"), path)
+        if probabilities is not None:
+            write_image(self.volume.to_image(self.probabilities(), like="float"), probabilities)
+        return target
+
+    def save(self, model_dir: Path | str) -> Path:
+        """Write the model (a ``pclseg-model`` folder, usable by ``pclseg predict``) and the
+        session's annotations, so :meth:`load` can pick up where this left off."""
+        folder = Path(model_dir)
+        save_model(folder, self.trainer.unet, self.cfg, self.labels, self.init,
+                   steps=self.steps_done, refines=self.refines,
+                   data={"volumes": [{"name": self.volume.name, "slices": self.volume.shape[0],
+                                      "annotated": self.annotated}],
+                         "annotated_slices": len(self.annotated)})
+        write_image(self.volume.to_image(self.annotation, like="label"), folder / ANNOTATIONS_FILE)
+        source = Path(self.volume.source.split("::")[0])
+        record = {"image": os.path.abspath(self.volume.source) if source.exists() else None,
+                  "annotated": self.annotated, "refines": self.refines, "steps": self.steps_done}
+        tmp = folder / f".{SESSION_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / SESSION_FILE)
+        return folder

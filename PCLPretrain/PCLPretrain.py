@@ -221,13 +221,8 @@ class PCLPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.resumeButton.setEnabled(bool(resumable) and not running)
         self.ui.cancelButton.setEnabled(running)
-        finished = (
-            self._runFolder
-            if self._runFolder is not None
-            else (parameters.outputFolder if ready else None)
-        )
         self.ui.useEncoderButton.setEnabled(
-            not running and finished is not None and encoder_file(finished) is not None
+            not running and ready and encoder_file(parameters.outputFolder) is not None
         )
 
     # -- actions ----------------------------------------------------------------------------
@@ -265,10 +260,9 @@ class PCLPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUseEncoder(self) -> None:
         """Select this run's encoder in PCL Segment and open that module."""
-        runFolder = self._runFolder or self._parameterNode.outputFolder
         import PCLSegment
 
-        PCLSegment.PCLSegmentLogic().getParameterNode().encoder = str(runFolder)
+        PCLSegment.PCLSegmentLogic().getParameterNode().encoder = self._parameterNode.outputFolder
         slicer.util.selectModule("PCLSegment")
 
     # -- progress ---------------------------------------------------------------------------

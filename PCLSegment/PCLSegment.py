@@ -321,14 +321,7 @@ class PCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
         def done(job: Job) -> None:
-            counts = {k: v for k, v in job.result.items() if k != "loss"}
-            loss = job.result.get("loss")
-            shown = ", ".join(f"{name} {voxels} voxels" for name, voxels in counts.items())
-            self.ui.statusLabel.setText(
-                f"Prediction updated ({shown}); loss {loss:.4f}."
-                if loss is not None
-                else f"Prediction updated ({shown})."
-            )
+            self.ui.statusLabel.setText(job.result.summary())
 
         self.runJob("Fine-tuning", start, done)
 
@@ -440,33 +433,64 @@ class PCLSegmentLogic(ScriptedLoadableModuleLogic, SegmentLogic):
 
 
 class PCLSegmentTest(ScriptedLoadableModuleTest):
-    """Run by Slicer's ctest: one refine round on a generated volume."""
+    """Run by Slicer's ctest: a tiny pretraining run, then one refine loop on a generated
+    volume (fine-tune, predict, suggest, accept)."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_round_on_generated_volume()
+        self.test_refine_loop()
 
-    def test_round_on_generated_volume(self) -> None:
-        self.delayDisplay("One fine-tuning round on a generated volume")
+    def test_refine_loop(self, init: pathlib.Path | None = None) -> None:
+        """``init``: a pretraining run to start from; a tiny one is made when not given."""
+        import tempfile
+
+        work = pathlib.Path(tempfile.mkdtemp(prefix="PCLSegmentTest-"))
+        if init is None:
+            from pclseg.pretrain_logic import PretrainLogic, PretrainSettings
+
+            self.delayDisplay("Pretraining a tiny encoder")
+            settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu")
+            volumes = work / "volumes"
+            for n in range(3):
+                write_test_volume(volumes / f"volume{n}.nrrd", seed=n)
+            init = (
+                PretrainLogic()
+                .pretrain(volumes, work / "run", settings, on_event=lambda e: None)
+                .parent
+            )
+
+        self.delayDisplay("One refine round")
         volume, annotation = make_test_case(slicer.mrmlScene)
         logic = PCLSegmentLogic()
         try:
-            prediction = logic.fine_tune_and_predict(volume, annotation, steps=3)
-            names = [s.name for s in mrml.segment_labels(prediction)]
-            self.assertEqual(names, ["organ"])
+            prediction = logic.fine_tune_and_predict(volume, annotation, init=init, steps=3)
+            self.assertEqual([label.name for label in mrml.segment_labels(prediction)], ["organ"])
             user = mrml.annotation_array(annotation, volume, logic.session.labels)
-            predicted = mrml.annotation_array(prediction, volume, logic.session.labels)
-            self.assertFalse((predicted[user > 0] > 0).any(), "prediction covers painted voxels")
+            shown = mrml.annotation_array(prediction, volume, logic.session.labels)
+            self.assertFalse((shown[user > 0] > 0).any(), "prediction covers painted voxels")
             index, ras = logic.suggest()[0]
-            self.assertNotIn(index, (4, 8))
+            self.assertNotIn(index, (4, 8))  # the painted slices are not suggested
             logic.accept_slice(annotation, prediction, index)
             self.assertIn(index, mrml.explicit_slices(annotation))
         finally:
             logic.shutdown()
         self.delayDisplay("Test passed")
+
+
+def write_test_volume(path: pathlib.Path, seed: int = 0, size: int = 32, slices: int = 12) -> None:
+    """A small volume whose intensity changes along the slice axis (for pretraining)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    z = np.arange(slices, dtype=np.float32)[:, None, None] / slices
+    noise = np.random.default_rng(seed).normal(size=(slices, size, size)).astype(np.float32)
+    image = sitk.GetImageFromArray(noise + 4 * z)
+    image.SetSpacing((1.0, 1.0, 3.0))
+    sitk.WriteImage(image, str(path))
 
 
 def make_test_case(scene, size: int = 32, slices: int = 12):

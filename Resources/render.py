@@ -13,6 +13,7 @@ Run from the repository root (``python Resources/render.py``); it writes
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -94,5 +95,10 @@ if __name__ == "__main__":
     if "--icons-only" not in sys.argv:
         from screenshots import render_screenshots
 
-        with tempfile.TemporaryDirectory() as work:
-            render_screenshots(Path(work), REPO / "Resources" / "Screenshots")
+        # a short, readable work folder: its paths show in the panels
+        work = Path(tempfile.gettempdir()) / "pclseg-screenshots"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            render_screenshots(work, REPO / "Resources" / "Screenshots")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

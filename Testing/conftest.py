@@ -50,3 +50,28 @@ def a_pretraining_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu")
     PretrainLogic().pretrain(volumes, root / "run", settings, on_event=lambda event: None)
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def a_warm_worker():
+    """One ``python -m pclseg.worker`` for the tests that refine (each would otherwise pay the
+    interpreter start and torch import); closed at the end of the session."""
+    from pclseg.worker import WorkerClient
+
+    client = WorkerClient()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def shared_worker(a_warm_worker, monkeypatch: pytest.MonkeyPatch):
+    """Make every :class:`~pclseg.segment_logic.SegmentLogic` use the warm worker, and its
+    ``shutdown`` forget it instead of ending it."""
+    from pclseg.segment_logic import SegmentLogic
+
+    def forget(logic: SegmentLogic) -> None:
+        logic._client, logic.session = None, None
+
+    monkeypatch.setattr(SegmentLogic, "start_worker", lambda logic: a_warm_worker)
+    monkeypatch.setattr(SegmentLogic, "shutdown", forget)
+    return a_warm_worker

@@ -41,7 +41,7 @@ def _grab(widget, path: Path) -> None:
 def render_screenshots(work: Path, out: Path) -> list[Path]:
     """Run a tiny pretraining and one refine round in the panels; save both panels."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        mrml_application()
+        mrml_application(monkeypatch)
         install_gui_shims(monkeypatch)
         modules = {name: load_module(name, monkeypatch) for name in ("PCLPretrain", "PCLSegment")}
 

@@ -53,8 +53,9 @@ class MRMLApplication:
     segmentations: Any
 
 
-def mrml_application() -> MRMLApplication:
-    """A fresh scene and logics; also installed as ``slicer.mrmlScene`` / ``slicer.modules``."""
+def mrml_application(monkeypatch: Any = None) -> MRMLApplication:
+    """A fresh scene and logics, installed as ``slicer.mrmlScene`` / ``slicer.modules``
+    (through ``monkeypatch`` when given, so a test leaves ``slicer`` as it found it)."""
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)
@@ -70,11 +71,15 @@ def mrml_application() -> MRMLApplication:
     segmentations.SetMRMLScene(scene)
     for name, logic in (("Colors", colors), ("Volumes", volumes), ("Segmentations", segmentations)):
         app_logic.SetModuleLogic(name, logic)
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(
+    modules = types.SimpleNamespace(
         volumes=types.SimpleNamespace(logic=lambda: volumes),
         segmentations=types.SimpleNamespace(logic=lambda: segmentations),
     )
+    for name, value in (("mrmlScene", scene), ("modules", modules)):
+        if monkeypatch is not None:
+            monkeypatch.setattr(slicer, name, value, raising=False)
+        else:
+            setattr(slicer, name, value)
     return MRMLApplication(scene, app_logic, colors, volumes, segmentations)
 
 
@@ -175,6 +180,7 @@ def _placeholder_classes() -> dict[str, type]:
                 QtWidgets.QWidget, options=QtCore.Qt.FindDirectChildrenOnly
             ):
                 child.setVisible(not self._collapsed)
+            self.setMaximumHeight(self.fontMetrics().height() + 8 if self._collapsed else 16777215)
 
         def showEvent(self, event: Any) -> None:
             self._apply()
@@ -345,8 +351,8 @@ def _placeholder_classes() -> dict[str, type]:
             for n, name in enumerate(self.EFFECTS):
                 button = QtWidgets.QToolButton()
                 button.setText(name)
-                button.setMinimumWidth(80)
-                effects.addWidget(button, n // 5, n % 5)
+                button.setSizePolicy(QtWidgets.QSizePolicy.Expanding, QtWidgets.QSizePolicy.Fixed)
+                effects.addWidget(button, n // 3, n % 3)
             layout.addLayout(effects)
             self.segmentList = QtWidgets.QListWidget()
             self.segmentList.setMaximumHeight(70)

@@ -22,7 +22,7 @@ from pclseg.app.logic import RECOUNT_DELAY_S  # noqa: E402
 from pclseg.app.progress_tracker import ProgressTracker, format_eta, step_fraction  # noqa: E402
 from pclseg.app.serve import add_arguments, settings_from_args  # noqa: E402
 from pclseg.app.settings import AppSettings  # noqa: E402
-from pclseg.app.state import MessageKind  # noqa: E402
+from pclseg.app.state import RANDOM_INIT, JobKind, MessageKind  # noqa: E402
 from pclseg.app.workspace import (  # noqa: E402
     DEFAULT_SEGMENT,
     Workspace,
@@ -112,6 +112,7 @@ def test_progress_tracker_extrapolates_the_eta():
     assert "epoch 1/4" in view.detail and "loss 2.5000" in view.detail
     view = tracker.feed({"event": "epoch", "epoch": 2, "epochs": 4, "eta_s": 33.0})
     assert view.percent == 50.0 and view.eta == "33 s"
+    assert tracker.feed({"event": "message", "message": "saving"}).detail == "saving"
     assert tracker.feed({"event": "done"}).percent == 100.0
 
 
@@ -294,8 +295,17 @@ def test_opening_a_volume_shows_it_with_one_segment_per_label(an_app, a_sample_f
     opened = an_app.logic.scene.require()
     assert data.opened_volume == data.volumes[0]
     assert "opened" in data.message and data.message_kind == MessageKind.INFO
-    names = [label.name for label in mrml.segment_labels(opened.annotation)]
-    assert names == [label.name for label in segment_labels(a_sample_folder)]
+    named = [label.name for label in segment_labels(a_sample_folder)]
+    assert data.structures == named and data.chosen_structures == named[:1]
+    assert [label.name for label in mrml.segment_labels(opened.annotation)] == named[:1]
+
+    data.chosen_structures = named[1:3]  # reopening paints the newly chosen structures
+    asyncio.run(an_app.logic.open_volume())
+    opened = an_app.logic.scene.require()
+    assert [label.name for label in mrml.segment_labels(opened.annotation)] == named[1:3]
+    data.chosen_structures = named[:1]
+    asyncio.run(an_app.logic.open_volume())
+    opened = an_app.logic.scene.require()
     views = an_app.slicer_app.view_manager.get_slice_views()
     assert all(v.get_background_volume_id() == opened.node.GetID() for v in views)
     assert an_app.slicer_app.segmentation_editor.active_segmentation_node is opened.annotation
@@ -313,6 +323,11 @@ def test_errors_are_messages_and_the_app_keeps_working(an_app, a_sample_folder, 
     asyncio.run(logic.open_volume())
     assert data.message_kind == MessageKind.ERROR and "broken.nii.gz" in data.message
 
+    an_app.server.state[logic.typed.name.pretrain_epochs] = ""  # what an emptied field sends
+    asyncio.run(logic.pretrain())
+    assert data.message_kind == MessageKind.ERROR and "epochs" in data.message
+    data.pretrain_epochs = 1
+
     data.folder = str(tmp_path / "empty")
     (tmp_path / "empty").mkdir()
     asyncio.run(logic.scan())
@@ -323,7 +338,16 @@ def test_errors_are_messages_and_the_app_keeps_working(an_app, a_sample_folder, 
     asyncio.run(logic.open_volume())
     assert data.message_kind == MessageKind.INFO and "opened" in data.message
 
+    paint_slices(an_app, [6])
+    data.encoder = str(tmp_path / "not-a-run")
+    asyncio.run(logic.finetune())
+    assert data.message_kind == MessageKind.ERROR and "holds no encoder" in data.message
+    data.encoder = RANDOM_INIT
+    asyncio.run(logic.suggest())
+    assert data.message_kind == MessageKind.ERROR and "fine-tune first" in data.message
 
+
+@pytest.mark.slow
 def test_the_loop_pretrain_paint_fine_tune_suggest_accept_export(an_app):
     logic, data = an_app.logic, an_app.logic.data
 
@@ -368,3 +392,22 @@ def test_the_loop_pretrain_paint_fine_tune_suggest_accept_export(an_app):
 
 def opened_labels(opened):
     return mrml.segment_labels(opened.annotation)
+
+
+@pytest.mark.slow
+def test_cancel_stops_pretraining_and_pressing_again_resumes(an_app, tmp_path):
+    logic, data = an_app.logic, an_app.logic.data
+    data.pretrain_epochs = 50
+
+    async def start_then_cancel() -> None:
+        task = asyncio.create_task(logic.pretrain())
+        while not (data.job.kind == JobKind.PRETRAIN and data.job.detail.startswith("epoch")):
+            await asyncio.sleep(0.1)
+        logic.jobs.cancel()
+        await task
+
+    asyncio.run(asyncio.wait_for(start_then_cancel(), timeout=300))
+    assert "stopped" in data.message and "resume" in data.message
+    assert data.job.kind == JobKind.NONE and not data.busy
+    run_dir = logic.workspace.run_dir_for(Path(data.folder))
+    assert (run_dir / "checkpoint.json").is_file()

@@ -7,6 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
 from pclseg.augment import (
     FINETUNE_PARAMS,
     TwoViewSliceDataset,
@@ -15,7 +17,6 @@ from pclseg.augment import (
     two_views,
 )
 from pclseg.errors import PCLSegError
-from torch.utils.data import DataLoader
 
 SIZE = 32
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from pclseg.checkpoint import (
     FORMAT_VERSION,
     load_pair,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pclseg.device import amp_dtype, autocast, grad_scaler, resolve_device
 from pclseg.errors import PCLSegError
 

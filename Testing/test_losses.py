@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from pclseg.config import PretrainConfig
 from pclseg.errors import PCLSegError
 from pclseg.losses import GCLLoss, PCLLoss, SimCLRLoss, SupConLoss, make_contrastive_loss

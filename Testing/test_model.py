@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+
 from pclseg.config import ModelConfig
 from pclseg.errors import PCLSegError
 from pclseg.model import (

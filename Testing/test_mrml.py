@@ -34,8 +34,8 @@ def oblique_flipped_matrix() -> np.ndarray:
 
 
 @pytest.fixture
-def an_mrml_app() -> MRMLApplication:
-    return mrml_application()
+def an_mrml_app(monkeypatch: pytest.MonkeyPatch) -> MRMLApplication:
+    return mrml_application(monkeypatch)
 
 
 @pytest.fixture
@@ -219,6 +219,18 @@ def test_explicit_annotated_slices_are_kept_on_the_node(an_annotation) -> None:
     mrml.add_explicit_slices(an_annotation, [4, 1])
     mrml.add_explicit_slices(an_annotation, [4, 8])
     assert mrml.explicit_slices(an_annotation) == {1, 4, 8}
+
+
+def test_conversions_leave_no_temporary_nodes_in_the_scene(
+    a_scene, an_annotation, a_prediction_node, an_oblique_volume, an_engine_volume, organ_labels
+) -> None:
+    before = a_scene.GetNumberOfNodes()
+    user = mrml.annotation_array(an_annotation, an_oblique_volume, organ_labels)
+    mrml.import_prediction(user, a_prediction_node, an_oblique_volume, organ_labels)
+    mrml.accept_slice(
+        a_prediction_node, an_annotation, an_oblique_volume, an_engine_volume, organ_labels, 2
+    )
+    assert a_scene.GetNumberOfNodes() == before
 
 
 # -- engine -> prediction --------------------------------------------------------------------
@@ -447,6 +459,7 @@ def test_annotation_and_its_slices_survive_a_scene_save_and_reload(
     organ_labels,
     painted_masks,
     tmp_path,
+    monkeypatch,
 ) -> None:
     mrml.add_explicit_slices(an_annotation, [1, 5])
     for node in (an_oblique_volume, an_annotation):
@@ -457,7 +470,7 @@ def test_annotation_and_its_slices_survive_a_scene_save_and_reload(
     a_scene.SetURL(str(tmp_path / "scene.mrml"))
     assert a_scene.Commit()
 
-    fresh = mrml_application().scene
+    fresh = mrml_application(monkeypatch).scene
     fresh.SetURL(str(tmp_path / "scene.mrml"))
     assert fresh.Import()
     annotation = fresh.GetFirstNodeByName("annotation")

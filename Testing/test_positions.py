@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from pclseg.errors import PCLSegError
 from pclseg.positions import (
     gcl_partition,

@@ -34,8 +34,8 @@ from pclseg.segment_logic import resolve_init  # noqa: E402
 
 
 @pytest.fixture
-def an_mrml_app():
-    return mrml_application()
+def an_mrml_app(monkeypatch: pytest.MonkeyPatch):
+    return mrml_application(monkeypatch)
 
 
 @pytest.fixture
@@ -266,17 +266,19 @@ def test_module_logic_asks_for_dependencies_before_starting(
     assert not (tmp_path / "run").exists()
 
 
-def commit_and_reload(scene, path: Path):
+def commit_and_reload(scene, path: Path, monkeypatch: pytest.MonkeyPatch):
     """Save the scene (.mrml) and import it into a fresh one, made ``slicer.mrmlScene``."""
     scene.SetURL(str(path))
     assert scene.Commit()
-    fresh = mrml_application().scene
+    fresh = mrml_application(monkeypatch).scene
     fresh.SetURL(str(path))
     assert fresh.Import()
     return fresh
 
 
-def test_pretrain_parameters_survive_a_scene_save_and_reload(pretrain_module, tmp_path) -> None:
+def test_pretrain_parameters_survive_a_scene_save_and_reload(
+    pretrain_module, tmp_path, monkeypatch
+) -> None:
     parameters = pretrain_module.PCLPretrainLogic().getParameterNode()
     assert (parameters.method, parameters.epochs, parameters.dataFolder) == ("pcl", 50, "")
     parameters.dataFolder, parameters.outputFolder = "/data/scans", "/data/runs/a"
@@ -284,7 +286,7 @@ def test_pretrain_parameters_survive_a_scene_save_and_reload(pretrain_module, tm
     parameters.mixedPrecision, parameters.sliceAxis = False, "coronal"
     with pytest.raises(ValueError):
         parameters.method = "byol"
-    commit_and_reload(slicer.mrmlScene, tmp_path / "scene.mrml")
+    commit_and_reload(slicer.mrmlScene, tmp_path / "scene.mrml", monkeypatch)
     again = pretrain_module.PCLPretrainLogic().getParameterNode()
     assert (again.dataFolder, again.outputFolder) == ("/data/scans", "/data/runs/a")
     assert (again.method, again.epochs, again.threshold) == ("gcl", 7, 0.35)
@@ -299,7 +301,7 @@ def test_pretrain_parameters_survive_a_scene_save_and_reload(pretrain_module, tm
 
 
 def test_segment_parameters_and_node_references_survive_a_scene_save_and_reload(
-    segment_module, tmp_path
+    segment_module, tmp_path, monkeypatch
 ) -> None:
     scene = slicer.mrmlScene
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
@@ -310,7 +312,7 @@ def test_segment_parameters_and_node_references_survive_a_scene_save_and_reload(
     parameters.encoder, parameters.steps, parameters.startFromModel = "/runs/pcl", 42, True
     with pytest.raises(TypeError):
         parameters.annotation = volume
-    commit_and_reload(scene, tmp_path / "scene.mrml")
+    commit_and_reload(scene, tmp_path / "scene.mrml", monkeypatch)
     again = segment_module.PCLSegmentLogic().getParameterNode()
     assert again.inputVolume.GetName() == "ct" and again.annotation.GetName() == "ct annotation"
     assert again.inputVolume.GetScene() is slicer.mrmlScene
@@ -325,3 +327,131 @@ def test_segment_parameters_and_node_references_survive_a_scene_save_and_reload(
 def test_pretrain_module_self_test_runs_a_tiny_epoch(pretrain_module) -> None:
     """The ScriptedLoadableModuleTest that Slicer's ctest runs, here on the real engine."""
     pretrain_module.PCLPretrainTest().runTest()
+
+
+# -- the refine loop on the real engine ---------------------------------------------------------
+
+
+@pytest.fixture
+def slice_views():
+    """Red, Yellow and Green slice nodes in ``slicer.mrmlScene``, as Slicer's layout makes them."""
+    scene = slicer.mrmlScene
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        node = scene.CreateNodeByClass("vtkMRMLSliceNode")
+        node.SetName(name)
+        node.SetLayoutName(name)
+        node.SetSingletonTag(name)
+        scene.AddNode(node)
+        node.SetOrientation(orientation)
+
+
+def test_refine_loop_on_real_mrml_and_the_warm_worker(
+    segment_module, a_pretraining_run, slice_views, shared_worker, tmp_path
+) -> None:
+    scene = slicer.mrmlScene
+    volume, annotation = segment_module.make_test_case(scene)
+    painted = mrml.segment_array(
+        annotation, annotation.GetSegmentation().GetNthSegmentID(0), volume
+    )
+    logic = segment_module.PCLSegmentLogic()
+    try:
+        events: list[dict] = []
+        job = logic.start_fine_tune_and_predict(
+            volume, annotation, None, a_pretraining_run, steps=3
+        )
+        first = job.wait(on_event=events.append)
+        assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+        assert all(e["steps"] == 3 for e in events if e["event"] == "step")
+        assert first.steps == 3 and not first.cancelled and math.isfinite(first.loss)
+        assert first.annotated == [4, 8]
+        session = logic.session
+        assert session.init == str(a_pretraining_run) and session.volume.shape == (12, 32, 32)
+
+        # the prediction node shows the worker's prediction, minus the painted slices
+        prediction = scene.GetFirstNodeByName("PCLSegmentTestVolume prediction")
+        labels = session.labels
+        assert [(lb.name, lb.value) for lb in labels] == [("organ", 1)]
+        predicted = mrml.read_prediction(logic.work_dir / "prediction.nrrd", session.volume)
+        predicted[[4, 8]] = 0
+        np.testing.assert_array_equal(mrml.annotation_array(prediction, volume, labels), predicted)
+        assert first.counts == {"organ": int((predicted == 1).sum())}
+        np.testing.assert_array_equal(
+            mrml.segment_array(annotation, annotation.GetSegmentation().GetNthSegmentID(0), volume),
+            painted,
+        )
+
+        # a second round reuses the loaded session (no new load)
+        second = logic.fine_tune_and_predict(volume, annotation, prediction, a_pretraining_run, 2)
+        assert second is prediction and logic.session is session
+
+        # suggest -> jump -> accept
+        ((index, ras),) = logic.suggest(1)
+        assert index not in (4, 8) and ras == mrml.slice_center_ras(session.volume, index)
+        logic.jump_to(ras)
+        assert logic.current_slice() == index
+        assert logic.accept_slice(annotation, prediction) == index
+        assert mrml.explicit_slices(annotation) == {index}
+        third = logic.start_fine_tune_and_predict(
+            volume, annotation, prediction, a_pretraining_run, 1
+        )
+        assert third.wait().annotated == sorted({4, 8, index})
+
+        # save, then continue from the saved model (its labels)
+        model = logic.save_model(tmp_path / "model")
+        assert (model / "model.json").is_file() and (model / "model.safetensors").is_file()
+        logic.fine_tune_and_predict(volume, annotation, prediction, steps=1, model=model)
+        assert logic.session.model == str(model) and logic.session is not session
+
+        # export annotation + prediction
+        written = logic.export(volume, annotation, prediction, tmp_path / "case.seg.nrrd")
+        assert written.is_file()
+        assert scene.GetFirstNodeByName("case") is None  # the temporary node is gone
+    finally:
+        logic.shutdown()
+
+
+def test_cancel_stops_a_long_refine_and_keeps_its_prediction(
+    segment_module, a_pretraining_run, shared_worker
+) -> None:
+    volume, annotation = segment_module.make_test_case(slicer.mrmlScene)
+    logic = segment_module.PCLSegmentLogic()
+    try:
+        job = logic.start_fine_tune_and_predict(
+            volume, annotation, None, a_pretraining_run, steps=5000
+        )
+        stepped = False
+        while job.running:
+            for event in job.poll():
+                if event["event"] == "step" and not stepped:
+                    stepped = True
+                    job.cancel()
+        assert job.ok and job.result.cancelled and 1 <= job.result.steps < 5000
+        assert logic.session is not None  # the worker still holds the volume
+    finally:
+        logic.shutdown()
+
+
+def test_bad_round_inputs_are_clear_errors(segment_module, a_pretraining_run, tmp_path) -> None:
+    volume, annotation = segment_module.make_test_case(slicer.mrmlScene)
+    logic = segment_module.PCLSegmentLogic()
+    empty = mrml.new_segmentation(slicer.mrmlScene, "empty", volume)
+    empty.GetSegmentation().AddEmptySegment("", "organ", (1.0, 0.0, 0.0))
+    with pytest.raises(PCLSegError, match="has no painted voxel"):
+        logic.start_fine_tune_and_predict(volume, empty, None, a_pretraining_run, steps=1)
+    with pytest.raises(PCLSegError, match="holds no encoder.safetensors"):
+        logic.start_fine_tune_and_predict(volume, annotation, None, tmp_path, steps=1)
+    with pytest.raises(PCLSegError, match="steps must be at least 1"):
+        logic.start_fine_tune_and_predict(volume, annotation, None, a_pretraining_run, steps=0)
+    with pytest.raises(PCLSegError, match="Fine-tune & predict first"):
+        logic.suggest()
+    with pytest.raises(PCLSegError, match="not a PCL Segment model|cannot read"):
+        logic.start_apply_model(tmp_path, volume)
+    assert logic._client is None  # nothing started a worker
+
+
+def test_segment_module_self_test_runs_the_loop(
+    segment_module, a_pretraining_run, shared_worker
+) -> None:
+    """The ScriptedLoadableModuleTest that Slicer's ctest runs (given the shared tiny run)."""
+    segment_module.PCLSegmentTest().test_refine_loop(init=a_pretraining_run)

@@ -35,8 +35,8 @@ MODULES = ("PCLPretrain", "PCLSegment")
 
 
 @pytest.fixture
-def an_mrml_app():
-    return mrml_application()
+def an_mrml_app(monkeypatch: pytest.MonkeyPatch):
+    return mrml_application(monkeypatch)
 
 
 @pytest.fixture
@@ -257,3 +257,85 @@ def test_export_buttons_write_the_merged_segmentation(
     painted[[k for k in range(painted.shape[0]) if k not in (4, 8)]] = False
     np.testing.assert_array_equal(labels > 0, painted)
     assert "Exported to" in segment_widget.ui.statusLabel.text()
+
+
+@pytest.fixture
+def slice_views() -> None:
+    """Red, Yellow and Green slice nodes, as Slicer's layout makes them."""
+    scene = slicer.mrmlScene
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        node = scene.CreateNodeByClass("vtkMRMLSliceNode")
+        node.SetName(name)
+        node.SetSingletonTag(name)
+        scene.AddNode(node)
+        node.SetOrientation(orientation)
+
+
+def wait_for_job(widget, timeout_s: float = 300) -> None:
+    assert process_events_until(lambda: widget._job is None, timeout_s), "the job did not finish"
+
+
+def test_segment_panel_runs_the_refine_loop(
+    segment_widget, a_test_case, a_pretraining_run, slice_views, shared_worker, dialogs, tmp_path
+) -> None:
+    from pclseg import mrml
+
+    ui, parameters, logic = segment_widget.ui, segment_widget._parameterNode, segment_widget.logic
+    volume, annotation = a_test_case
+    parameters.inputVolume, parameters.annotation = volume, annotation
+    ui.encoderPathLineEdit.setCurrentPath(str(a_pretraining_run))
+    ui.stepsSpinBox.setValue(3)
+    ui.modelFolderPathLineEdit.setCurrentPath(str(tmp_path / "model"))
+    assert ui.fineTuneButton.isEnabled() and not ui.saveModelButton.isEnabled()
+
+    ui.fineTuneButton.click()
+    assert ui.cancelButton.isEnabled() and not ui.fineTuneButton.isEnabled()
+    wait_for_job(segment_widget)
+    assert dialogs.messages("error") == dialogs.messages("warning") == [], dialogs.shown
+    assert ui.statusLabel.text().startswith("Prediction updated: organ")
+    assert ui.progressBar.value() == 100
+    prediction = parameters.prediction
+    assert [label.name for label in mrml.segment_labels(prediction)] == ["organ"]
+    assert ui.suggestButton.isEnabled() and ui.acceptSliceButton.isEnabled()
+    assert ui.saveModelButton.isEnabled()
+
+    ui.suggestButton.click()
+    wait_for_job(segment_widget)
+    index = int(re.match(r"Slice (\d+) of 12", ui.statusLabel.text()).group(1)) - 1
+    assert index not in (4, 8) and logic.current_slice() == index
+
+    ui.editPredictionButton.click()
+    assert ui.segmentEditorWidget.segmentationNode() is prediction
+    ui.acceptSliceButton.click()
+    editor = ui.segmentEditorWidget
+    assert editor.segmentationNode() is annotation and editor.undoStatesSaved == 1
+    assert mrml.explicit_slices(annotation) == {index}
+    assert f"Slice {index + 1} is now annotation" in ui.statusLabel.text()
+
+    ui.saveModelButton.click()
+    wait_for_job(segment_widget)
+    assert (tmp_path / "model" / "model.json").is_file()
+    assert not ui.applyModelButton.isEnabled()  # no volume to apply it to yet
+    ui.applyVolumeSelector.setCurrentNode(volume)
+    assert ui.applyModelButton.isEnabled()
+    ui.applyModelButton.click()
+    wait_for_job(segment_widget)
+    assert dialogs.messages("error") == [], dialogs.shown
+    applied = slicer.mrmlScene.GetNodesByName("PCLSegmentTestVolume prediction")
+    assert applied.GetNumberOfItems() == 2  # the refine loop's and the saved model's
+    assert "segmented" in ui.statusLabel.text()
+
+
+def test_cancel_button_stops_a_refine(
+    segment_widget, a_test_case, a_pretraining_run, shared_worker
+) -> None:
+    ui, parameters = segment_widget.ui, segment_widget._parameterNode
+    parameters.inputVolume, parameters.annotation = a_test_case
+    parameters.encoder, parameters.steps = str(a_pretraining_run), 5000
+    ui.fineTuneButton.click()
+    assert process_events_until(lambda: "step" in ui.progressBar.format(), 120)
+    ui.cancelButton.click()
+    wait_for_job(segment_widget)
+    assert "(stopped early)" in ui.statusLabel.text()
+    assert ui.fineTuneButton.isEnabled() and not ui.cancelButton.isEnabled()

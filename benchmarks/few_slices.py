@@ -36,31 +36,15 @@ import numpy as np
 import torch
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
-from pclseg.evaluate import dice_per_class
+from pclseg.evaluate import mean_foreground_dice
 from pclseg.finetune import finetune
 from pclseg.io import discover_volumes, read_label, read_volume, volume_name, write_image
 from pclseg.predict import load_model, predict_volume
 from pclseg.progress import Progress
+from pclseg.suggest import spread_over_extent
 
 NONE = "random init"
 FILL = "Fill between slices"
-
-
-def organ_slices(label: np.ndarray, k: int) -> list[int]:
-    """Centres of ``k`` equal parts of the slice range that holds any label voxel."""
-    filled = np.flatnonzero(label.reshape(len(label), -1).any(axis=1))
-    first, last = int(filled[0]), int(filled[-1])
-    width = (last - first + 1) / k
-    return sorted({min(last, int(first + (j + 0.5) * width)) for j in range(k)})
-
-
-def mean_dice(pred: np.ndarray, truth: np.ndarray, classes: range) -> float:
-    scores = [
-        s
-        for c, s in dice_per_class(pred, truth, classes).items()
-        if s is not None and (truth == c).any()
-    ]
-    return float(np.mean(scores)) if scores else float("nan")
 
 
 def fill_between_slices(label: np.ndarray, annotated: list[int]) -> np.ndarray:
@@ -120,18 +104,20 @@ def run_single(args, pairs, inits, tmp) -> list[dict]:
     for image, label_path in pairs:
         volume = read_volume(image)
         label = read_label(label_path, volume)
-        classes = range(1, int(label.max()) + 1)
+        classes = int(label.max()) + 1
         for k in args.ks:
-            chosen = organ_slices(label, k)
+            chosen = spread_over_extent(label, k)
             others = np.setdiff1d(np.arange(len(label)), chosen)
             scores = {
-                FILL: mean_dice(fill_between_slices(label, chosen)[others], label[others], classes)
+                FILL: mean_foreground_dice(
+                    fill_between_slices(label, chosen)[others], label[others], classes
+                )
             }
             for name, init in inits.items():
                 (pred,) = train_and_predict(
                     args, image, label_path, {volume.name: chosen}, init, tmp, [image]
                 )
-                scores[name] = mean_dice(pred[others], label[others], classes)
+                scores[name] = mean_foreground_dice(pred[others], label[others], classes)
             rows.append({"volume": volume.name, "k": k, "slices": chosen, **scores})
             print(
                 f"single {volume.name} k={k}: "
@@ -160,7 +146,7 @@ def run_volumes(args, train_pairs, test_pairs, inits, tmp) -> list[dict]:
                 for name, init in inits.items():
                     preds = train_and_predict(args, images, labels, all_slices, init, tmp, tests)
                     dice = [
-                        mean_dice(p, t, range(1, int(t.max()) + 1))
+                        mean_foreground_dice(p, t, int(t.max()) + 1)
                         for p, t in zip(preds, truths, strict=True)
                     ]
                     scores[name] = float(np.mean(dice))

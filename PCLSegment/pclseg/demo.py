@@ -20,28 +20,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig
-from .evaluate import dice_per_class
+from .evaluate import mean_foreground_dice
 from .io import discover_volumes, read_label, read_volume
 from .labels import Label, read_dataset_labels
 from .pretrain import pretrain
 from .progress import Progress
 from .sample import make_sample
 from .session import RefineSession
-
-
-def spread_slices(label: np.ndarray, k: int) -> list[int]:
-    """Centres of ``k`` equal parts of the slice range holding any label voxel."""
-    filled = np.flatnonzero(label.reshape(len(label), -1).any(axis=1))
-    first, last = int(filled[0]), int(filled[-1])
-    width = (last - first + 1) / k
-    return sorted({min(last, int(first + (j + 0.5) * width)) for j in range(k)})
-
-
-def mean_dice(pred: np.ndarray, truth: np.ndarray, slices: np.ndarray, classes: int) -> float:
-    """Mean foreground Dice over ``slices`` taken together, classes present in the truth."""
-    scores = dice_per_class(pred[slices], truth[slices], range(1, classes))
-    present = [s for c, s in scores.items() if s is not None and (truth[slices] == c).any()]
-    return float(np.mean(present)) if present else float("nan")
+from .suggest import spread_over_extent
 
 
 def overlay_png(
@@ -113,7 +99,7 @@ def run_demo(
     image_path = discover_volumes(sample / "imagesTr")[-1]
     volume = read_volume(image_path)
     truth = read_label(sample / "labelsTr" / image_path.name, volume)
-    chosen = spread_slices(truth, annotated)
+    chosen = spread_over_extent(truth, annotated)
     progress.message(f"3/5 fine-tuning on {volume.name}, slices {chosen} annotated")
     session = RefineSession.from_encoder(
         volume,
@@ -136,7 +122,7 @@ def run_demo(
     classes = session.num_classes
     prediction = session.write_prediction(out / "prediction" / image_path.name)
     model_dir = session.save(out / "model")
-    show = sorted({suggested, *spread_slices(truth, 3)})
+    show = sorted({suggested, *spread_over_extent(truth, 3)})
     colors = {lb.value: tuple(lb.color) for lb in session.labels}
     picture = overlay_png(volume.array, after, show, colors, out / "overlay.png")
 
@@ -144,8 +130,8 @@ def run_demo(
         "volume": volume.name,
         "annotated_first": chosen,
         "suggested": int(suggested),
-        "dice_before": mean_dice(before, truth, scored, classes),
-        "dice_after": mean_dice(after, truth, scored, classes),
+        "dice_before": mean_foreground_dice(before[scored], truth[scored], classes),
+        "dice_after": mean_foreground_dice(after[scored], truth[scored], classes),
         "scored_slices": len(scored),
         "prediction": str(prediction),
         "model": str(model_dir),

@@ -243,3 +243,11 @@ def write_report(report: EvaluationReport, path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def mean_foreground_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over the foreground classes ``1 .. num_classes - 1`` present in ``truth``
+    (both maps taken as one volume); NaN when the truth holds none."""
+    scores = dice_per_class(pred, truth, range(1, num_classes))
+    present = [s for c, s in scores.items() if s is not None and (truth == c).any()]
+    return float(np.mean(present)) if present else float("nan")

@@ -515,7 +515,9 @@ def finetune(
         cfg = dataclasses.replace(saved, epochs=max(saved.epochs, cfg.epochs), device=cfg.device)
         init_info = meta["init"]
     elif (out / f"{CHECKPOINT}.json").exists():
-        raise PCLSegError(f"{out} already holds a fine-tuning run: resume it or choose another out")
+        raise PCLSegError(
+            f"{out} already holds a fine-tuning run: resume it (--resume) or choose another --out"
+        )
     else:
         encoder, init_info = init_source(init)
         if encoder is not None:

@@ -25,7 +25,7 @@ ANATOMY_COLORS: dict[str, RGB] = {
     "spleen": (157, 108, 162),
     "kidney": (185, 102, 83),
     "right kidney": (185, 102, 83),
-    "left kidney": (185, 102, 83),
+    "left kidney": (212, 188, 102),  # distinct from the right one, so the two can be told apart
     "pancreas": (249, 180, 111),
     "stomach": (216, 132, 105),
     "heart": (206, 110, 84),

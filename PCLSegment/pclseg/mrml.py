@@ -67,7 +67,7 @@ def ijk_to_ras_matrix(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
-def _check_volume(volume_node: object, what: str = "volume") -> slicer.vtkMRMLScalarVolumeNode:
+def check_volume(volume_node: object, what: str = "volume") -> slicer.vtkMRMLScalarVolumeNode:
     if volume_node is None or not isinstance(volume_node, slicer.vtkMRMLScalarVolumeNode):
         raise PCLSegError(f"{what}: select a scalar volume (got {type(volume_node).__name__})")
     image = volume_node.GetImageData()
@@ -105,7 +105,7 @@ def node_geometry(
 
 def volume_to_image(volume_node: slicer.vtkMRMLScalarVolumeNode) -> sitk.Image:
     """The node's voxels and geometry as a SimpleITK image (LPS), voxel for voxel."""
-    _check_volume(volume_node)
+    check_volume(volume_node)
     geometry = node_geometry(volume_node)
     image = sitk.GetImageFromArray(slicer.util.arrayFromVolume(volume_node))
     image.SetSpacing(geometry.spacing)
@@ -147,7 +147,7 @@ def write_volume(volume_node: slicer.vtkMRMLScalarVolumeNode, path: str | os.Pat
     """Write a volume node to ``path`` (``.nrrd``, ``.nii.gz``, ...) with Slicer's own volume
     writer, keeping the voxels and the IJK-to-RAS geometry. The node's storage node (what the
     scene saves to) is left alone."""
-    _check_volume(volume_node)
+    check_volume(volume_node)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -186,17 +186,18 @@ def read_volume_node(
 
 @contextlib.contextmanager
 def _temporary_label_map(scene: slicer.vtkMRMLScene) -> Iterator[slicer.vtkMRMLLabelMapVolumeNode]:
+    """A label map node for the duration of a conversion; it and every node the conversion
+    adds for it (display node, colour table) leave the scene afterwards."""
+    before = {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__pclseg_temp__")
     node.SetHideFromEditors(True)
     try:
         yield node
     finally:
-        display = node.GetDisplayNode()
-        if display is not None and display.GetColorNode() is not None:
-            color = display.GetColorNode()
-            if color.GetName().startswith("__pclseg_temp__"):
-                scene.RemoveNode(color)
-        scene.RemoveNode(node)
+        added = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
+        for extra in reversed(added):
+            if extra.GetID() not in before:
+                scene.RemoveNode(extra)
 
 
 def _scene_of(*nodes: slicer.vtkMRMLNode) -> slicer.vtkMRMLScene:

@@ -24,6 +24,7 @@ Example (Slicer's Python console)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -40,6 +41,25 @@ from .pretrain_logic import engine_environment, python_executable
 
 #: Fill opacity of the prediction's segments in slice views (the annotation keeps Slicer's).
 PREDICTION_OPACITY = mrml.PREDICTION_FILL_OPACITY
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one Fine-tune & predict round did."""
+
+    counts: dict[str, int]  # predicted voxels shown per label
+    loss: float  # training loss of the last steps
+    steps: int  # steps run (fewer when cancelled)
+    cancelled: bool  # refine stopped early; the prediction is from where it stopped
+    annotated: list[int]  # canonical slices trained on
+
+    def summary(self) -> str:
+        shown = ", ".join(f"{name} {voxels} voxels" for name, voxels in self.counts.items())
+        stopped = " (stopped early)" if self.cancelled else ""
+        return (
+            f"Prediction updated{stopped}: {shown}; trained {self.steps} steps on "
+            f"{len(self.annotated)} slices, loss {self.loss:.4f}."
+        )
 
 
 @dataclass
@@ -150,7 +170,7 @@ class SegmentLogic:
     ) -> tuple[Any, Any]:
         """The annotation and prediction nodes of a volume, created when missing, both set to
         paint on the volume's voxel grid."""
-        mrml._check_volume(volume_node, "input volume")
+        mrml.check_volume(volume_node, "input volume")
         scene = volume_node.GetScene()
         name = volume_node.GetName()
         if annotation_node is None:
@@ -170,10 +190,14 @@ class SegmentLogic:
     # -- the worker -------------------------------------------------------------------------
     def _worker(self) -> Any:
         if self._client is None:
-            from .worker import WorkerClient
-
-            self._client = WorkerClient(python=self.python, env=engine_environment())
+            self._client = self.start_worker()
         return self._client
+
+    def start_worker(self) -> Any:
+        """Start the warm worker (``python -m pclseg.worker``); the first round calls this."""
+        from .worker import WorkerClient
+
+        return WorkerClient(python=self.python, env=engine_environment())
 
     def _request(
         self, cmd: str, report: Callable[[Event], None] | None = None, **args: Any
@@ -214,7 +238,7 @@ class SegmentLogic:
         steps: int = 100,
         model: str | os.PathLike[str] | None = None,
     ) -> ThreadJob:
-        """Start a round in the background; the job's result is the voxel count per label.
+        """Start a round in the background; the job's result is a :class:`RoundResult`.
 
         The first round (or one after the volume, the labels or the encoder changed) loads the
         volume into the worker, from the encoder ``init`` (a pretraining run) or from the saved
@@ -245,24 +269,27 @@ class SegmentLogic:
                 report({"event": "message", "message": "starting the engine"})
                 self._load(session)
             self._request("annotate", labels=os.fspath(annotation.path), slices=annotation.slices)
-            result = self._request("refine", report=_steps_reporter(report, steps), steps=steps)
+            refined = self._request("refine", report=_steps_reporter(report, steps), steps=steps)
             self._request("predict", out=os.fspath(prediction_path))
-            return result
+            return refined
 
-        def finish(result: dict[str, Any]) -> dict[str, int]:
+        def finish(refined: dict[str, Any]) -> RoundResult:
+            self.session = session  # the worker holds it now
             counts = self._import_prediction(
                 prediction_path, annotation_node, prediction_node, session
             )
-            return {**counts, "loss": result.get("loss")}
+            loss = refined.get("loss")
+            return RoundResult(
+                counts,
+                float(loss) if loss is not None else math.nan,
+                int(refined.get("steps", steps)),
+                bool(refined.get("cancelled")),
+                list(annotation.slices),
+            )
 
         if reload:
-            self.session = None  # becomes valid once the worker has loaded it
-
-        def remember_session(result: dict[str, Any]) -> dict[str, int]:
-            self.session = session
-            return finish(result)
-
-        return ThreadJob(work, on_cancel=self.cancel, on_done=remember_session)
+            self.session = None  # valid again once the worker has loaded the new one
+        return ThreadJob(work, on_cancel=self.cancel, on_done=finish)
 
     def fine_tune_and_predict(
         self,
@@ -427,7 +454,7 @@ class SegmentLogic:
     ) -> ProcessJob:
         """Start predicting another volume with a saved model (``pclseg predict`` in a child
         process); the job's result is the segmentation node that shows it."""
-        mrml._check_volume(volume_node, "volume to segment")
+        mrml.check_volume(volume_node, "volume to segment")
         folder = Path(model_dir).expanduser()
         labels = model_labels(folder)
         inputs = self.work_dir / "apply" / "in"

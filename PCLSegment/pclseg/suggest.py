@@ -116,3 +116,17 @@ def suggest_slices(
 ) -> list[int]:
     """The ``k`` non-annotated slices the model is least sure of, spread apart."""
     return pick_spread(slice_uncertainty(probabilities), annotated, k, min_gap)
+
+
+def spread_over_extent(label: np.ndarray, k: int) -> list[int]:
+    """Where to annotate first: the centres of ``k`` equal parts of the slice range that holds
+    any label voxel of ``label`` ``(S, H, W)``, as a user spreads a few slices over an organ.
+
+    Used by the demo and the benchmarks to stand in for a user (and for "Fill between slices",
+    which needs the same kind of spread)."""
+    filled = np.flatnonzero(np.asarray(label).reshape(len(label), -1).any(axis=1))
+    if k < 1 or not len(filled):
+        raise PCLSegError("need k >= 1 and a label map with at least one label voxel")
+    first, last = int(filled[0]), int(filled[-1])
+    width = (last - first + 1) / k
+    return sorted({min(last, int(first + (j + 0.5) * width)) for j in range(k)})

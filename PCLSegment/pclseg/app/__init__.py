@@ -7,8 +7,9 @@ suggest the next slice, export. Long jobs run in child processes and the warm wo
 server's event loop only polls them.
 
 Modules: ``state`` (what the page shows), ``panel_ui`` and ``layout_ui`` (widgets),
-``logic`` (what the buttons do), ``scene`` (the Slicer scene through :mod:`pclseg.mrml`),
-``refine_link`` (the warm worker), ``job_runner`` and ``progress_tracker`` (long jobs),
+``logic`` (what the buttons do, through :class:`~pclseg.pretrain_logic.PretrainLogic` and
+:class:`~pclseg.segment_logic.SegmentLogic`, the same as the Slicer modules), ``scene`` (opening
+a volume into the Slicer scene), ``job_runner`` and ``progress_tracker`` (long jobs),
 ``workspace`` (files), ``settings`` and ``serve`` (the command line), ``app`` (assembly).
 """
 

@@ -1,5 +1,5 @@
-"""The page: app bar with messages, a tool column, a drawer (PCL panel or segment editor) and
-Slicer's views.
+"""The page: an app bar, a drawer (PCL panel or segment editor), a tool column and Slicer's
+views, with messages floating over the views.
 
 The slice views, the 3D view and the segment editor are trame-slicer's own; this layout only
 places them next to :class:`~pclseg.app.panel_ui.PCLPanelUI`.

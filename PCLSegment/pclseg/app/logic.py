@@ -25,7 +25,7 @@ from trame_slicer.rca_view import register_rca_factories
 
 from ..errors import PCLSegError
 from ..pretrain_logic import PretrainLogic, PretrainSettings, can_resume, encoder_file
-from ..segment_logic import SegmentLogic, resolve_init
+from ..segment_logic import RoundResult, SegmentLogic, resolve_init
 from .job_runner import JobRunner
 from .layout_ui import PCLAppUI
 from .scene import VolumeScene
@@ -122,22 +122,31 @@ class PCLAppLogic:
 
     @reports_errors
     async def scan(self) -> None:
-        folder = Path(self.data.folder.strip()).expanduser()
         if not self.data.folder.strip():
             raise PCLSegError("type the path of a folder of volumes on the server first")
+        folder = Path(self.data.folder.strip()).expanduser()
         volumes = list_volumes(folder)
         with self.server.state:
-            self.data.volumes = volumes
-            self.data.volume = volumes[0]
+            self._show_folder(folder, volumes)
             self.data.encoders = self.workspace.encoders()
         self.tell(f"{len(volumes)} volume(s) in {folder}", MessageKind.SUCCESS)
 
     def _scan_quietly(self) -> None:
         try:
-            self.data.volumes = list_volumes(Path(self.data.folder))
-            self.data.volume = self.data.volumes[0]
+            folder = Path(self.data.folder)
+            self._show_folder(folder, list_volumes(folder))
         except PCLSegError as error:
             self.data.message, self.data.message_kind = str(error), MessageKind.ERROR
+
+    def _show_folder(self, folder: Path, volumes: list[str]) -> None:
+        """List a folder's volumes and structures; the first structure is chosen, since each
+        structure nobody paints is one more class the model must learn to leave out."""
+        names = [label.name for label in segment_labels(folder)]
+        self.data.volumes = volumes
+        self.data.volume = volumes[0]
+        self.data.structures = names
+        kept = [name for name in self.data.chosen_structures if name in names]
+        self.data.chosen_structures = kept or names[:1]
 
     @reports_errors
     async def open_volume(self) -> None:
@@ -145,12 +154,14 @@ class PCLAppLogic:
             raise PCLSegError("choose a volume first")
         source = Path(self.data.volume)
         folder = Path(self.data.folder) if self.data.folder else source.parent
-        labels = segment_labels(folder)
+        labels = [label for label in segment_labels(folder)
+                  if label.name in self.data.chosen_structures]
+        if not labels:
+            raise PCLSegError("choose at least one structure to segment under 1. Data")
         opened = self.scene.open(source, labels, self.workspace.scratch_for(source))
         with self.server.state:
             self.data.opened_volume = str(source)
             self.data.annotated_slices = []
-            self.data.suggested_slices = []
             self.data.current_suggestion = -1
             self.data.has_prediction = False
             self.data.refine_rounds = 0
@@ -170,13 +181,18 @@ class PCLAppLogic:
         list_volumes(folder)  # an empty or missing folder is an error now, not in a minute
         run_dir = self.workspace.run_dir_for(Path(self.data.folder.strip()).expanduser())
         resume = can_resume(run_dir)
+        typed = self.server.state[self.typed.name.pretrain_epochs]  # raw: the field may be empty
+        try:
+            epochs = int(typed)
+        except (TypeError, ValueError) as error:
+            raise PCLSegError(f"epochs: type a whole number, got {typed!r}") from error
         options = PretrainSettings(
-            epochs=int(self.data.pretrain_epochs),
+            epochs=epochs,
             size=self.settings.size,
             features=self.settings.features,
             device=self.settings.device,
         )
-        title = f"{'Resuming' if resume else 'Pretraining'} on {folder.name}"
+        title = f"{'Resuming' if resume else 'Pretraining'} on {run_dir.name}"
         job = await self.jobs.run(
             JobKind.PRETRAIN, title,
             lambda: self.pretrainer.start(folder, run_dir, options, resume=resume),
@@ -211,26 +227,20 @@ class PCLAppLogic:
                 opened.node, opened.annotation, opened.prediction, init=init, steps=steps
             ),
         )
-        if job.cancelled:
-            self.tell("fine-tuning cancelled; the prediction is unchanged")
-            return
         if not job.ok:
+            if job.cancelled:
+                self.tell("fine-tuning cancelled; the prediction is unchanged")
+                return
             raise PCLSegError(f"fine-tuning failed: {job.error}")
-        counts: dict[str, Any] = dict(job.result)
-        loss = counts.pop("loss", None)
+        result: RoundResult = job.result
         self.scene.show_prediction_in_3d()
         with self.server.state:
             self.data.annotated_slices = self.scene.annotated_slices()
             self.data.has_prediction = True
             self.data.current_suggestion = -1
-            self.data.suggested_slices = []
             self.data.refine_rounds += 1
-            self.data.last_loss = loss
-        found = ", ".join(f"{name} {n}" for name, n in counts.items() if n) or "nothing"
-        loss_text = f"loss {loss:.3f}; " if isinstance(loss, (int, float)) else ""
         self.tell(
-            f"round {self.data.refine_rounds}: {loss_text}predicted voxels: {found}. "
-            "Suggest a slice to check next.",
+            f"round {self.data.refine_rounds}: {result.summary()} Suggest a slice to check next.",
             MessageKind.SUCCESS,
         )
 
@@ -256,7 +266,6 @@ class PCLAppLogic:
         index, ras = fresh[0]
         self.segment.jump_to(ras)
         with self.server.state:
-            self.data.suggested_slices = [i for i, _ in fresh]
             self.data.current_suggestion = index
         self.tell(f"slice {index + 1} is where the model is least sure: correct it or accept it")
 

@@ -21,7 +21,7 @@ from trame.widgets.vuetify3 import (
 from trame_server.utils.typed_state import TypedState
 from undo_stack import Signal
 
-from .state import NAMESPACE, RANDOM_INIT, AppState
+from .state import NAMESPACE, RANDOM_INIT, AppState, JobKind
 
 
 class PCLPanelUI(html.Div):
@@ -51,6 +51,13 @@ class PCLPanelUI(html.Div):
         """A ``disabled`` binding: true while a job runs (and when ``extra`` holds)."""
         return (f"{self.n.busy}{' || ' + extra if extra else ''}",)
 
+    def _not_refining(self, extra: str) -> tuple[str]:
+        """A ``disabled`` binding for what may go on during pretraining (open, paint, export)
+        but not while the worker refines: true then, or when ``extra`` holds."""
+        kind = self.n.job.kind
+        return (f"{kind} === '{JobKind.FINETUNE.value}' || {kind} === '{JobKind.SUGGEST.value}'"
+                f" || {extra}",)
+
     def _data_card(self) -> None:
         with VCard(variant="tonal"):
             VCardTitle("1. Data", classes="text-subtitle-1")
@@ -66,6 +73,17 @@ class PCLPanelUI(html.Div):
                     keyup_enter=self.scan_clicked,
                     __events=[("keyup_enter", "keyup.enter")],
                 )
+                VSelect(
+                    id="pcl-structures",
+                    label="Structures to segment",
+                    items=(self.n.structures,),
+                    v_model=(self.n.chosen_structures,),
+                    multiple=True,
+                    chips=True,
+                    closable_chips=True,
+                    density="compact",
+                    hide_details=True,
+                )
                 with html.Div(classes="d-flex ga-2 align-center"):
                     VSelect(
                         id="pcl-volume",
@@ -80,8 +98,9 @@ class PCLPanelUI(html.Div):
                     VBtn(
                         "Open",
                         id="pcl-open",
+                        classes="align-self-center",
                         click=self.open_clicked,
-                        disabled=self._idle(f"!{self.n.volume}"),
+                        disabled=self._not_refining(f"!{self.n.volume}"),
                     )
 
     def _encoder_card(self) -> None:
@@ -202,7 +221,7 @@ class PCLPanelUI(html.Div):
                     id="pcl-export",
                     prepend_icon="mdi-content-save",
                     click=self.export_clicked,
-                    disabled=self._idle(f"!{n.opened_volume}"),
+                    disabled=self._not_refining(f"!{n.opened_volume}"),
                 )
                 VDivider(v_if=(f"{n.exported}.length",))
                 html.Div(

@@ -54,6 +54,8 @@ class ProgressTracker:
             self._set_fraction(int(event.get("epoch", 0)) / epochs, _detail(event))
             if event.get("eta_s") is not None:
                 self.view.eta_s = float(event["eta_s"])
+        elif name == "message" and event.get("message"):
+            self.view.detail = str(event["message"])
         elif name == "done":
             self.view = ProgressView(100.0, 0.0, "done")
         return self.view

@@ -62,6 +62,8 @@ class AppState:
     folder: str = ""
     volumes: list[str] = field(default_factory=list)
     volume: str | None = None
+    structures: list[str] = field(default_factory=list)  # named by the folder's dataset.json
+    chosen_structures: list[str] = field(default_factory=list)  # the segments to paint
     opened_volume: str = ""
 
     encoders: list[str] = field(default_factory=list)
@@ -72,11 +74,9 @@ class AppState:
     busy: bool = False
 
     annotated_slices: list[int] = field(default_factory=list)
-    suggested_slices: list[int] = field(default_factory=list)
     current_suggestion: int = -1
     has_prediction: bool = False
     refine_rounds: int = 0
-    last_loss: float | None = None
 
     exported: list[str] = field(default_factory=list)
 

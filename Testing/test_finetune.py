@@ -1,0 +1,296 @@
+"""Fine-tuning: annotated slices, pairing, label names, encoder init, the loss, checkpoints,
+resume and stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from pclseg import checkpoint
+from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig, to_dict
+from pclseg.errors import PCLSegError
+from pclseg.finetune import (
+    SliceDraws,
+    Trainer,
+    TrainingSlices,
+    annotated_slices,
+    build_model,
+    finetune,
+    init_source,
+    load_training_slices,
+    make_loss,
+    pair_files,
+    steps_per_epoch,
+    with_encoder_config,
+)
+from pclseg.io import read_label, read_volume, write_image
+from pclseg.labels import (
+    Label,
+    default_color,
+    labels_from_json,
+    labels_to_json,
+    read_dataset_labels,
+    resolve_labels,
+)
+from pclseg.model import ContrastiveNet, encoder_state_dict
+from pclseg.progress import Progress
+
+TINY = FinetuneConfig(
+    epochs=1, batch_size=2, min_steps_per_epoch=2, lr=1e-3,
+    model=ModelConfig(features=4), preprocess=PreprocessConfig(size=32),
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_pair(a_sample_folder: Path) -> tuple[Path, Path]:
+    return (a_sample_folder / "imagesTr" / "sample_00.nii.gz",
+            a_sample_folder / "labelsTr" / "sample_00.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def an_encoder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with an encoder as pretraining writes it (features 4, size 32)."""
+    run = tmp_path_factory.mktemp("run")
+    pre = PretrainConfig(model=ModelConfig(features=4), preprocess=PreprocessConfig(size=32))
+    torch.manual_seed(7)
+    weights = encoder_state_dict(ContrastiveNet(pre.model))
+    checkpoint.save_pair(run / "encoder", weights, {
+        "format": "pclseg-encoder", "config": to_dict(pre),
+        "method": {"name": "pcl", "threshold": 0.1}, "epoch": 1,
+    })
+    return run
+
+
+# --- annotated slices and pairing ------------------------------------------------------------
+
+
+def test_annotated_slices_are_those_holding_labels_unless_listed() -> None:
+    label = np.zeros((6, 4, 4), np.int64)
+    label[1, 0, 0] = 1
+    label[4, 2, 2] = 2
+    assert annotated_slices(label) == [1, 4]
+    assert annotated_slices(label, [5, 1, 5]) == [1, 5]  # an all-background slice can count
+    with pytest.raises(PCLSegError, match="outside 0..5"):
+        annotated_slices(label, [6])
+
+
+def test_only_annotated_slices_are_collected(one_pair: tuple[Path, Path]) -> None:
+    image, label = one_pair
+    data, top, summary = load_training_slices([(image, label)], TINY)
+    assert top == 4
+    assert [i for _, i in data.origins] == summary[0]["annotated"]
+    assert all(data.labels[k].any() for k in range(len(data)))
+    explicit, _, _ = load_training_slices([(image, label)], TINY, {"sample_00": [0, 5]})
+    assert [i for _, i in explicit.origins] == [0, 5]
+    assert not explicit.labels[0].any()  # slice 0 lies below every organ: all background
+    assert explicit.images.shape == (2, 32, 32)
+
+
+def test_pairs_match_by_name_across_formats(tmp_path: Path, a_sample_folder: Path) -> None:
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for name in ("sample_00", "sample_01"):
+        shutil.copy(a_sample_folder / "imagesTr" / f"{name}.nii.gz", images)
+    shutil.copy(a_sample_folder / "imagesTr" / "sample_02.nii.gz", images)  # no label: left out
+    sitk.WriteImage(sitk.ReadImage(str(a_sample_folder / "labelsTr" / "sample_00.nii.gz")),
+                    str(labels / "sample_00.nrrd"))
+    shutil.copy(a_sample_folder / "labelsTr" / "sample_01.nii.gz", labels)
+    pairs = pair_files(images, labels)
+    assert [(i.name, lb.name) for i, lb in pairs] == [
+        ("sample_00.nii.gz", "sample_00.nrrd"), ("sample_01.nii.gz", "sample_01.nii.gz")]
+    with pytest.raises(PCLSegError, match="no image shares a file name"):
+        pair_files(images / "sample_02.nii.gz", labels)
+    with pytest.raises(PCLSegError, match="--labels .*no such file"):
+        pair_files(images, tmp_path / "nothing")
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [{"0": "background", "1": "liver", "3": "Spleen"}, {"background": 0, "liver": 1, "Spleen": 3}],
+)
+def test_dataset_json_labels_in_both_layouts(tmp_path: Path, mapping: dict) -> None:
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": mapping}))
+    labels = read_dataset_labels(path)
+    assert [(lb.value, lb.name) for lb in labels] == [(1, "liver"), (3, "Spleen")]
+    assert labels[1].color == default_color(3, "spleen")  # anatomy colour, case-insensitive
+    filled = resolve_labels(4, labels)
+    assert [lb.name for lb in filled] == ["liver", "label 2", "Spleen"]
+    assert labels_from_json(labels_to_json(filled)) == filled
+
+
+def test_bad_label_entries_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(PCLSegError, match="color"):
+        labels_from_json([{"value": 1, "name": "x", "color": [300, 0, 0]}])
+    (tmp_path / "dataset.json").write_text("{}")
+    with pytest.raises(PCLSegError, match="no \"labels\""):
+        read_dataset_labels(tmp_path / "dataset.json")
+
+
+# --- encoder initialisation ------------------------------------------------------------------
+
+
+def test_encoder_init_loads_weights_and_adopts_its_config(an_encoder_run: Path) -> None:
+    encoder, info = init_source(an_encoder_run)
+    assert info["kind"] == "encoder" and info["method"] == "pcl"
+    asked = dataclasses.replace(TINY, model=ModelConfig(features=16),
+                                preprocess=PreprocessConfig(size=64))
+    cfg = with_encoder_config(asked, info["meta"], an_encoder_run / "encoder")
+    assert cfg.model.features == 4 and cfg.preprocess.size == 32
+    unet = build_model(cfg, encoder)
+    for name, tensor in encoder.items():
+        torch.testing.assert_close(unet.encoder.state_dict()[name], tensor)
+
+
+def test_an_encoder_that_does_not_fit_is_a_clear_error(an_encoder_run: Path) -> None:
+    encoder, _ = init_source(an_encoder_run)
+    wider = dataclasses.replace(TINY, model=ModelConfig(features=8))
+    with pytest.raises(PCLSegError, match="runs/x: pretrained encoder does not fit"):
+        build_model(wider, encoder, "runs/x")
+    with pytest.raises(PCLSegError, match="no such pretraining run"):
+        init_source(an_encoder_run / "missing")
+
+
+def test_finetune_from_a_real_pretraining_run(
+    a_sample_folder: Path, one_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from pclseg.pretrain import pretrain
+
+    pre = PretrainConfig(epochs=1, batch_size=8, model=ModelConfig(features=4),
+                         preprocess=PreprocessConfig(size=32))
+    pretrain(a_sample_folder / "imagesTr", tmp_path / "run", pre)
+    result = finetune(*one_pair, tmp_path / "model", TINY, init=tmp_path / "run")
+    meta = json.loads((result.model_dir / "model.json").read_text())
+    assert meta["init"]["kind"] == "encoder"
+    assert meta["init"]["path"] == str(tmp_path / "run")
+
+
+# --- the loss and the draws ------------------------------------------------------------------
+
+
+def test_ce_loss_is_cross_entropy_and_dice_ce_adds_dice() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 8, 8)
+    target = torch.randint(0, 4, (3, 1, 8, 8))
+    ce = F.cross_entropy(logits, target[:, 0])
+    torch.testing.assert_close(make_loss("ce")(logits, target), ce)
+    dice = make_loss("dice")(logits, target)
+    torch.testing.assert_close(make_loss("dice_ce")(logits, target), ce + dice)
+    perfect = F.one_hot(target[:, 0], 4).permute(0, 3, 1, 2).float() * 50
+    assert make_loss("dice")(perfect, target) < 1e-3
+
+
+def test_draws_deal_every_slice_equally_and_reproducibly() -> None:
+    data = TrainingSlices(np.random.rand(3, 32, 32).astype(np.float32),
+                          np.zeros((3, 32, 32), np.int64), [("v", i) for i in range(3)])
+    draws = SliceDraws(data, 12, seed=(0, 1), augment=None)
+    assert np.bincount(draws.order, minlength=3).tolist() == [4, 4, 4]
+    again = SliceDraws(data, 12, seed=(0, 1), augment=None)
+    np.testing.assert_array_equal(draws.order, again.order)
+    image, label = draws[0]
+    assert image.shape == (1, 32, 32) and label.dtype == torch.int64
+
+
+def test_labels_outside_annotated_slices_do_not_change_training(
+    one_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two label maps that differ only off the listed slices train to identical weights."""
+    image, label = one_pair
+    volume = read_volume(image)
+    scrambled = read_label(label, volume)
+    kept = scrambled[[4, 7]].copy()
+    scrambled = 1 - np.clip(scrambled, 0, 1)
+    scrambled[[4, 7]] = kept
+    other = write_image(volume.to_image(scrambled), tmp_path / "sample_00.nii.gz")
+    listed = {"sample_00": [4, 7]}
+    data, _, _ = load_training_slices([(image, label)], TINY, listed)
+    data_other, _, _ = load_training_slices([(image, other)], TINY, listed)
+    np.testing.assert_array_equal(data_other.labels, data.labels)
+    cfg = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, num_classes=5))
+
+    def trained(slices: TrainingSlices) -> dict[str, torch.Tensor]:
+        trainer = Trainer(build_model(cfg, None), cfg, torch.device("cpu"))
+        trainer.run(slices, 3, lambda s: 1e-3, seed=(0, 0))
+        return trainer.unet.state_dict()
+
+    a, b = trained(data), trained(data_other)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
+def test_steps_per_epoch_has_a_floor() -> None:
+    assert steps_per_epoch(4, TINY) == 2
+    assert steps_per_epoch(100, dataclasses.replace(TINY, batch_size=8)) == 13
+
+
+# --- whole runs ------------------------------------------------------------------------------
+
+
+def test_finetune_writes_a_model_with_labels_and_progress(
+    a_sample_folder: Path, tmp_path: Path
+) -> None:
+    events: list[dict] = []
+    cfg = dataclasses.replace(TINY, epochs=2, batch_size=8, min_validation_slices=6)
+    result = finetune(a_sample_folder / "imagesTr", a_sample_folder / "labelsTr", tmp_path / "m",
+                      cfg, progress=Progress("none", callback=events.append))
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["format"] == "pclseg-model"
+    assert meta["config"]["model"]["num_classes"] == 5
+    names = [lb["name"] for lb in meta["labels"]]
+    assert names == ["liver", "right kidney", "left kidney", "spleen"]
+    assert meta["init"] == {"kind": "random"}
+    assert meta["data"]["held_out_slices"] >= 1
+    assert meta["data"]["training_slices"] + meta["data"]["held_out_slices"] == \
+        meta["data"]["annotated_slices"]
+    assert result.val_dice is not None and 0.0 <= result.val_dice <= 1.0
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "message" and "started" in kinds and kinds[-1] == "done"
+    assert kinds.count("epoch") == 2 and kinds.count("checkpoint") == 2
+    steps = [e for e in events if e["event"] == "step"]
+    assert len(steps) == result.steps_done and all(np.isfinite(e["loss"]) for e in steps)
+
+
+def test_resume_continues_and_refuses_to_clobber(
+    one_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "m"
+    finetune(*one_pair, out, TINY)
+    with pytest.raises(PCLSegError, match="already holds a fine-tuning run"):
+        finetune(*one_pair, out, TINY)
+    result = finetune(*one_pair, out, dataclasses.replace(TINY, epochs=2), resume=True)
+    assert result.epochs_done == 2
+    assert json.loads((out / "model.json").read_text())["epoch"] == 2
+    with pytest.raises(PCLSegError, match="no fine-tuning checkpoint"):
+        finetune(*one_pair, tmp_path / "fresh", TINY, resume=True)
+
+
+def test_a_stop_request_saves_and_returns(one_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    result = finetune(*one_pair, tmp_path / "m", dataclasses.replace(TINY, epochs=5),
+                      should_stop=lambda: True)
+    assert result.stopped and result.epochs_done == 0
+    assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_label_names_given_explicitly_win(one_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    names = [Label(v, f"organ {v}", (v, v, v)) for v in range(1, 7)]
+    finetune(*one_pair, tmp_path / "m", TINY, label_names=names)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert [lb["name"] for lb in meta["labels"]] == [f"organ {v}" for v in range(1, 7)]
+    assert meta["config"]["model"]["num_classes"] == 7

@@ -1,0 +1,176 @@
+"""The refine session: annotations are never overwritten, refine continues, suggest, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from pclseg.config import FinetuneConfig, ModelConfig, PredictConfig, PreprocessConfig
+from pclseg.errors import PCLSegError
+from pclseg.io import read_label, read_volume
+from pclseg.predict import predict
+from pclseg.progress import Progress
+from pclseg.session import RefineSession
+
+TINY = FinetuneConfig(
+    batch_size=2, lr=3e-3, model=ModelConfig(features=4), preprocess=PreprocessConfig(size=32)
+)
+ORGANS = ["liver", "right kidney", "left kidney", "spleen"]
+#: Slice 0 lies below every organ of the sample: annotating it says "all background here".
+ANNOTATED = [0, 5, 8]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def an_image(a_sample_folder: Path) -> Path:
+    return a_sample_folder / "imagesTr" / "sample_01.nii.gz"
+
+
+@pytest.fixture
+def a_truth(a_sample_folder: Path, an_image: Path) -> np.ndarray:
+    return read_label(a_sample_folder / "labelsTr" / "sample_01.nii.gz", read_volume(an_image))
+
+
+@pytest.fixture
+def a_session(an_image: Path, a_truth: np.ndarray) -> RefineSession:
+    """A random-init session with three annotated slices, one of them all background."""
+    session = RefineSession.from_encoder(an_image, None, TINY, ORGANS)
+    session.set_annotations(a_truth, ANNOTATED)
+    return session
+
+
+@pytest.fixture
+def a_refined_session(a_session: RefineSession) -> RefineSession:
+    a_session.refine(steps=3)
+    return a_session
+
+
+def test_annotated_voxels_are_never_changed(
+    a_refined_session: RefineSession, a_truth: np.ndarray
+) -> None:
+    labels = a_refined_session.predict()
+    assert labels.shape == a_truth.shape
+    np.testing.assert_array_equal(labels[ANNOTATED], a_truth[ANNOTATED])
+    assert not labels[0].any()
+    probabilities = a_refined_session.probabilities()
+    assert probabilities.shape == (5, *a_truth.shape)
+    one_hot = (a_truth[ANNOTATED][None] == np.arange(5).reshape(-1, 1, 1, 1)).astype(np.float32)
+    np.testing.assert_array_equal(probabilities[:, ANNOTATED], one_hot)
+    np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-4)
+
+
+def test_explicit_slices_ignore_labels_elsewhere(
+    a_session: RefineSession, a_truth: np.ndarray
+) -> None:
+    assert a_session.annotated == ANNOTATED
+    others = [i for i in range(len(a_truth)) if i not in ANNOTATED]
+    assert not a_session.annotation[others].any()
+    holding_labels = [i for i in range(len(a_truth)) if a_truth[i].any()]
+    assert a_session.set_annotations(a_truth) == holding_labels
+
+
+def test_add_annotation_overrides_one_slice(a_refined_session: RefineSession) -> None:
+    corrected = np.zeros(a_refined_session.volume.shape[1:], np.int64)
+    corrected[10:20, 10:20] = 4
+    assert 6 in a_refined_session.add_annotation(6, corrected)
+    np.testing.assert_array_equal(a_refined_session.predict()[6], corrected)
+
+
+@pytest.mark.parametrize(
+    ("slice_index", "shape", "value", "message"),
+    [(6, (3, 3), 1, "does not fit"), (99, None, 1, "outside"), (6, None, 7, "0..4")],
+)
+def test_bad_annotations_are_clear_errors(
+    a_session: RefineSession, slice_index: int, shape: tuple | None, value: int, message: str
+) -> None:
+    label = np.full(shape or a_session.volume.shape[1:], value, np.int64)
+    with pytest.raises(PCLSegError, match=message):
+        a_session.add_annotation(slice_index, label)
+
+
+def test_refine_needs_annotations(an_image: Path) -> None:
+    session = RefineSession.from_encoder(an_image, None, TINY, ["liver"])
+    with pytest.raises(PCLSegError, match="annotate at least one slice"):
+        session.refine(steps=2)
+
+
+def test_refine_continues_from_the_current_weights(a_session: RefineSession) -> None:
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in a_session.trainer.unet.state_dict().items()}
+
+    events: list[dict] = []
+    start = weights()
+    first = a_session.refine(steps=3, progress=Progress("none", callback=events.append))
+    after_first = weights()
+    a_session.refine(steps=2)
+    after_second = weights()
+    assert first.steps == 3 and np.isfinite(first.loss)
+    assert [e["event"] for e in events] == ["started", "step", "step", "step", "done"]
+    name = "decoder.classifier.weight"
+    assert not torch.equal(start[name], after_first[name])
+    assert not torch.equal(after_first[name], after_second[name])
+    # Adam's moments carry over: its step count keeps growing across refines.
+    state = next(iter(a_session.trainer.optimizer.state.values()))
+    assert int(state["step"]) == 5
+    assert a_session.steps_done == 5 and a_session.refines == 2
+
+
+def test_refine_stops_when_asked(a_session: RefineSession) -> None:
+    result = a_session.refine(steps=50, should_stop=lambda: True)
+    assert result.stopped and result.steps == 1
+
+
+def test_suggest_picks_unannotated_slices_spread_apart(a_refined_session: RefineSession) -> None:
+    picked = a_refined_session.suggest(k=3, min_gap=2)
+    assert len(picked) == 3 and len(set(picked)) == 3
+    assert not set(picked) & set(ANNOTATED)
+    assert all(abs(a - b) >= 2 for a in picked for b in picked if a != b)
+    centres = a_refined_session.slice_centers(picked)
+    assert len(centres) == 3 and all(len(c) == 3 for c in centres)
+
+
+def test_save_and_load_restore_model_and_annotations(
+    a_refined_session: RefineSession, tmp_path: Path, an_image: Path
+) -> None:
+    folder = a_refined_session.save(tmp_path / "model")
+    restored = RefineSession.load(folder)
+    assert restored.annotated == ANNOTATED
+    np.testing.assert_array_equal(restored.annotation, a_refined_session.annotation)
+    np.testing.assert_array_equal(restored.predict(), a_refined_session.predict())
+    assert [lb.name for lb in restored.labels] == ORGANS
+    assert restored.steps_done == 3
+    # The folder is an ordinary model folder: the command-line predictor reads it.
+    written = predict(folder, an_image, tmp_path / "out", PredictConfig())
+    raw = read_label(written[0], restored.volume)
+    unannotated = [i for i in range(raw.shape[0]) if i not in ANNOTATED]
+    np.testing.assert_array_equal(raw[unannotated], restored.predict()[unannotated])
+
+
+def test_from_model_uses_the_saved_weights(
+    a_refined_session: RefineSession, tmp_path: Path, an_image: Path
+) -> None:
+    folder = a_refined_session.save(tmp_path / "model")
+    fresh = RefineSession.from_model(an_image, folder)
+    assert fresh.annotated == []
+    torch.testing.assert_close(fresh.network_probabilities(),
+                               a_refined_session.network_probabilities())
+
+
+def test_write_prediction_lands_on_the_image_grid(
+    a_refined_session: RefineSession, tmp_path: Path, an_image: Path
+) -> None:
+    out = a_refined_session.write_prediction(tmp_path / "mask.nrrd", tmp_path / "prob.nrrd")
+    source, written = sitk.ReadImage(str(an_image)), sitk.ReadImage(str(out))
+    assert written.GetSize() == source.GetSize()
+    np.testing.assert_allclose(written.GetDirection(), source.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-4)
+    probabilities = sitk.ReadImage(str(tmp_path / "prob.nrrd"))
+    assert probabilities.GetNumberOfComponentsPerPixel() == 5

@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# UTF-8 file I/O whatever the locale: Qt and VTK may switch the C locale under the tests, and
+# torch reads its own sources as text.
+export PYTHONUTF8 := 1
 
 .PHONY: demo test test-fast lint system-deps browser-deps clean
 

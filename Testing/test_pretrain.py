@@ -226,7 +226,7 @@ def test_sigterm_saves_mid_epoch_and_exits_cleanly(a_sample_folder, tmp_path):
         "--out",
         str(out),
         "--epochs",
-        "50",
+        "2",
         "--progress",
         "json",
         *TINY,
@@ -244,6 +244,22 @@ def test_sigterm_saves_mid_epoch_and_exits_cleanly(a_sample_folder, tmp_path):
     assert "--resume" in err and "Traceback" not in err
     _, meta = checkpoint.load_pair(out / "checkpoint")
     assert meta["epoch"] == 0 and meta["step"] >= 1
+
+    # --resume without --epochs finishes the run as it was asked for (2 epochs), no more.
+    proc = run_cli(
+        "pretrain", str(a_sample_folder / "imagesTr"), "--out", str(out), "--resume", *TINY
+    )
+    assert proc.returncode == 0, proc.stderr
+    _, meta = checkpoint.load_pair(out / "checkpoint")
+    assert (meta["epoch"], meta["config"]["epochs"]) == (2, 2)
+
+
+def test_two_runs_cannot_write_the_same_folder_at_once(a_sample_folder, tmp_path):
+    with checkpoint.exclusive(tmp_path / "run"):
+        with pytest.raises(PCLSegError, match="in use by process"):
+            pretrain(a_sample_folder / "imagesTr", tmp_path / "run", tiny_config(epochs=1))
+    result = pretrain(a_sample_folder / "imagesTr", tmp_path / "run", tiny_config(epochs=1))
+    assert result.epochs_done == 1
 
 
 def _write_junk(folder: Path) -> list[str]:

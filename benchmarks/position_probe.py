@@ -100,9 +100,11 @@ def main() -> None:
                 acc.append(e["loss"]) if e["event"] == "epoch" else None
             ),
         ) as progress:
-            pretrain(
+            result = pretrain(
                 train_files, run, cfg, resume=(run / "checkpoint.json").exists(), progress=progress
             )
+        if result.stopped:
+            raise SystemExit(f"{method}: pretraining was stopped; run again to resume it")
         losses[method] = epoch_losses
         print(
             f"{method}: pretrained in {time.monotonic() - start:.0f} s; epoch losses "

@@ -21,7 +21,8 @@ import os
 import platform
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -306,3 +307,40 @@ def rng_state_from_tensors(
     py_meta = meta["python"]
     py_internal = tuple(int(value) for value in tensors[f"{prefix}python"].tolist())
     random.setstate((py_meta["version"], py_internal, py_meta["gauss_next"]))
+
+
+@contextmanager
+def exclusive(folder: Path | str, what: str = "run") -> Iterator[None]:
+    """Hold ``folder/.lock`` for the duration: a second process that would write the same run
+    or model folder gets a clear error instead of interleaving its checkpoints with ours.
+
+    The lock is an advisory ``flock`` and goes away with the process, so a killed run never
+    leaves a stale lock behind. (Where ``fcntl`` does not exist, Windows, nothing is locked.)
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(folder / ".lock", "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise PCLSegError(
+                f"{folder}: in use by {owner}; wait for that {what} to finish, stop it, "
+                "or choose another output folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -18,6 +18,7 @@ from .progress import Progress
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+DEFAULT_PRETRAIN_EPOCHS = 50
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
@@ -63,7 +64,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         method=args.method,
         threshold=args.threshold,
         temperature=args.temperature,
-        epochs=args.epochs,
+        # Resuming keeps the run's own epochs unless --epochs asks for more.
+        epochs=args.epochs or (1 if args.resume else DEFAULT_PRETRAIN_EPOCHS),
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
@@ -214,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="PCL: slices closer than this in relative position are positives",
     )
     p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epochs (default {DEFAULT_PRETRAIN_EPOCHS}; with --resume: the run's own)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--features", type=int, default=32, help="U-Net width f (levels f..16f)")

@@ -162,16 +162,32 @@ def pretrain(
     stored there (only ``epochs`` may be raised, to train longer).
     """
     run_dir = Path(run_dir)
-    progress = progress or Progress.null()
     ddp = _Distributed.from_env()
+    if not ddp.main:
+        return _pretrain(folder, run_dir, cfg, resume, progress, ddp)
+    with checkpoint.exclusive(run_dir, "pretraining"):
+        return _pretrain(folder, run_dir, cfg, resume, progress, ddp)
+
+
+def _pretrain(
+    folder: Path | str | list[Path],
+    run_dir: Path,
+    cfg: PretrainConfig | None,
+    resume: bool,
+    progress: Progress | None,
+    ddp: _Distributed,
+) -> PretrainResult:
+    progress = progress or Progress.null()
     cfg = cfg or PretrainConfig()
 
     state: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     if resume:
         state, meta = _load_resume_state(run_dir)
+        # The run's own settings win; only more epochs (to train longer) and the device (to
+        # continue on another machine) come from the caller.
         saved = from_dict(PretrainConfig, meta["config"])
-        saved.epochs = max(saved.epochs, cfg.epochs) if cfg.epochs != saved.epochs else saved.epochs
+        saved.epochs = max(saved.epochs, cfg.epochs)
         saved.device = cfg.device
         cfg = saved
     elif (run_dir / f"{CHECKPOINT}.json").exists():

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch reads its own sources as text.
 export PYTHONUTF8 := 1
 
-.PHONY: demo test test-fast lint system-deps browser-deps clean
+.PHONY: demo test test-fast lint system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

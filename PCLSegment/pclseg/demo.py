@@ -62,10 +62,11 @@ def run_demo(
     progress: Progress | None = None,
     pretrain_epochs: int = 15,
     annotated: int = 3,
-    finetune_steps: int = 150,
-    refine_steps: int = 60,
+    finetune_steps: int = 300,
+    refine_steps: int = 100,
     size: int = 96,
     features: int = 8,
+    lr: float = 3e-3,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run the loop and return a report (also written to ``out/report.json``)."""
@@ -104,7 +105,7 @@ def run_demo(
     session = RefineSession.from_encoder(
         volume,
         run,
-        FinetuneConfig(lr=1e-3, batch_size=8, seed=seed, device=device),
+        FinetuneConfig(lr=lr, batch_size=8, seed=seed, device=device),
         labels=labels,
     )
     session.set_annotations(truth, chosen)

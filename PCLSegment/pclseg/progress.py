@@ -104,7 +104,9 @@ class Progress:
             )
         elif name == "step" and self._bar is not None:
             self._bar.update(record.get("advance", 1))
-            postfix = {"epoch": f"{record.get('epoch', '?')}/{record.get('epochs', '?')}"}
+            postfix = {}
+            if "epoch" in record:
+                postfix["epoch"] = f"{record['epoch']}/{record.get('epochs', '?')}"
             if "loss" in record:
                 postfix["loss"] = f"{record['loss']:.4f}"
             if "slices_per_s" in record:

@@ -179,7 +179,7 @@ def run_latency(args, inits, tmp) -> dict:
     label = np.zeros((40, 256, 256), np.uint8)
     label[10:30, 80:160, 90:170] = 1
     session = RefineSession.from_encoder(
-        read_volume(path), next(iter(inits.values())), finetune_config(args, 4), None
+        read_volume(path), next(iter(inits.values())), finetune_config(args, 4), ["organ"]
     )
     session.set_annotations(label, [12, 20, 28])
     cycles = []

@@ -48,6 +48,23 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+def pretrain_cmd(folder: Path, out: Path, *extra: str) -> list[str]:
+    """``python -m pclseg pretrain FOLDER --out OUT`` with tiny settings and JSON progress."""
+    return [
+        sys.executable,
+        "-m",
+        "pclseg",
+        "pretrain",
+        str(folder),
+        "--out",
+        str(out),
+        "--progress",
+        "json",
+        *TINY,
+        *extra,
+    ]
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -172,20 +189,7 @@ def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path):
 
 def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):
     out = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "pclseg",
-        "pretrain",
-        str(a_sample_folder / "imagesTr"),
-        "--out",
-        str(out),
-        "--epochs",
-        "3",
-        "--progress",
-        "json",
-        *TINY,
-    ]
+    args = pretrain_cmd(a_sample_folder / "imagesTr", out, "--epochs", "3")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=_env())
     for line in proc.stdout:
         if '"event": "checkpoint"' in line:
@@ -196,17 +200,12 @@ def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):
     _, meta = checkpoint.load_pair(out / "checkpoint", expect_format="pclseg-checkpoint")
     assert 1 <= meta["epoch"] < 3
 
-    proc = run_cli(
-        "pretrain",
-        str(a_sample_folder / "imagesTr"),
-        "--out",
-        str(out),
-        "--epochs",
-        "3",
-        "--resume",
-        "--progress",
-        "json",
-        *TINY,
+    proc = subprocess.run(
+        pretrain_cmd(a_sample_folder / "imagesTr", out, "--epochs", "3", "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr
     started = next(e for e in events(proc.stdout) if e["event"] == "started")
@@ -217,20 +216,7 @@ def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):
 
 def test_sigterm_saves_mid_epoch_and_exits_cleanly(a_sample_folder, tmp_path):
     out = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "pclseg",
-        "pretrain",
-        str(a_sample_folder / "imagesTr"),
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--progress",
-        "json",
-        *TINY,
-    ]
+    args = pretrain_cmd(a_sample_folder / "imagesTr", out, "--epochs", "2")
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
     )

@@ -75,3 +75,20 @@ def shared_worker(a_warm_worker, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(SegmentLogic, "start_worker", lambda logic: a_warm_worker)
     monkeypatch.setattr(SegmentLogic, "shutdown", forget)
     return a_warm_worker
+
+
+@pytest.fixture
+def an_mrml_app(monkeypatch: pytest.MonkeyPatch):
+    """A headless Slicer application context on the slicer-core wheel (scene and logics)."""
+    from slicer_shim import mrml_application
+
+    return mrml_application(monkeypatch)
+
+
+@pytest.fixture
+def dialogs(monkeypatch: pytest.MonkeyPatch, an_mrml_app):
+    """Stand-ins for the Qt side of Slicer (qt, ctk, slicer.util dialogs); records the dialogs
+    a module shows. Import the test module's Qt set-up first (it sets the offscreen platform)."""
+    from slicer_shim import install_gui_shims
+
+    return install_gui_shims(monkeypatch)

@@ -17,7 +17,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from slicer_shim import Dialogs, install_gui_shims, load_module, mrml_application  # noqa: E402
+from slicer_shim import load_module, mrml_application  # noqa: E402
 
 from pclseg import mrml, slicer_deps  # noqa: E402
 from pclseg.cli import build_parser  # noqa: E402
@@ -31,16 +31,6 @@ from pclseg.pretrain_logic import (  # noqa: E402
     loss_history,
 )
 from pclseg.segment_logic import resolve_init  # noqa: E402
-
-
-@pytest.fixture
-def an_mrml_app(monkeypatch: pytest.MonkeyPatch):
-    return mrml_application(monkeypatch)
-
-
-@pytest.fixture
-def dialogs(monkeypatch: pytest.MonkeyPatch, an_mrml_app) -> Dialogs:
-    return install_gui_shims(monkeypatch)
 
 
 @pytest.fixture

@@ -20,10 +20,7 @@ slicer = pytest.importorskip("slicer")
 pytest.importorskip("PyQt5")
 
 from slicer_shim import (  # noqa: E402
-    Dialogs,
-    install_gui_shims,
     load_module,
-    mrml_application,
     process_events_until,
 )
 
@@ -32,16 +29,6 @@ from pclseg.pretrain_logic import loss_history  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ("PCLPretrain", "PCLSegment")
-
-
-@pytest.fixture
-def an_mrml_app(monkeypatch: pytest.MonkeyPatch):
-    return mrml_application(monkeypatch)
-
-
-@pytest.fixture
-def dialogs(monkeypatch: pytest.MonkeyPatch, an_mrml_app) -> Dialogs:
-    return install_gui_shims(monkeypatch)
 
 
 @pytest.fixture

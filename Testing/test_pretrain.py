@@ -48,21 +48,14 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+def pretrain_args(folder: Path, out: Path, *extra: str) -> list[str]:
+    """``pretrain FOLDER --out OUT`` with tiny settings and JSON progress."""
+    return ["pretrain", str(folder), "--out", str(out), "--progress", "json", *TINY, *extra]
+
+
 def pretrain_cmd(folder: Path, out: Path, *extra: str) -> list[str]:
-    """``python -m pclseg pretrain FOLDER --out OUT`` with tiny settings and JSON progress."""
-    return [
-        sys.executable,
-        "-m",
-        "pclseg",
-        "pretrain",
-        str(folder),
-        "--out",
-        str(out),
-        "--progress",
-        "json",
-        *TINY,
-        *extra,
-    ]
+    """``python -m pclseg pretrain ...`` (see :func:`pretrain_args`)."""
+    return [sys.executable, "-m", "pclseg", *pretrain_args(folder, out, *extra)]
 
 
 def _env() -> dict[str, str]:
@@ -169,17 +162,7 @@ def test_baseline_methods_train_with_the_same_loop(a_sample_folder, tmp_path, me
 
 def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(
-        "pretrain",
-        str(a_sample_folder / "imagesTr"),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--progress",
-        "json",
-        *TINY,
-    )
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1"))
     assert proc.returncode == 0, proc.stderr
     names = [e["event"] for e in events(proc.stdout)]
     assert "started" in names and names[-1] == "done"
@@ -308,15 +291,7 @@ def test_torchrun_trains_with_two_processes(a_sample_folder, tmp_path):
             "--nproc_per_node=2",
             "-m",
             "pclseg",
-            "pretrain",
-            str(a_sample_folder / "imagesTr"),
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--progress",
-            "json",
-            *TINY,
+            *pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1"),
         ],
         capture_output=True,
         text=True,

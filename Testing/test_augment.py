@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pclseg.augment import (
-    FINETUNE_PARAMS,
+    FLIP_PARAMS,
+    NO_FLIP_PARAMS,
     TwoViewSliceDataset,
     finetune_augment,
     pretrain_augment,
@@ -81,9 +82,9 @@ def test_finetune_augment_keeps_label_values(a_slice: np.ndarray, a_label: np.nd
 
 
 ONE_RESAMPLING = {
-    "flips": replace(FINETUNE_PARAMS, flip_prob=1.0, affine_prob=0.0, elastic_prob=0.0),
-    "affine": replace(FINETUNE_PARAMS, affine_prob=1.0, elastic_prob=0.0),
-    "elastic": replace(FINETUNE_PARAMS, affine_prob=0.0, elastic_prob=1.0),
+    "flips": replace(NO_FLIP_PARAMS, flip_prob=1.0, affine_prob=0.0, elastic_prob=0.0),
+    "affine": replace(NO_FLIP_PARAMS, affine_prob=1.0, elastic_prob=0.0),
+    "elastic": replace(NO_FLIP_PARAMS, affine_prob=0.0, elastic_prob=1.0),
 }
 
 
@@ -106,13 +107,36 @@ def test_image_and_label_stay_aligned(a_label: np.ndarray, kind: str) -> None:
 
 def test_image_and_label_overlap_under_the_full_augmentation(a_label: np.ndarray) -> None:
     binary = (a_label > 0).astype(np.uint8)
-    params = replace(FINETUNE_PARAMS, flip_prob=0.5, affine_prob=1.0, elastic_prob=1.0)
+    params = replace(NO_FLIP_PARAMS, flip_prob=0.5, affine_prob=1.0, elastic_prob=1.0)
     transform = finetune_augment(SIZE, intensity=False, seed=3, params=params)
     for _ in range(4):
         out = transform({"image": binary.astype(np.float32), "label": binary})
         image_mask, label_mask = out["image"] > 0.5, out["label"] == 1
         dice = 2 * (image_mask & label_mask).sum() / (image_mask.sum() + label_mask.sum())
         assert float(dice) > 0.9
+
+
+def mirrored(out: torch.Tensor) -> bool:
+    """Whether a slice that was bright on its left half (low column index) and dark on its
+    right, or bright at the top and dark at the bottom, came out the other way round."""
+    half = SIZE // 2
+    image = out[0]
+    return bool(image[:, :half].mean() < image[:, half:].mean()
+                or image[:half].mean() < image[half:].mean())
+
+
+def test_default_augmentations_never_mirror_a_slice() -> None:
+    # Canonical slices and lateral labels: the defaults must keep left on the left (rotation,
+    # scaling and elastic deformation cannot swap the halves of this image).
+    y, x = np.mgrid[:SIZE, :SIZE]
+    image = ((x < SIZE // 2) & (y < SIZE // 2)).astype(np.float32)[None] * 2 + (x < SIZE // 2)
+    label = (x < SIZE // 2).astype(np.uint8)[None]
+    pretrain, finetune = pretrain_augment(SIZE, seed=0), finetune_augment(SIZE, seed=0)
+    flipping = pretrain_augment(SIZE, seed=0, params=FLIP_PARAMS)
+    assert not any(mirrored(pretrain(image)) for _ in range(30))
+    assert not any(mirrored(finetune({"image": image, "label": label})["image"])
+                   for _ in range(30))
+    assert any(mirrored(flipping(image)) for _ in range(30))
 
 
 def test_two_views_are_independent_augmentations(slices: np.ndarray) -> None:

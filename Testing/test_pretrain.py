@@ -160,14 +160,18 @@ def test_baseline_methods_train_with_the_same_loop(a_sample_folder, tmp_path, me
 # --- the command line -------------------------------------------------------------------------
 
 
-def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path):
+@pytest.mark.parametrize("flips", [False, True])
+def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path, flips):
     out = tmp_path / "run"
-    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1"))
+    extra = ["--flips"] if flips else []
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1", *extra))
     assert proc.returncode == 0, proc.stderr
     names = [e["event"] for e in events(proc.stdout)]
     assert "started" in names and names[-1] == "done"
     assert {"step", "epoch", "checkpoint"} <= set(names)
     assert (out / "encoder.safetensors").exists() and (out / "log.jsonl").exists()
+    # Flips are off unless asked for (they hurt lateral labels), and the run records which.
+    assert json.loads((out / "encoder.json").read_text())["config"]["flips"] is flips
 
 
 def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):

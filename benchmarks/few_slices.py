@@ -17,7 +17,7 @@ training volumes only (``benchmarks/position_probe.py`` pretrains on all but the
 ``--holdout`` volumes, the same split as here).
 
     python benchmarks/few_slices.py --data ../shared/data/chaos-t2 \
-        --encoder PCL=runs/bench/pcl --encoder SimCLR=runs/bench/simclr --encoder GCL=runs/bench/gcl
+        --encoder PCL=runs/probe/pcl --encoder SimCLR=runs/probe/simclr --encoder GCL=runs/probe/gcl
 
 Dice is the mean over the foreground classes present in the truth, on the scored slices taken
 together as one volume. Prints Markdown tables; writes every score to ``--out``/few_slices.json.
@@ -26,6 +26,7 @@ together as one volume. Prints Markdown tables; writes every score to ``--out``/
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import tempfile
@@ -59,7 +60,7 @@ def fill_between_slices(label: np.ndarray, annotated: list[int]) -> np.ndarray:
     return itk.array_from_image(filled).astype(label.dtype)
 
 
-def finetune_config(args: argparse.Namespace, n_slices: int) -> FinetuneConfig:
+def finetune_config(args: argparse.Namespace, n_slices: int, seed: int = 0) -> FinetuneConfig:
     """A fixed budget of ``args.steps`` optimizer steps, whatever the number of slices."""
     per_epoch = max(int(np.ceil(n_slices / args.batch_size)), 10)
     return FinetuneConfig(
@@ -68,7 +69,7 @@ def finetune_config(args: argparse.Namespace, n_slices: int) -> FinetuneConfig:
         lr=args.lr,
         validation_fraction=0.0,
         device=args.device,
-        seed=args.seed,
+        seed=seed,
         preprocess=PreprocessConfig(size=args.size),
         model=ModelConfig(features=args.features),
     )
@@ -82,6 +83,7 @@ def train_and_predict(
     init: Path | None,
     tmp: Path,
     tests: list[Path],
+    seed: int = 0,
 ):
     """Fine-tune on (image, label[, slices]) and return the predictions for ``tests``."""
     n = sum(len(v) for v in slices.values()) if slices else 40
@@ -90,7 +92,7 @@ def train_and_predict(
         image,
         label,
         out,
-        finetune_config(args, n),
+        finetune_config(args, n, seed),
         init=init,
         slices=slices,
         progress=Progress.null(),
@@ -105,7 +107,7 @@ def run_single(args, pairs, inits, tmp) -> list[dict]:
         volume = read_volume(image)
         label = read_label(label_path, volume)
         classes = int(label.max()) + 1
-        for k in args.ks:
+        for k, seed in itertools.product(args.ks, args.seeds):
             chosen = spread_over_extent(label, k)
             others = np.setdiff1d(np.arange(len(label)), chosen)
             scores = {
@@ -115,12 +117,12 @@ def run_single(args, pairs, inits, tmp) -> list[dict]:
             }
             for name, init in inits.items():
                 (pred,) = train_and_predict(
-                    args, image, label_path, {volume.name: chosen}, init, tmp, [image]
+                    args, image, label_path, {volume.name: chosen}, init, tmp, [image], seed
                 )
                 scores[name] = mean_foreground_dice(pred[others], label[others], classes)
-            rows.append({"volume": volume.name, "k": k, "slices": chosen, **scores})
+            rows.append({"volume": volume.name, "k": k, "seed": seed, "slices": chosen, **scores})
             print(
-                f"single {volume.name} k={k}: "
+                f"single {volume.name} k={k} seed={seed}: "
                 + ", ".join(f"{n} {s:.3f}" for n, s in scores.items()),
                 flush=True,
             )
@@ -144,7 +146,9 @@ def run_volumes(args, train_pairs, test_pairs, inits, tmp) -> list[dict]:
                     all_slices[volume_name(img)] = list(range(read_volume(img).shape[0]))
                 scores = {}
                 for name, init in inits.items():
-                    preds = train_and_predict(args, images, labels, all_slices, init, tmp, tests)
+                    preds = train_and_predict(
+                        args, images, labels, all_slices, init, tmp, tests, args.seeds[0]
+                    )
                     dice = [
                         mean_foreground_dice(p, t, int(t.max()) + 1)
                         for p, t in zip(preds, truths, strict=True)
@@ -179,7 +183,10 @@ def run_latency(args, inits, tmp) -> dict:
     label = np.zeros((40, 256, 256), np.uint8)
     label[10:30, 80:160, 90:170] = 1
     session = RefineSession.from_encoder(
-        read_volume(path), next(iter(inits.values())), finetune_config(args, 4), ["organ"]
+        read_volume(path),
+        next(iter(inits.values())),
+        finetune_config(args, 4, args.seeds[0]),
+        ["organ"],
     )
     session.set_annotations(label, [12, 20, 28])
     cycles = []
@@ -224,14 +231,20 @@ def main() -> None:
         default=["single", "volumes", "latency"],
         choices=["single", "volumes", "latency"],
     )
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run")
     parser.add_argument("--refine-steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="fine-tuning seeds; the single-volume experiment runs each (the others the first)",
+    )
     args = parser.parse_args()
 
     inits: dict[str, Path | None] = {}

@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flips", action="store_true", help="pretrain with random flips")
     args = parser.parse_args()
 
     volumes = discover_volumes(args.data)
@@ -85,6 +86,7 @@ def main() -> None:
         run = args.out / method
         cfg = PretrainConfig(
             method=method,
+            flips=args.flips,
             epochs=args.epochs,
             batch_size=args.batch_size,
             device=args.device,

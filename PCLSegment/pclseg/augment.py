@@ -2,7 +2,8 @@
 fine-tuning, and the two-view dataset that feeds contrastive pretraining.
 
 The paper augments spatially only: random flips, rotation, scaling 0.7-1.3 and elastic
-deformation. Every transform here keeps the slice size (rotation and zoom-out pad with the
+deformation. We leave the flips out by default (slices are in a canonical orientation and labels
+are lateral; see ``docs/decisions.md``), in pretraining and fine-tuning. Every transform here keeps the slice size (rotation and zoom-out pad with the
 border value), works on ``(C, H, W)`` arrays or tensors and returns plain float32 tensors. An
 optional intensity stage (gamma, bias field, scale, noise) is an addition of ours for fine-tuning
 on few labels.
@@ -66,11 +67,12 @@ class AugmentParams:
     intensity_prob: float = 0.3
 
 
-#: Pretraining: the paper's spatial augmentation.
-PRETRAIN_PARAMS = AugmentParams()
-#: Fine-tuning: no flips, because a flip would turn a left kidney into a right one while its
-#: label stays "left kidney" (labels are lateral, slices in a canonical orientation).
-FINETUNE_PARAMS = replace(AugmentParams(), flip_prob=0.0)
+#: The paper's spatial augmentation, flips included (pretraining with ``flips=True``).
+FLIP_PARAMS = AugmentParams()
+#: Pretraining and fine-tuning by default: no flips. Slices are in a canonical orientation and
+#: labels are lateral: a flip turns a left kidney into a right one (fine-tuning would teach a
+#: wrong label; pretraining would teach features that cannot tell the two apart).
+NO_FLIP_PARAMS = replace(AugmentParams(), flip_prob=0.0)
 
 
 def _check_size(size: int) -> None:
@@ -100,13 +102,13 @@ def _spatial_kwargs(size: int, params: AugmentParams) -> tuple[dict, dict]:
 
 
 def pretrain_augment(
-    size: int, seed: int = 0, intensity: bool = False, params: AugmentParams = PRETRAIN_PARAMS
+    size: int, seed: int = 0, intensity: bool = False, params: AugmentParams = NO_FLIP_PARAMS
 ) -> Compose:
     """A random augmentation of one slice: ``(C, size, size)`` -> float32 tensor, same shape.
 
-    Flips along both in-plane axes, rotation and scaling, elastic deformation, then (with
-    ``intensity``) gamma, bias field, scaling and noise. Seeded by ``seed``; reseed with
-    ``set_random_state``.
+    Flips along both in-plane axes (with ``params.flip_prob`` > 0), rotation and scaling,
+    elastic deformation, then (with ``intensity``) gamma, bias field, scaling and noise. Seeded
+    by ``seed``; reseed with ``set_random_state``.
     """
     _check_size(size)
     affine, elastic = _spatial_kwargs(size, params)
@@ -131,7 +133,7 @@ def pretrain_augment(
 
 
 def finetune_augment(
-    size: int, intensity: bool = True, seed: int = 0, params: AugmentParams = FINETUNE_PARAMS
+    size: int, intensity: bool = True, seed: int = 0, params: AugmentParams = NO_FLIP_PARAMS
 ) -> Compose:
     """The same random spatial transform on ``{"image": (C,H,W), "label": (1,H,W)}``.
 

@@ -64,6 +64,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         method=args.method,
         threshold=args.threshold,
         temperature=args.temperature,
+        flips=args.flips,
         # Resuming keeps the run's own epochs unless --epochs asks for more.
         epochs=args.epochs or (1 if args.resume else DEFAULT_PRETRAIN_EPOCHS),
         batch_size=args.batch_size,
@@ -216,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="PCL: slices closer than this in relative position are positives",
     )
     p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument(
+        "--flips",
+        action="store_true",
+        help="add random flips to the augmentation (the paper's; off: they hurt lateral labels)",
+    )
     p.add_argument(
         "--epochs",
         type=int,

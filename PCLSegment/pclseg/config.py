@@ -68,12 +68,20 @@ class ModelConfig:
 @dataclass
 class PretrainConfig:
     """Contrastive pretraining. Defaults are the paper's (SGD 0.1, momentum 0.9, wd 1e-5,
-    cosine decay, batch 32, temperature 0.1, threshold 0.1)."""
+    cosine decay, batch 32, temperature 0.1, threshold 0.1), except for flips.
+
+    ``flips`` adds the paper's random left-right and front-back flips to the augmentation. It is
+    off by default: slices are in a canonical orientation, and an encoder taught that a slice
+    and its mirror image are the same slice transfers badly to lateral labels: fine-tuned from
+    it on a few slices, the network labels the left kidney and the spleen as the right kidney
+    and the liver (``docs/decisions.md``).
+    """
 
     method: Method = "pcl"
     threshold: float = 0.1
     temperature: float = 0.1
     gcl_partitions: int = 4
+    flips: bool = False
     epochs: int = 50
     batch_size: int = 32
     lr: float = 0.1

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import checkpoint
-from .augment import TwoViewSliceDataset, pretrain_augment
+from .augment import FLIP_PARAMS, NO_FLIP_PARAMS, TwoViewSliceDataset, pretrain_augment
 from .cache import SliceCache
 from .config import PretrainConfig, from_dict, to_dict
 from .device import autocast, grad_scaler, resolve_device
@@ -216,9 +216,10 @@ def _pretrain(
             f"{folder}: {len(cache)} slices are too few for contrastive pretraining "
             f"on {ddp.world} process(es); add volumes"
         )
-    dataset = TwoViewSliceDataset(
-        cache.slices, cache.positions, pretrain_augment(cfg.preprocess.size), seed=cfg.seed
+    augment = pretrain_augment(
+        cfg.preprocess.size, params=FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS
     )
+    dataset = TwoViewSliceDataset(cache.slices, cache.positions, augment, seed=cfg.seed)
 
     # 2. Model, loss, optimiser; restored from the checkpoint when resuming.
     model = ContrastiveNet(cfg.model).to(device)

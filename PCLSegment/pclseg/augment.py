@@ -2,11 +2,11 @@
 fine-tuning, and the two-view dataset that feeds contrastive pretraining.
 
 The paper augments spatially only: random flips, rotation, scaling 0.7-1.3 and elastic
-deformation. We leave the flips out by default (slices are in a canonical orientation and labels
-are lateral; see ``docs/decisions.md``), in pretraining and fine-tuning. Every transform here keeps the slice size (rotation and zoom-out pad with the
-border value), works on ``(C, H, W)`` arrays or tensors and returns plain float32 tensors. An
-optional intensity stage (gamma, bias field, scale, noise) is an addition of ours for fine-tuning
-on few labels.
+deformation. We leave the flips out by default, in pretraining and fine-tuning: slices are in a
+canonical orientation and labels are lateral (``docs/decisions.md``). Every transform here keeps
+the slice size (rotation and zoom-out pad with the border value), works on ``(C, H, W)`` arrays
+or tensors and returns plain float32 tensors. An optional intensity stage (gamma, bias field,
+scale, noise) is an addition of ours for fine-tuning on few labels.
 
 To stay cheap on a small CPU the affine part (rotation + scale) is one resampling with a cached
 grid, and the costlier elastic deformation is applied to a fraction of the slices only.

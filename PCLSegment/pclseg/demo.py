@@ -62,14 +62,19 @@ def run_demo(
     progress: Progress | None = None,
     pretrain_epochs: int = 15,
     annotated: int = 3,
-    finetune_steps: int = 300,
-    refine_steps: int = 100,
+    finetune_steps: int = 600,
+    refine_steps: int = 300,
     size: int = 96,
     features: int = 8,
     lr: float = 3e-3,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the loop and return a report (also written to ``out/report.json``)."""
+    """Run the loop and return a report (also written to ``out/report.json``).
+
+    600 + 300 steps because the lateral organs are learned last: after 300 steps the network
+    still labels both kidneys alike (measured on the sample: mean Dice 0.45 after 300 steps,
+    0.93 after 900).
+    """
     out = Path(out)
     progress = progress or Progress.null()
     start = time.monotonic()

@@ -83,6 +83,24 @@ def mrml_application(monkeypatch: Any = None) -> MRMLApplication:
     return MRMLApplication(scene, app_logic, colors, volumes, segmentations)
 
 
+def add_slice_views(scene: Any) -> dict[str, Any]:
+    """Red (axial), Yellow (sagittal) and Green (coronal) slice nodes in ``scene``, as Slicer's
+    layout makes them; returned by name."""
+    views = {}
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        node = scene.CreateNodeByClass("vtkMRMLSliceNode")
+        node.SetName(name)
+        node.SetLayoutName(name)
+        node.SetSingletonTag(name)
+        scene.AddNode(node)
+        node.SetOrientation(orientation)
+        node.SetDimensions(256, 256, 1)
+        node.SetFieldOfView(250, 250, 1)
+        views[name] = node
+    return views
+
+
 # --------------------------------------------------------------------------------------------
 # Qt: PyQt5 as PythonQt's ``qt``, placeholders for ctk and qMRML widgets
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from slicer_shim import MRMLApplication, mrml_application  # noqa: E402
+from slicer_shim import MRMLApplication, add_slice_views, mrml_application  # noqa: E402
 
 from pclseg import io, mrml  # noqa: E402
 from pclseg.errors import PCLSegError  # noqa: E402
@@ -360,19 +360,7 @@ def test_accepting_a_slice_copies_that_slice_only_and_clears_it_from_the_predict
 @pytest.fixture
 def slice_views(a_scene) -> dict[str, object]:
     """Red (axial), Yellow (sagittal), Green (coronal) slice nodes, as Slicer's layout has."""
-    views = {}
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(a_scene)
-    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
-        node = a_scene.CreateNodeByClass("vtkMRMLSliceNode")
-        node.SetName(name)
-        node.SetLayoutName(name)
-        node.SetSingletonTag(name)
-        a_scene.AddNode(node)
-        node.SetOrientation(orientation)
-        node.SetDimensions(256, 256, 1)
-        node.SetFieldOfView(250, 250, 1)
-        views[name] = node
-    return views
+    return add_slice_views(a_scene)
 
 
 def test_jumping_to_a_slice_centre_shows_that_slice(a_scene, slice_views, an_engine_volume) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from slicer_shim import load_module, mrml_application  # noqa: E402
+from slicer_shim import add_slice_views, load_module, mrml_application  # noqa: E402
 
 from pclseg import mrml, slicer_deps  # noqa: E402
 from pclseg.cli import build_parser  # noqa: E402
@@ -325,15 +325,7 @@ def test_pretrain_module_self_test_runs_a_tiny_epoch(pretrain_module) -> None:
 @pytest.fixture
 def slice_views():
     """Red, Yellow and Green slice nodes in ``slicer.mrmlScene``, as Slicer's layout makes them."""
-    scene = slicer.mrmlScene
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
-        node = scene.CreateNodeByClass("vtkMRMLSliceNode")
-        node.SetName(name)
-        node.SetLayoutName(name)
-        node.SetSingletonTag(name)
-        scene.AddNode(node)
-        node.SetOrientation(orientation)
+    return add_slice_views(slicer.mrmlScene)
 
 
 def test_refine_loop_on_real_mrml_and_the_warm_worker(

@@ -20,6 +20,7 @@ slicer = pytest.importorskip("slicer")
 pytest.importorskip("PyQt5")
 
 from slicer_shim import (  # noqa: E402
+    add_slice_views,
     load_module,
     process_events_until,
 )
@@ -247,16 +248,9 @@ def test_export_buttons_write_the_merged_segmentation(
 
 
 @pytest.fixture
-def slice_views() -> None:
+def slice_views() -> dict[str, object]:
     """Red, Yellow and Green slice nodes, as Slicer's layout makes them."""
-    scene = slicer.mrmlScene
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
-        node = scene.CreateNodeByClass("vtkMRMLSliceNode")
-        node.SetName(name)
-        node.SetSingletonTag(name)
-        scene.AddNode(node)
-        node.SetOrientation(orientation)
+    return add_slice_views(slicer.mrmlScene)
 
 
 def wait_for_job(widget, timeout_s: float = 300) -> None:

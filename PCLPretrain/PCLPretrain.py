@@ -365,7 +365,9 @@ class PCLPretrainTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Pretraining one tiny epoch")
         work = pathlib.Path(tempfile.mkdtemp(prefix="PCLPretrainTest-"))
-        folder = write_test_volumes(work / "volumes")
+        from pclseg.sample import make_sample
+
+        folder = make_sample(work / "sample", n_volumes=3, shape=(12, 32, 32)) / "imagesTr"
         settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu")
         encoder = PCLPretrainLogic().pretrain(
             folder, work / "run", settings, on_event=lambda e: None
@@ -376,20 +378,3 @@ class PCLPretrainTest(ScriptedLoadableModuleTest):
         self.assertTrue(math.isfinite(history[0][1]))
         self.delayDisplay("Test passed")
 
-
-def write_test_volumes(
-    folder: pathlib.Path, count: int = 3, slices: int = 12, size: int = 32
-) -> pathlib.Path:
-    """A few small volumes whose intensity changes along the slice axis (a positional cue)."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for n in range(count):
-        z = np.arange(slices, dtype=np.float32)[:, None, None] / slices
-        array = rng.normal(size=(slices, size, size)).astype(np.float32) + 4 * z
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing((1.0, 1.0, 3.0))
-        sitk.WriteImage(image, str(folder / f"volume{n}.nii.gz"))
-    return folder

@@ -450,12 +450,11 @@ class PCLSegmentTest(ScriptedLoadableModuleTest):
         work = pathlib.Path(tempfile.mkdtemp(prefix="PCLSegmentTest-"))
         if init is None:
             from pclseg.pretrain_logic import PretrainLogic, PretrainSettings
+            from pclseg.sample import make_sample
 
             self.delayDisplay("Pretraining a tiny encoder")
             settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu")
-            volumes = work / "volumes"
-            for n in range(3):
-                write_test_volume(volumes / f"volume{n}.nrrd", seed=n)
+            volumes = make_sample(work / "sample", n_volumes=3, shape=(12, 32, 32)) / "imagesTr"
             init = (
                 PretrainLogic()
                 .pretrain(volumes, work / "run", settings, on_event=lambda e: None)
@@ -479,18 +478,6 @@ class PCLSegmentTest(ScriptedLoadableModuleTest):
             logic.shutdown()
         self.delayDisplay("Test passed")
 
-
-def write_test_volume(path: pathlib.Path, seed: int = 0, size: int = 32, slices: int = 12) -> None:
-    """A small volume whose intensity changes along the slice axis (for pretraining)."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    z = np.arange(slices, dtype=np.float32)[:, None, None] / slices
-    noise = np.random.default_rng(seed).normal(size=(slices, size, size)).astype(np.float32)
-    image = sitk.GetImageFromArray(noise + 4 * z)
-    image.SetSpacing((1.0, 1.0, 3.0))
-    sitk.WriteImage(image, str(path))
 
 
 def make_test_case(scene, size: int = 32, slices: int = 12):

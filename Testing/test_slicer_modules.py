@@ -437,3 +437,8 @@ def test_segment_module_self_test_runs_the_loop(
 ) -> None:
     """The ScriptedLoadableModuleTest that Slicer's ctest runs (given the shared tiny run)."""
     segment_module.PCLSegmentTest().test_refine_loop(init=a_pretraining_run)
+
+
+def test_segment_module_self_test_pretrains_its_own_encoder(segment_module, shared_worker) -> None:
+    """Slicer's ctest path as is: a tiny pretraining run on the built-in sample, then the loop."""
+    segment_module.PCLSegmentTest().runTest()

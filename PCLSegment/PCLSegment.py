@@ -69,7 +69,8 @@ class PCLSegmentParameterNode:
     encoder - pretraining run folder (or its encoder.safetensors); empty for random init.
     modelFolder - fine-tuned model folder (Save model, Apply model, Start from saved model).
     startFromModel - fine-tune from the saved model instead of the encoder.
-    steps - optimisation steps per Fine-tune & predict.
+    steps - optimisation steps per Fine-tune & predict; 0: until the annotated slices are fit.
+    mixedPrecision - bf16/fp16 where the hardware computes in it; off: float32.
     applyVolume - another volume to segment with the saved model.
     """
 
@@ -79,7 +80,8 @@ class PCLSegmentParameterNode:
     encoder: str = ""
     modelFolder: str = ""
     startFromModel: bool = False
-    steps: Annotated[int, WithinRange(1, 100000)] = 100
+    steps: Annotated[int, WithinRange(0, 100000)] = 0
+    mixedPrecision: bool = True
     applyVolume: vtkMRMLScalarVolumeNode
 
 
@@ -318,6 +320,7 @@ class PCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 init=p.encoder,
                 steps=p.steps,
                 model=p.modelFolder if p.startFromModel else None,
+                amp=p.mixedPrecision,
             )
 
         def done(job: Job) -> None:

@@ -51,7 +51,7 @@ def test_settings_generate_a_token_off_loopback():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(port=70000), dict(refine_steps=0), dict(size=40), dict(features=0), dict(token="short")],
+    [dict(port=70000), dict(refine_steps=-1), dict(size=40), dict(features=0), dict(token="short")],
 )
 def test_settings_reject_bad_values_with_a_one_line_error(bad):
     with pytest.raises(PCLSegError, match="--"):

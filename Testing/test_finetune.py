@@ -18,15 +18,10 @@ from pclseg import checkpoint
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig, to_dict
 from pclseg.errors import PCLSegError
 from pclseg.finetune import (
-    SliceDraws,
-    Trainer,
-    TrainingSlices,
-    annotated_slices,
     build_model,
     finetune,
     init_source,
     load_training_slices,
-    make_loss,
     pair_files,
     steps_per_epoch,
     with_encoder_config,
@@ -42,6 +37,8 @@ from pclseg.labels import (
 )
 from pclseg.model import ContrastiveNet, encoder_state_dict
 from pclseg.progress import Progress
+from pclseg.trainer import Trainer, make_loss
+from pclseg.training_slices import SliceDraws, TrainingSlices, annotated_slices
 
 TINY = FinetuneConfig(
     epochs=1, batch_size=2, min_steps_per_epoch=2, lr=1e-3,
@@ -89,11 +86,11 @@ def test_annotated_slices_are_those_holding_labels_unless_listed() -> None:
 
 def test_only_annotated_slices_are_collected(one_pair: tuple[Path, Path]) -> None:
     image, label = one_pair
-    data, top, summary = load_training_slices([(image, label)], TINY)
+    data, top, summary, _ = load_training_slices([(image, label)], TINY)
     assert top == 4
     assert [i for _, i in data.origins] == summary[0]["annotated"]
     assert all(data.labels[k].any() for k in range(len(data)))
-    explicit, _, _ = load_training_slices([(image, label)], TINY, {"sample_00": [0, 5]})
+    explicit, _, _, _ = load_training_slices([(image, label)], TINY, {"sample_00": [0, 5]})
     assert [i for _, i in explicit.origins] == [0, 5]
     assert not explicit.labels[0].any()  # slice 0 lies below every organ: all background
     assert explicit.images.shape == (2, 32, 32)
@@ -220,8 +217,8 @@ def test_labels_outside_annotated_slices_do_not_change_training(
     scrambled[[4, 7]] = kept
     other = write_image(volume.to_image(scrambled), tmp_path / "sample_00.nii.gz")
     listed = {"sample_00": [4, 7]}
-    data, _, _ = load_training_slices([(image, label)], TINY, listed)
-    data_other, _, _ = load_training_slices([(image, other)], TINY, listed)
+    data, _, _, _ = load_training_slices([(image, label)], TINY, listed)
+    data_other, _, _, _ = load_training_slices([(image, other)], TINY, listed)
     np.testing.assert_array_equal(data_other.labels, data.labels)
     cfg = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, num_classes=5))
 

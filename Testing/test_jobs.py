@@ -166,3 +166,17 @@ def test_a_bug_in_on_done_fails_the_job_instead_of_the_gui() -> None:
     job = ThreadJob(lambda report: 1, on_done=lambda result: result / 0)
     events = drain(job)
     assert events[-1]["ok"] is False and "ZeroDivisionError" in job.error
+
+
+def test_one_training_at_a_time() -> None:
+    from pclseg.jobs import start_training
+
+    release = threading.Event()
+    first = start_training("pretraining", lambda: ThreadJob(lambda report: release.wait(10)))
+    with pytest.raises(PCLSegError, match="pretraining is running: wait for it"):
+        start_training("fine-tuning", lambda: ThreadJob(lambda report: None))
+    release.set()
+    drain(first)
+    second = start_training("fine-tuning", lambda: ThreadJob(lambda report: "done"))
+    drain(second)
+    assert first.ok and second.ok and second.result == "done"

@@ -11,11 +11,13 @@ import torch.distributed as dist
 from pclseg.config import ModelConfig
 from pclseg.errors import PCLSegError
 from pclseg.model import (
+    FIRST_CONV,
     ContrastiveNet,
     ProjectionHead,
     UNet,
     encoder_state_dict,
     load_encoder,
+    widen_input,
 )
 
 
@@ -172,3 +174,16 @@ def test_load_encoder_rejects_other_features(a_small_config: ModelConfig) -> Non
         load_encoder(unet, state)
     after = unet.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-loaded
+
+
+def test_a_widened_encoder_computes_what_the_pretrained_one_did() -> None:
+    torch.manual_seed(0)
+    pretrained = UNet(ModelConfig(features=4, in_channels=1))
+    wider = UNet(ModelConfig(features=4, in_channels=3))
+    load_encoder(wider, widen_input(encoder_state_dict(pretrained), 3))
+    image = torch.randn(2, 1, 32, 32)
+    with_priors = torch.cat([image, torch.rand(2, 2, 32, 32)], dim=1)
+    pretrained.eval(), wider.eval()
+    torch.testing.assert_close(wider.encoder(with_priors)[-1], pretrained.encoder(image)[-1])
+    same = encoder_state_dict(wider)
+    assert widen_input(same, 3)[FIRST_CONV] is same[FIRST_CONV]  # already wide: unchanged

@@ -17,6 +17,7 @@ from pclseg.finetune import finetune
 from pclseg.io import read_label, read_volume
 from pclseg.predict import (
     load_model,
+    network_inputs,
     output_name,
     predict,
     predict_volume,
@@ -142,8 +143,9 @@ def test_probabilities_and_uncertainty_agree(predictions: Path) -> None:
 def test_batch_size_does_not_change_probabilities(a_model_dir: Path, odd_inputs: Path) -> None:
     model = load_model(a_model_dir)
     slices, _ = prepare_volume(read_volume(odd_inputs / "plain.nii.gz"), model.config.preprocess)
-    one = slice_probabilities(model.unet, slices, model.device, batch_size=1)
-    many = slice_probabilities(model.unet, slices, model.device, batch_size=16)
+    inputs = network_inputs(slices, model.config.model.in_channels)
+    one = slice_probabilities(model.unet, inputs, model.device, batch_size=1)
+    many = slice_probabilities(model.unet, inputs, model.device, batch_size=16)
     assert one.shape == (len(slices), NUM_CLASSES, 32, 32)
     torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-4)
 

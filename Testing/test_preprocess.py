@@ -163,3 +163,25 @@ def test_prepare_label_matches_its_image(a_volume):
     np.testing.assert_array_equal(unfit_slices(fitted, geometry), labels)
     with pytest.raises(PCLSegError, match="integers"):
         prepare_label(labels.astype(np.float32), geometry)
+
+
+def test_a_crop_is_fitted_and_put_back_in_place():
+    labels = np.zeros((2, 40, 60), np.int64)
+    labels[:, 12:20, 30:44] = 3
+    geometry = plan_fit((40, 60), 32, crop=(10, 25, 16, 24))
+    assert geometry.cropped_shape == (16, 24) and geometry.shape == (40, 60)
+    fitted, _ = fit_slices(labels, geometry, order=0)
+    assert fitted.shape == (2, 32, 32)
+    np.testing.assert_array_equal(unfit_slices(fitted, geometry), labels)
+    probabilities = np.zeros((4, 2, 32, 32), np.float32)
+    probabilities[3] = 1.0
+    back = unfit_slices(probabilities, geometry)
+    assert back.shape == (4, 2, 40, 60)
+    assert (back[0, :, :10] == 1).all() and (back[3, :, :10] == 0).all()  # outside: background
+    assert (back[3, :, 10:26, 25:49] == 1).all()
+    assert SliceGeometry.from_dict(geometry.to_dict()) == geometry
+
+
+def test_a_crop_must_lie_inside_the_slices():
+    with pytest.raises(PCLSegError, match="does not lie inside"):
+        plan_fit((40, 60), 32, crop=(30, 0, 20, 10))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from pclseg.config import FinetuneConfig, ModelConfig, PredictConfig, PreprocessConfig
+from pclseg.config import (
+    FinetuneConfig,
+    ModelConfig,
+    PredictConfig,
+    PreprocessConfig,
+    StopRule,
+)
 from pclseg.errors import PCLSegError
 from pclseg.io import read_label, read_volume
-from pclseg.predict import predict
+from pclseg.predict import predict, slice_probabilities
 from pclseg.progress import Progress
 from pclseg.session import RefineSession
 
@@ -147,11 +154,11 @@ def test_save_and_load_restore_model_and_annotations(
     np.testing.assert_array_equal(restored.predict(), a_refined_session.predict())
     assert [lb.name for lb in restored.labels] == ORGANS
     assert restored.steps_done == 3
-    # The folder is an ordinary model folder: the command-line predictor reads it.
+    # The folder is an ordinary model folder: the command-line predictor reads it, and
+    # predicts what a session on the model predicts before anything is annotated.
     written = predict(folder, an_image, tmp_path / "out", PredictConfig())
     raw = read_label(written[0], restored.volume)
-    unannotated = [i for i in range(raw.shape[0]) if i not in ANNOTATED]
-    np.testing.assert_array_equal(raw[unannotated], restored.predict()[unannotated])
+    np.testing.assert_array_equal(raw, RefineSession.from_model(an_image, folder).predict())
 
 
 def test_from_model_uses_the_saved_weights(
@@ -159,9 +166,10 @@ def test_from_model_uses_the_saved_weights(
 ) -> None:
     folder = a_refined_session.save(tmp_path / "model")
     fresh = RefineSession.from_model(an_image, folder)
-    assert fresh.annotated == []
-    torch.testing.assert_close(fresh.network_probabilities(),
-                               a_refined_session.network_probabilities())
+    assert fresh.annotated == [] and fresh.region == a_refined_session.region
+    expected = slice_probabilities(a_refined_session.trainer.unet, fresh.network_inputs(),
+                                   torch.device("cpu"))
+    torch.testing.assert_close(fresh.network_probabilities(), expected)
 
 
 def test_write_prediction_lands_on_the_image_grid(
@@ -174,3 +182,51 @@ def test_write_prediction_lands_on_the_image_grid(
     np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-4)
     probabilities = sitk.ReadImage(str(tmp_path / "prob.nrrd"))
     assert probabilities.GetNumberOfComponentsPerPixel() == 5
+
+
+def test_refine_until_fit_follows_the_stop_rule(an_image: Path, a_truth: np.ndarray) -> None:
+    rule = StopRule(check_every=4, fit_dice=0.99, patience=2, min_steps=8, steps_per_slice=2,
+                    max_steps=20, anneal=0.5)
+    session = RefineSession.from_encoder(an_image, None, dataclasses.replace(TINY, stop=rule),
+                                         ORGANS)
+    session.set_annotations(a_truth, ANNOTATED)
+    events: list[dict] = []
+    result = session.refine(progress=Progress("none", callback=events.append))
+    fit = session.last_fit
+    assert fit is not None and fit["reason"] in ("fit", "plateau", "cap")
+    assert result.steps == fit["fit_steps"] + fit["anneal_steps"] <= 14 + 7
+    checks = [e for e in events if e["event"] == "check"]
+    assert checks and all(0 <= e["train_dice"] <= 1 for e in checks)
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == list(range(1, result.steps + 1))
+
+
+def test_the_region_follows_the_annotations(an_image: Path, a_truth: np.ndarray) -> None:
+    session = RefineSession.from_encoder(an_image, None, TINY, ORGANS)
+    assert session.region.is_whole
+    organ = [i for i in range(len(a_truth)) if a_truth[i].any()][len(a_truth) // 4]
+    session.set_annotations(a_truth, [organ])
+    session.refine(steps=1)
+    assert not session.region.is_whole
+    top, left, height, width = session.region.pixels(a_truth.shape[1:])
+    rows, cols = np.nonzero(a_truth[organ])
+    assert top <= rows.min() and rows.max() < top + height
+    assert left <= cols.min() and cols.max() < left + width
+    assert session.predict().shape == a_truth.shape
+    whole = RefineSession.from_encoder(an_image, None, dataclasses.replace(TINY, roi=False),
+                                       ORGANS)
+    whole.set_annotations(a_truth, [organ])
+    whole.refine(steps=1)
+    assert whole.region.is_whole
+
+
+def test_the_network_sees_fill_between_slices(
+    a_session: RefineSession, a_truth: np.ndarray
+) -> None:
+    liver = [i for i in range(len(a_truth)) if (a_truth[i] == 1).any()]
+    a_session.set_annotations(a_truth, [liver[0], liver[-1]])
+    inputs = a_session.network_inputs()
+    assert inputs.shape == (len(a_session.slices), 5, 32, 32)
+    middle = (liver[0] + liver[-1]) // 2
+    assert (a_session.prior()[middle] == 1).any()
+    assert inputs[middle, 1].any() and not inputs[liver[-1] + 1 :, 1:].any()

@@ -74,7 +74,9 @@ def test_requirements_are_checked_by_name_and_version() -> None:
     assert slicer_deps.is_satisfied("numpy>=1.0")
     assert not slicer_deps.is_satisfied("numpy<1.0")
     assert not slicer_deps.is_satisfied("surely-not-installed-package-pclseg")
-    assert [p.name for p in slicer_deps.PACKAGES] == ["monai", "safetensors", "tqdm", "scipy"]
+    assert [p.name for p in slicer_deps.PACKAGES] == [
+        "monai", "safetensors", "tqdm", "scipy", "itk-morphologicalcontourinterpolation"
+    ]
     assert slicer_deps.torch_installed()
 
 
@@ -424,7 +426,7 @@ def test_bad_round_inputs_are_clear_errors(segment_module, a_pretraining_run, tm
     with pytest.raises(PCLSegError, match="holds no encoder.safetensors"):
         logic.start_fine_tune_and_predict(volume, annotation, None, tmp_path, steps=1)
     with pytest.raises(PCLSegError, match="steps must be at least 1"):
-        logic.start_fine_tune_and_predict(volume, annotation, None, a_pretraining_run, steps=0)
+        logic.start_fine_tune_and_predict(volume, annotation, None, a_pretraining_run, steps=-1)
     with pytest.raises(PCLSegError, match="Fine-tune & predict first"):
         logic.suggest()
     with pytest.raises(PCLSegError, match="not a PCL Segment model|cannot read"):

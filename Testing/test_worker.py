@@ -32,8 +32,9 @@ def a_worker() -> Iterator[WorkerClient]:
 
 @pytest.fixture(scope="module")
 def a_loaded_worker(a_worker: WorkerClient, a_sample_folder: Path) -> WorkerClient:
-    a_worker.call("load", image=str(a_sample_folder / "imagesTr" / "sample_00.nii.gz"),
-                  init=None, labels=ORGANS, config=CONFIG, timeout=120)
+    loaded = a_worker.call("load", image=str(a_sample_folder / "imagesTr" / "sample_00.nii.gz"),
+                           init=None, labels=ORGANS, config=CONFIG, timeout=120)
+    assert loaded["device"] == "cpu" and loaded["precision"] in ("bf16", "fp32")
     a_worker.call("annotate", labels=str(a_sample_folder / "labelsTr" / "sample_00.nii.gz"),
                   slices=[0, 4, 7], timeout=60)
     return a_worker
@@ -75,6 +76,16 @@ def test_the_refine_loop_through_the_worker(
     assert meta["format"] == "pclseg-model" and [lb["name"] for lb in meta["labels"]] == ORGANS
 
 
+def test_mixed_precision_is_switched_per_request(
+    a_loaded_worker: WorkerClient, tmp_path: Path
+) -> None:
+    for amp in (False, True):
+        a_loaded_worker.call("refine", steps=1, amp=amp, timeout=120)
+        saved = a_loaded_worker.call("save", out=str(tmp_path / f"amp_{amp}"), timeout=60)
+        meta = json.loads((Path(saved["out"]) / "model.json").read_text())
+        assert meta["config"]["amp"] is amp
+
+
 def test_cancel_reaches_a_running_refine(a_loaded_worker: WorkerClient) -> None:
     request = a_loaded_worker.send("refine", steps=5000)
     for event in request.events(timeout=120):
@@ -89,8 +100,8 @@ def test_errors_answer_and_the_worker_keeps_serving(
 ) -> None:
     with pytest.raises(WorkerError, match="unknown command 'paint'"):
         a_worker.call("paint", timeout=30)
-    with pytest.raises(WorkerError, match="missing 'steps'"):
-        a_worker.call("refine", timeout=30)
+    with pytest.raises(WorkerError, match="steps must be at least 1"):
+        a_worker.call("refine", steps=-3, timeout=30)
     with pytest.raises(WorkerError, match="nothing.nii.gz: no such file"):
         a_worker.call("annotate", labels=str(tmp_path / "nothing.nii.gz"), timeout=30)
     assert a_worker.process.stdin is not None

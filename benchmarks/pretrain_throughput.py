@@ -1,25 +1,40 @@
-"""Pretraining throughput: the data pipeline alone against the full training step.
+"""Pretraining throughput: the reference settings against ours, and the data pipeline alone.
 
-For each setting, measures slices per second of
+Side by side in one process, on the same data and machine, slices per second of:
+
 - ``pipeline``: prepared slices -> two augmented views -> batches (DataLoader), no model;
-- ``step``: the full PCL step (forward of both views, loss, backward, SGD update), fed with
-  ready tensors, so it measures the model alone;
-so it is clear which one limits. Settings run side by side in one process: the reference
-settings (the paper's batch 32 in fp32) against ours (mixed precision and data-loading workers
-on a GPU).
+- ``step``: the full PCL step (forward of both views, loss, backward, SGD update) fed with
+  ready tensors, in several settings ("arms"):
 
-    python benchmarks/pretrain_throughput.py --size 96 --features 16 --batch-size 32
+  ============== ============================================================================
+  reference      the paper's code: float32, NCHW layout, one forward pass per view
+  channels-last  float32, channels-last layout, both views in one forward pass
+  default        what ``pclseg pretrain`` runs here: channels-last, mixed precision where the
+                 hardware computes in 16 bits (bf16 on a CPU with bf16 instructions; bf16 or
+                 fp16 on CUDA), else float32 (then the same as channels-last)
+  compiled       the default under ``torch.compile`` (``--compile``); its compile time is
+                 printed apart
+  forced bf16    bf16 autocast even where the CPU emulates it (``--force-bf16``), to show why
+                 the default only uses it where the CPU has bf16 instructions
+  ============== ============================================================================
+
+    python benchmarks/pretrain_throughput.py --size 128 --features 32 --batch-size 32
     python benchmarks/pretrain_throughput.py --size 256 --features 32 --device cuda
 
-Each slice gives two views; "slices/s" counts slices, not views.
+Each slice gives two views; "slices/s" counts slices, not views. Arms take turns (``--rounds``
+rounds of ``--steps`` steps each) so that a change in machine load hits every arm alike; the
+table shows the median round.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,11 +43,28 @@ from torch.utils.data import DataLoader
 from pclseg.augment import TwoViewSliceDataset, pretrain_augment
 from pclseg.cache import SliceCache
 from pclseg.config import ModelConfig, PreprocessConfig, PretrainConfig
-from pclseg.device import autocast, grad_scaler, resolve_device
+from pclseg.device import (
+    amp_dtype,
+    grad_scaler,
+    precision_name,
+    resolve_device,
+    use_all_cores,
+)
 from pclseg.losses import make_contrastive_loss
 from pclseg.model import ContrastiveNet
 from pclseg.pretrain import epoch_batches
 from pclseg.sample import make_sample
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One setting of the training step."""
+
+    name: str
+    channels_last: bool
+    dtype: torch.dtype | None  # autocast type; None: float32
+    one_pass: bool  # both views in one forward pass (else one pass per view)
+    compile: bool = False
 
 
 def pipeline_rate(cache: SliceCache, size: int, batch: int, workers: int, steps: int) -> float:
@@ -49,37 +81,62 @@ def pipeline_rate(cache: SliceCache, size: int, batch: int, workers: int, steps:
     return steps * batch / (time.perf_counter() - start)
 
 
-def step_rate(cfg: PretrainConfig, device: torch.device, steps: int) -> float:
+def make_step(arm: Arm, cfg: PretrainConfig, device: torch.device) -> Callable[[], None]:
+    """A closure running one training step of ``arm`` on fixed random views."""
+    torch.manual_seed(0)
     model = ContrastiveNet(cfg.model).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if arm.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    net = torch.compile(model) if arm.compile else model
     criterion = make_contrastive_loss(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
-    scaler = grad_scaler(device, cfg.amp)
-    size = cfg.preprocess.size
-    views = torch.randn(2 * cfg.batch_size, 1, size, size, device=device)
-    positions = torch.rand(cfg.batch_size, device=device)
+    scaler = grad_scaler(device, arm.dtype is not None)
+    size, batch = cfg.preprocess.size, cfg.batch_size
+    views = torch.randn(2 * batch, 1, size, size, device=device).contiguous(memory_format=layout)
+    positions = torch.rand(batch, device=device)
 
-    def one_step() -> None:
-        with autocast(device, cfg.amp):
-            z = model(views)
-        z1, z2 = z.float().chunk(2)
-        loss = criterion(z1, z2, positions)
+    def step() -> None:
+        with torch.autocast(device.type, dtype=arm.dtype, enabled=arm.dtype is not None):
+            if arm.one_pass:
+                z1, z2 = net(views).chunk(2)
+            else:
+                z1, z2 = net(views[:batch]), net(views[batch:])
+        loss = criterion(z1.float(), z2.float(), positions)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
-    for _ in range(3):
-        one_step()
+    return step
+
+
+def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step``."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        one_step()
+        step()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * cfg.batch_size / (time.perf_counter() - start)
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def arms_for(device: torch.device, args: argparse.Namespace) -> list[Arm]:
+    default_dtype = amp_dtype(device)
+    arms = [
+        Arm("reference (fp32, NCHW, a pass per view)", False, None, False),
+        Arm("channels-last (fp32, one pass)", True, None, True),
+    ]
+    if default_dtype is not None:
+        arms.append(Arm(f"default ({precision_name(device)}, channels-last)", True,
+                        default_dtype, True))
+    if args.compile:
+        arms.append(Arm(f"compiled default ({precision_name(device)})", True, default_dtype,
+                        True, compile=True))
+    if args.force_bf16 and default_dtype != torch.bfloat16:
+        arms.append(Arm("forced bf16 (emulated on this CPU)", True, torch.bfloat16, True))
+    return arms
 
 
 def main() -> None:
@@ -87,41 +144,56 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, default=None, help="folder of volumes (default: the built-in sample)"
     )
-    parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--features", type=int, default=16)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--steps", type=int, default=3, help="steps per arm and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 2])
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile arm")
+    parser.add_argument("--force-bf16", action="store_true", help="add a forced-bf16 arm")
     args = parser.parse_args()
 
+    threads = use_all_cores()
     device = resolve_device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or make_sample(Path(tmp) / "sample", n_volumes=6) / "imagesTr"
-        cache = SliceCache.build(data, PreprocessConfig(size=args.size), Path(tmp) / "cache")
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        print(
-            f"device: {device} ({name or platform.machine()}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; {len(cache)} slices; size {args.size}, "
-            f"features {args.features}, batch {args.batch_size}\n"
-        )
-        print("| what | setting | slices/s |\n|---|---|---|")
-        for workers in args.workers:
-            rate = pipeline_rate(cache, args.size, args.batch_size, workers, args.steps)
-            print(f"| pipeline | {workers} workers | {rate:.1f} |", flush=True)
-        amps = [False, True] if device.type == "cuda" else [False]
-        for amp in amps:
-            cfg = PretrainConfig(
-                batch_size=args.batch_size,
-                amp=amp,
-                device=str(device),
-                preprocess=PreprocessConfig(size=args.size),
-                model=ModelConfig(features=args.features),
-            )
-            label = ("mixed precision" if amp else "fp32") + (
-                " (reference: paper's batch, fp32)" if not amp and args.batch_size == 32 else ""
-            )
-            print(f"| step | {label} | {step_rate(cfg, device, args.steps):.1f} |", flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(
+        f"device: {device} ({name or platform.machine()}), torch {torch.__version__}, "
+        f"{threads} threads; default precision {precision_name(device)}; size {args.size}, "
+        f"features {args.features}, batch {args.batch_size}\n",
+        flush=True,
+    )
+    print("| what | setting | slices/s |\n|---|---|---|")
+    if args.workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = args.data or make_sample(Path(tmp) / "sample", n_volumes=6) / "imagesTr"
+            cache = SliceCache.build(data, PreprocessConfig(size=args.size), Path(tmp) / "cache")
+            for workers in args.workers:
+                rate = pipeline_rate(cache, args.size, args.batch_size, workers, args.steps * 3)
+                print(f"| pipeline | {workers} workers | {rate:.1f} |", flush=True)
+
+    cfg = PretrainConfig(
+        batch_size=args.batch_size,
+        preprocess=PreprocessConfig(size=args.size),
+        model=ModelConfig(features=args.features),
+    )
+    arms = arms_for(device, args)
+    steps: dict[Arm, Callable[[], None]] = {}
+    for arm in arms:
+        steps[arm] = make_step(arm, cfg, device)
+        warm = timed(steps[arm], 2, device)  # first calls: allocation, oneDNN/cuDNN choice, compile
+        if arm.compile:
+            print(f"(compile + first 2 steps of '{arm.name}': {warm:.1f} s)", flush=True)
+    seconds: dict[Arm, list[float]] = {arm: [] for arm in arms}
+    for _ in range(args.rounds):
+        for arm in arms:
+            seconds[arm].append(timed(steps[arm], args.steps, device))
+    reference = statistics.median(seconds[arms[0]])
+    for arm in arms:
+        rate = args.steps * args.batch_size / statistics.median(seconds[arm])
+        speedup = reference / statistics.median(seconds[arm])
+        print(f"| step | {arm.name} | {rate:.1f} ({speedup:.2f}x) |", flush=True)
 
 
 if __name__ == "__main__":

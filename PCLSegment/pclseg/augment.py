@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 
 from .errors import PCLSegError
 
-IMAGE, LABEL = "image", "label"
+IMAGE, LABEL, PRIOR = "image", "label", "prior"
 #: Padding for rotated/zoomed-out borders: repeat the edge. After a per-volume z-score there is
 #: no "zero" background value, and image and label must be padded alike to stay aligned.
 PADDING = "border"
@@ -135,21 +135,24 @@ def pretrain_augment(
 def finetune_augment(
     size: int, intensity: bool = True, seed: int = 0, params: AugmentParams = NO_FLIP_PARAMS
 ) -> Compose:
-    """The same random spatial transform on ``{"image": (C,H,W), "label": (1,H,W)}``.
+    """The same random spatial transform on ``{"image": (C,H,W), "label": (1,H,W)}`` and, when
+    present, ``"prior": (P,H,W)`` (the interpolation prior's channels).
 
-    The image is interpolated bilinearly, the label by nearest neighbour so its values stay in
-    the original label set; intensity augmentation touches the image only. Returns a dict with
-    ``image`` float32 and ``label`` int64 tensors of size ``size`` x ``size``.
+    The image and the prior are interpolated bilinearly, the label by nearest neighbour so its
+    values stay in the original label set; intensity augmentation touches the image only.
+    Returns a dict with ``image`` (and ``prior``) float32 and ``label`` int64 tensors of size
+    ``size`` x ``size``.
     """
     _check_size(size)
     affine, elastic = _spatial_kwargs(size, params)
-    keys = (IMAGE, LABEL)
-    modes = ("bilinear", "nearest")
+    keys = (IMAGE, LABEL, PRIOR)
+    modes = ("bilinear", "nearest", "bilinear")
+    optional = {"allow_missing_keys": True}
     transforms: list[Callable] = [
-        RandFlipd(keys, prob=params.flip_prob, spatial_axis=0),
-        RandFlipd(keys, prob=params.flip_prob, spatial_axis=1),
-        RandAffined(keys, mode=modes, **affine),
-        Rand2DElasticd(keys, mode=modes, **elastic),
+        RandFlipd(keys, prob=params.flip_prob, spatial_axis=0, **optional),
+        RandFlipd(keys, prob=params.flip_prob, spatial_axis=1, **optional),
+        RandAffined(keys, mode=modes, **affine, **optional),
+        Rand2DElasticd(keys, mode=modes, **elastic, **optional),
     ]
     if intensity:
         p = params.intensity_prob
@@ -160,7 +163,8 @@ def finetune_augment(
             RandGaussianNoised(IMAGE, prob=p, std=0.05),
         ]
     transforms.append(
-        EnsureTyped(keys, data_type="tensor", dtype=(torch.float32, torch.int64), track_meta=False)
+        EnsureTyped(keys, data_type="tensor", dtype=(torch.float32, torch.int64, torch.float32),
+                    track_meta=False, **optional)
     )
     compose = Compose(transforms)
     compose.set_random_state(seed=seed)

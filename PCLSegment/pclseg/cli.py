@@ -21,6 +21,14 @@ EXIT_INTERRUPTED = 130
 DEFAULT_PRETRAIN_EPOCHS = 50
 
 
+def _add_no_amp(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-amp",
+        action="store_true",
+        help="float32 throughout (default: bf16/fp16 on a GPU, bf16 on a CPU that has it)",
+    )
+
+
 def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--progress",
@@ -119,6 +127,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lr=args.lr,
         loss=args.loss,
         augment=not args.no_augment,
+        roi=not args.whole_slice,
+        prior=not args.no_prior,
         seed=args.seed,
         device=args.device,
         amp=not args.no_amp,
@@ -234,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps"
     )
-    p.add_argument("--no-amp", action="store_true", help="no mixed precision on the GPU")
+    _add_no_amp(p)
     p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -274,11 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="annotated slices per volume (NAME:1,5,9;OTHER:3 or a JSON file); "
         "default: every slice holding a label voxel",
     )
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="train exactly this many epochs (default: until the annotated slices are fit)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", default="dice_ce", choices=("ce", "dice", "dice_ce"))
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--whole-slice",
+        action="store_true",
+        help="train on the whole slice, not on the region around the annotations",
+    )
+    p.add_argument(
+        "--no-prior",
+        action="store_true",
+        help="do not give the network 'Fill between slices' of the annotations",
+    )
     p.add_argument(
         "--features",
         type=int,
@@ -286,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="U-Net width for random init (an encoder brings its own)",
     )
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-amp", action="store_true")
+    _add_no_amp(p)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     _add_preprocess(p)
@@ -299,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (outputs keep the input names)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-amp", action="store_true")
+    _add_no_amp(p)
     p.add_argument("--probabilities", action="store_true", help="also write class probabilities")
     p.add_argument("--uncertainty", action="store_true", help="also write an entropy map")
     _add_progress(p)
@@ -325,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     json_errors = getattr(args, "progress", None) == "json"
     try:
+        if getattr(args, "device", None) is not None:  # the commands that run the network
+            from .device import use_all_cores
+
+            use_all_cores()
         code = args.func(args)
     except PCLSegError as error:
         if json_errors:

@@ -110,36 +110,88 @@ class PretrainConfig:
 
 
 @dataclass
+class StopRule:
+    """How long fine-tuning runs when no fixed length is asked for: until the annotated slices
+    are fit, within a budget that grows with them.
+
+    Every ``check_every`` steps the network segments its training slices (without
+    augmentation) and their mean foreground Dice is compared with the best so far. Training
+    at the full learning rate ends once that Dice reaches ``fit_dice`` (after ``min_steps``),
+    once ``patience`` checks in a row brought no gain of ``min_gain``, or at the cap
+    ``min(max_steps, min_steps + steps_per_slice * N)`` for ``N`` training slices. A cosine
+    anneal of ``anneal`` times the steps so far (at least one check interval) follows.
+    """
+
+    check_every: int = 20
+    fit_dice: float = 0.95
+    min_gain: float = 0.005
+    patience: int = 5
+    min_steps: int = 100
+    steps_per_slice: int = 50
+    max_steps: int = 2000
+    anneal: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("check_every", "patience", "min_steps", "max_steps"):
+            value = getattr(self, name)
+            if value < 1:
+                raise PCLSegError(f"stop rule: {name} must be at least 1, got {value}")
+        if not 0 < self.fit_dice <= 1:
+            raise PCLSegError(f"stop rule: fit_dice must be in (0, 1], got {self.fit_dice}")
+        if self.steps_per_slice < 0 or self.anneal < 0 or self.min_gain < 0:
+            raise PCLSegError("stop rule: steps_per_slice, anneal and min_gain must be >= 0")
+
+    def cap(self, num_slices: int) -> int:
+        """The most steps at the full learning rate for ``num_slices`` training slices."""
+        return min(self.max_steps, self.min_steps + self.steps_per_slice * num_slices)
+
+
+@dataclass
 class FinetuneConfig:
     """Supervised fine-tuning of the whole U-Net on sparse slice annotations.
 
-    An epoch is ``max(ceil(N / batch_size), min_steps_per_epoch)`` optimizer steps over the
-    ``N`` annotated training slices (each batch drawn from reshuffled passes, every draw freshly
-    augmented), so a handful of slices still gets a meaningful epoch. A held-out check takes
-    ``validation_fraction`` of the annotated slices when there are at least
-    ``min_validation_slices``. With a pretrained encoder, ``model.features``,
-    ``model.in_channels`` and ``preprocess`` come from the encoder; ``model.num_classes``
-    always comes from the labels.
+    Length: with ``epochs`` unset (the default), training runs until the annotated slices are
+    fit (:class:`StopRule`). With ``epochs`` set, it runs exactly that many epochs of
+    ``max(ceil(N / batch_size), min_steps_per_epoch)`` steps with a cosine decay (each batch
+    drawn from reshuffled passes, every draw freshly augmented).
+
+    Inputs: ``roi`` crops slices to the region around the annotations (:mod:`pclseg.roi`;
+    ``roi_margin`` grows it); ``prior`` adds one channel per foreground class holding "Fill
+    between slices" of the annotations (:mod:`pclseg.interpolate`), zeroed for a fraction
+    ``prior_dropout`` of the training draws so that the network also segments without it (as
+    on another volume). ``postprocess`` drops predicted 3D components that the annotations do
+    not support (:mod:`pclseg.postprocess`).
+
+    A held-out check takes ``validation_fraction`` of the annotated slices when there are at
+    least ``min_validation_slices``. With a pretrained encoder, ``model.features`` and
+    ``preprocess`` come from the encoder; ``model.num_classes`` and ``model.in_channels``
+    always come from the labels (and ``prior``).
     """
 
-    epochs: int = 100
+    epochs: int | None = None
     batch_size: int = 8
     min_steps_per_epoch: int = 10
     min_validation_slices: int = 10
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     loss: Literal["ce", "dice", "dice_ce"] = "dice_ce"
     augment: bool = True
     intensity_augment: bool = True
     validation_fraction: float = 0.2
+    roi: bool = True
+    roi_margin: float = 0.25
+    prior: bool = True
+    prior_dropout: float = 0.3
+    postprocess: bool = True
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    stop: StopRule = field(default_factory=StopRule)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise PCLSegError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise PCLSegError(f"batch size must be at least 1, got {self.batch_size}")
@@ -155,6 +207,14 @@ class FinetuneConfig:
             raise PCLSegError(
                 f"min steps per epoch must be at least 1, got {self.min_steps_per_epoch}"
             )
+        if self.roi_margin < 0:
+            raise PCLSegError(f"roi margin must not be negative, got {self.roi_margin}")
+        if not 0 <= self.prior_dropout < 1:
+            raise PCLSegError(f"prior dropout must be in [0, 1), got {self.prior_dropout}")
+
+    def input_channels(self, num_classes: int) -> int:
+        """The image, plus one prior channel per foreground class with ``prior``."""
+        return 1 + (num_classes - 1 if self.prior else 0)
 
 
 @dataclass
@@ -185,6 +245,6 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         raise PCLSegError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        sub = {"preprocess": PreprocessConfig, "model": ModelConfig}.get(name)
+        sub = {"preprocess": PreprocessConfig, "model": ModelConfig, "stop": StopRule}.get(name)
         kwargs[name] = from_dict(sub, value) if sub and isinstance(value, dict) else value
     return cls(**kwargs)

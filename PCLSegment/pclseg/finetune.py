@@ -1,33 +1,32 @@
-"""Supervised fine-tuning of the whole U-Net on sparse slice annotations.
+"""``pclseg finetune``: the whole U-Net trained on the annotated slices of one or many volumes.
 
 The loop a clinician lives in starts here: a few annotated slices of one or many volumes, an
 encoder pretrained on unlabeled volumes (or none), and the full U-Net trained on those slices.
 
 Data
-    Images and label maps pair by file name (:func:`pair_files`). A slice is *annotated* when
-    it holds any label voxel, or when an explicit slice list names it (so an all-background
-    slice can be annotated too); only annotated slices enter the loss. Volumes and labels are
-    prepared exactly as for pretraining and prediction (:func:`pclseg.preprocess.prepare_volume`,
-    :func:`~pclseg.preprocess.prepare_label`).
+    Images and label maps pair by file name (:func:`pair_files`). Only annotated slices enter
+    the loss (:mod:`pclseg.training_slices`). With ``cfg.roi`` the slices are cropped to one
+    region of interest around the annotations (:mod:`pclseg.roi`); with ``cfg.prior`` each
+    carries "Fill between slices" of its volume's other annotated slices
+    (:mod:`pclseg.interpolate`).
 
 Training length
-    An epoch is ``max(ceil(N / B), min_steps_per_epoch)`` Adam steps of batch ``B`` over the
-    ``N`` annotated training slices. The slices are dealt from reshuffled passes (every slice
-    appears equally often) and every draw is augmented afresh (:func:`pclseg.augment.
-    finetune_augment`: rotation, scaling, elastic, intensity; no flips, which would swap left
-    and right organs). With four slices an epoch is ten steps, not half a step. The learning
-    rate follows a cosine decay over all steps (:func:`pclseg.pretrain.get_lr`).
+    By default until the annotated slices are fit (:class:`~pclseg.config.StopRule`,
+    :mod:`pclseg.stopping`), with a checkpoint at every check. With ``cfg.epochs``, exactly that
+    many epochs of ``max(ceil(N / B), min_steps_per_epoch)`` Adam steps of batch ``B`` over the
+    ``N`` training slices, under a cosine decay (:func:`pclseg.pretrain.get_lr`). Every draw is
+    augmented afresh (:func:`pclseg.augment.finetune_augment`: rotation, scaling, elastic,
+    intensity; no flips, which would swap left and right organs).
 
 Loss
-    MONAI's ``DiceCELoss`` on softmax outputs: cross-entropy, soft Dice computed over the whole
-    batch (a class absent from one slice does not produce a meaningless per-slice Dice), or
-    their sum (``cfg.loss``: ``ce``, ``dice``, ``dice_ce``).
+    MONAI's ``DiceCELoss`` on softmax outputs (:func:`pclseg.trainer.make_loss`).
 
 Outputs
     ``MODEL_DIR/model.safetensors`` + ``model.json`` (format ``"pclseg-model"``: the configs,
-    the labels with names and colours, the preprocessing, the init source) after every epoch,
-    and ``MODEL_DIR/checkpoint.*`` (weights + Adam state) for ``resume``. Both pairs are written
-    atomically, so a killed run loses at most one epoch.
+    the labels with names and colours, the preprocessing, the region of interest, the init
+    source), and ``MODEL_DIR/checkpoint.*`` (weights + Adam state + the stop rule's progress)
+    for ``resume``. Both pairs are written atomically, so a killed run loses at most one check
+    (or epoch).
 """
 
 from __future__ import annotations
@@ -35,22 +34,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from monai.losses import DiceCELoss
-from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint
-from .augment import finetune_augment
 from .config import FinetuneConfig, PretrainConfig, from_dict, to_dict
-from .device import autocast, grad_scaler, resolve_device
+from .device import resolve_device
 from .errors import PCLSegError
-from .evaluate import dice_per_class
 from .io import find_volume_files, read_label, read_volume, volume_name
 from .labels import (
     Label,
@@ -60,93 +54,19 @@ from .labels import (
     read_dataset_labels,
     resolve_labels,
 )
-from .model import UNet, load_encoder
-from .predict import MODEL, MODEL_FORMAT, slice_probabilities
-from .preprocess import prepare_label, prepare_volume
+from .model import UNet, load_encoder, widen_input
+from .predict import MODEL, MODEL_FORMAT
+from .preprocess import prepare_volume
 from .pretrain import get_lr
 from .progress import Progress
+from .roi import RegionOfInterest, annotation_box, region_from_boxes
+from .stopping import FitProgress
+from .trainer import Trainer, held_out_dice
+from .training_slices import TrainingSlices, annotated_slices, prepared_annotations
 
 CHECKPOINT = "checkpoint"
 CHECKPOINT_FORMAT = "pclseg-finetune"
 ENCODER = "encoder"
-
-# --------------------------------------------------------------------------------------------
-# Annotated slices
-
-
-def annotated_slices(label: np.ndarray, slices: Iterable[int] | None = None) -> list[int]:
-    """Sorted canonical indices of the annotated slices of a ``(S, H, W)`` label map.
-
-    Without ``slices``: every slice holding a label voxel. With it: exactly those slices
-    (checked to lie inside the volume), whatever they hold.
-    """
-    if slices is None:
-        return [int(i) for i in np.flatnonzero(label.reshape(len(label), -1).any(axis=1))]
-    chosen = sorted({int(i) for i in slices})
-    outside = [i for i in chosen if not 0 <= i < len(label)]
-    if outside:
-        raise PCLSegError(f"slice {outside[0]} is outside 0..{len(label) - 1}")
-    return chosen
-
-
-@dataclass
-class TrainingSlices:
-    """Annotated slices on the network grid, from one or many volumes.
-
-    Attributes:
-        images: ``(N, size, size)`` float32 prepared slices.
-        labels: ``(N, size, size)`` int64 label maps of the same slices.
-        origins: ``(volume name, canonical slice index)`` of each slice.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    origins: list[tuple[str, int]]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @classmethod
-    def empty(cls, size: int) -> TrainingSlices:
-        return cls(np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.int64), [])
-
-    @classmethod
-    def concat(cls, parts: Sequence[TrainingSlices]) -> TrainingSlices:
-        return cls(
-            np.concatenate([p.images for p in parts]),
-            np.concatenate([p.labels for p in parts]),
-            [origin for p in parts for origin in p.origins],
-        )
-
-    def subset(self, indices: Sequence[int]) -> TrainingSlices:
-        idx = np.asarray(indices, dtype=np.int64)
-        return TrainingSlices(self.images[idx], self.labels[idx], [self.origins[i] for i in idx])
-
-    def split(self, cfg: FinetuneConfig) -> tuple[TrainingSlices, TrainingSlices]:
-        """``(train, held out)``: a seeded ``validation_fraction`` of the slices is held out
-        when there are at least ``min_validation_slices``; otherwise all slices train."""
-        n = len(self)
-        if cfg.validation_fraction <= 0 or n < max(2, cfg.min_validation_slices):
-            return self, TrainingSlices.empty(self.images.shape[-1])
-        n_val = max(1, round(cfg.validation_fraction * n))
-        held = set(np.random.default_rng(cfg.seed).choice(n, size=n_val, replace=False).tolist())
-        return (self.subset([i for i in range(n) if i not in held]),
-                self.subset(sorted(held)))
-
-
-def prepared_annotations(
-    slices: np.ndarray, label: np.ndarray, geometry: Any, annotated: Sequence[int], name: str
-) -> TrainingSlices:
-    """The annotated slices of one prepared volume and its canonical label map."""
-    if not annotated:
-        size = slices.shape[-1]
-        return TrainingSlices.empty(size)
-    idx = list(annotated)
-    return TrainingSlices(
-        np.ascontiguousarray(slices[idx]),
-        prepare_label(label[idx], geometry),
-        [(name, int(i)) for i in idx],
-    )
 
 
 def pair_files(images: Path | str, labels: Path | str) -> list[tuple[Path, Path]]:
@@ -198,18 +118,25 @@ def encoder_stem(run_dir: Path | str) -> Path:
     return path / ENCODER
 
 
+def with_classes(cfg: FinetuneConfig, num_classes: int) -> FinetuneConfig:
+    """``cfg`` for ``num_classes`` classes (background included): output classes, and the
+    input channels that the interpolation prior adds."""
+    model = dataclasses.replace(
+        cfg.model, num_classes=num_classes, in_channels=cfg.input_channels(num_classes)
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
 def with_encoder_config(
     cfg: FinetuneConfig, encoder_meta: dict[str, Any], where: Path
 ) -> FinetuneConfig:
-    """``cfg`` with the encoder's architecture (features, input channels) and preprocessing, so
-    the fine-tuned network and its inputs are the ones the encoder learned on."""
+    """``cfg`` with the encoder's width and preprocessing, so the fine-tuned network and its
+    inputs are the ones the encoder learned on."""
     try:
         pretrain_cfg = from_dict(PretrainConfig, encoder_meta["config"])
     except (KeyError, TypeError) as exc:
         raise PCLSegError(f"{where}.json: no pretraining configuration in the metadata") from exc
-    model = dataclasses.replace(
-        cfg.model, features=pretrain_cfg.model.features, in_channels=pretrain_cfg.model.in_channels
-    )
+    model = dataclasses.replace(cfg.model, features=pretrain_cfg.model.features)
     return dataclasses.replace(cfg, model=model, preprocess=pretrain_cfg.preprocess)
 
 
@@ -232,164 +159,16 @@ def init_source(init: Path | str | None) -> tuple[dict[str, torch.Tensor] | None
 def build_model(
     cfg: FinetuneConfig, encoder: dict[str, torch.Tensor] | None, where: str = "encoder"
 ) -> UNet:
-    """A U-Net for ``cfg.model``, its encoder loaded strictly from ``encoder`` when given."""
+    """A U-Net for ``cfg.model``, its encoder loaded strictly from ``encoder`` when given (an
+    encoder pretrained on the image alone gains zero weights for the prior channels)."""
     torch.manual_seed(cfg.seed)
     unet = UNet(cfg.model)
     if encoder is not None:
         try:
-            load_encoder(unet, encoder)
+            load_encoder(unet, widen_input(encoder, cfg.model.in_channels))
         except PCLSegError as exc:
             raise PCLSegError(f"{where}: {exc}") from exc
     return unet
-
-
-# --------------------------------------------------------------------------------------------
-# The optimisation step and the sampled, augmented draws
-
-
-def make_loss(kind: str) -> DiceCELoss:
-    """CE, Dice or both on logits ``(B, C, H, W)`` against labels ``(B, 1, H, W)``.
-
-    ``L = lambda_ce * CE + lambda_dice * (1 - Dice)``; Dice pooled over the batch (``batch=True``)
-    and including background.
-    """
-    weights = {"ce": (1.0, 0.0), "dice": (0.0, 1.0), "dice_ce": (1.0, 1.0)}
-    if kind not in weights:
-        raise PCLSegError(f"loss must be ce, dice or dice_ce, got {kind!r}")
-    lambda_ce, lambda_dice = weights[kind]
-    return DiceCELoss(
-        to_onehot_y=True, softmax=True, batch=True, lambda_ce=lambda_ce, lambda_dice=lambda_dice
-    )
-
-
-class SliceDraws(Dataset):
-    """``count`` augmented draws from training slices, for one run of steps.
-
-    Item ``k`` is slice ``order[k]``, where ``order`` concatenates seeded permutations of the
-    slices (so with 4 slices and 80 draws each slice is drawn 20 times). Its augmentation is
-    seeded by ``(seed, k)``, so a draw is the same whatever DataLoader worker makes it.
-    ``dataset[k]`` is ``(image (1, size, size) float32, label (1, size, size) int64)``.
-    """
-
-    def __init__(
-        self, data: TrainingSlices, count: int, seed: Sequence[int], augment: Callable | None
-    ) -> None:
-        if len(data) == 0:
-            raise PCLSegError("no annotated slices to train on")
-        rng = np.random.default_rng(list(seed))
-        passes = math.ceil(count / len(data))
-        self.order = np.concatenate([rng.permutation(len(data)) for _ in range(passes)])[:count]
-        self.data = data
-        self.seed = list(seed)
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = int(self.order[k])
-        image = self.data.images[index][None].astype(np.float32, copy=True)
-        label = self.data.labels[index][None].astype(np.int64, copy=True)
-        if self.augment is None:
-            return torch.from_numpy(image), torch.from_numpy(label)
-        state = np.random.SeedSequence([*self.seed, k]).generate_state(1)
-        self.augment.set_random_state(seed=int(state[0]))
-        out = self.augment({"image": image, "label": label})
-        return out["image"], out["label"]
-
-
-@dataclass
-class RunResult:
-    """What a run of steps did: steps done, their mean loss, and whether it was stopped."""
-
-    steps: int
-    loss: float
-    stopped: bool
-
-
-class Trainer:
-    """The model with its Adam optimizer, loss and gradient scaler; runs bounded step counts.
-
-    Shared by :func:`finetune` (epoch after epoch) and the refine session (a few steps per
-    click, continuing from the current weights and optimizer moments).
-    """
-
-    def __init__(self, unet: UNet, cfg: FinetuneConfig, device: torch.device) -> None:
-        self.unet = unet.to(device)
-        self.cfg = cfg
-        self.device = device
-        self.optimizer = torch.optim.Adam(
-            unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
-        self.loss_fn = make_loss(cfg.loss)
-        self.scaler = grad_scaler(device, cfg.amp)
-        self.augment = (
-            finetune_augment(cfg.preprocess.size, intensity=cfg.intensity_augment, seed=cfg.seed)
-            if cfg.augment else None
-        )
-
-    def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
-        """One optimizer step on a batch: images ``(B, 1, H, W)``, labels ``(B, 1, H, W)``."""
-        self.unet.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(self.device, self.cfg.amp):
-            logits = self.unet(images)
-        loss = self.loss_fn(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise PCLSegError(f"the loss became {value}; lower the learning rate or turn amp off")
-        return value
-
-    def run(
-        self,
-        data: TrainingSlices,
-        steps: int,
-        lr_at: Callable[[int], float],
-        seed: Sequence[int],
-        on_step: Callable[[int, float], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> RunResult:
-        """``steps`` optimizer steps on augmented batches of ``data``.
-
-        Args:
-            lr_at: learning rate of step ``s`` (0-based within this run).
-            seed: seeds the draws and their augmentation (vary it between runs).
-            on_step: called after each step with ``(steps done, loss)``.
-            should_stop: checked after each step; True ends the run early.
-        """
-        batch = self.cfg.batch_size  # a batch repeats slices when there are fewer than B
-        draws = SliceDraws(data, steps * batch, seed, self.augment)
-        loader = DataLoader(draws, batch_size=batch, shuffle=False, drop_last=True,
-                            pin_memory=self.device.type == "cuda")
-        losses: list[float] = []
-        for step, (images, labels) in enumerate(loader):
-            loss = self.step(images.to(self.device, non_blocking=True),
-                             labels.to(self.device, non_blocking=True), lr_at(step))
-            losses.append(loss)
-            if on_step is not None:
-                on_step(step + 1, loss)
-            if should_stop is not None and should_stop():
-                break
-        stopped = len(losses) < steps
-        return RunResult(len(losses), float(np.mean(losses)) if losses else math.nan, stopped)
-
-
-def held_out_dice(
-    unet: UNet, data: TrainingSlices, num_classes: int, device: torch.device, amp: bool
-) -> float | None:
-    """Mean foreground Dice on held-out slices (the stack scored as one volume)."""
-    if len(data) == 0:
-        return None
-    probabilities = slice_probabilities(unet, data.images, device, amp=amp)
-    pred = probabilities.argmax(dim=1).numpy()
-    scores = [s for s in dice_per_class(pred, data.labels, range(1, num_classes)).values()
-              if s is not None]
-    return float(np.mean(scores)) if scores else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,14 +220,17 @@ def load_training_slices(
     cfg: FinetuneConfig,
     slices: dict[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
-) -> tuple[TrainingSlices, int, list[dict[str, Any]]]:
+) -> tuple[TrainingSlices, int, list[dict[str, Any]], RegionOfInterest]:
     """Read, prepare and collect the annotated slices of every image/label pair.
 
+    With ``cfg.roi`` the slices are cropped to one region of interest around the annotations
+    of all volumes; with ``cfg.prior`` each slice carries its leave-one-out prior.
+
     Returns:
-        ``(slices, largest label value, per-volume summary)``.
+        ``(slices, largest label value, per-volume summary, region of interest)``.
     """
     progress = progress or Progress.null()
-    parts, summary, top = [], [], 0
+    read, summary, top = [], [], 0
     for image_path, label_path in pairs:
         volume = read_volume(image_path, cfg.preprocess.slice_axis)
         label = read_label(label_path, volume)
@@ -458,14 +240,24 @@ def load_training_slices(
         except PCLSegError as exc:
             raise PCLSegError(f"{label_path}: {exc}") from exc
         top = max(top, int(label[chosen].max(initial=0)) if chosen else 0)
-        prepared, geometry = prepare_volume(volume, cfg.preprocess)
-        parts.append(prepared_annotations(prepared, label, geometry, chosen, volume.name))
+        read.append((volume, label, chosen))
         summary.append({"name": volume.name, "slices": volume.shape[0], "annotated": chosen})
         progress.event("message", message=f"{volume.name}: {len(chosen)} annotated slice(s)")
+    region = RegionOfInterest.whole()
+    if cfg.roi:
+        boxes = [(box, label.shape[1:]) for _, label, chosen in read
+                 if (box := annotation_box(label, chosen)) is not None]
+        region = region_from_boxes(boxes, cfg.roi_margin)
+    parts = []
+    for volume, label, chosen in read:
+        crop = None if region.is_whole else region.pixels(volume.shape[1:])
+        prepared, geometry = prepare_volume(volume, cfg.preprocess, crop)
+        parts.append(prepared_annotations(prepared, label, geometry, chosen, volume.name,
+                                          cfg.prior))
     data = TrainingSlices.concat(parts) if parts else TrainingSlices.empty(cfg.preprocess.size)
     if len(data) == 0:
         raise PCLSegError("no annotated slices: the label maps hold no label voxel")
-    return data, top, summary
+    return data, top, summary, region
 
 
 def steps_per_epoch(num_slices: int, cfg: FinetuneConfig) -> int:
@@ -512,7 +304,9 @@ def finetune(
             raise PCLSegError(f"{out}: no fine-tuning checkpoint to resume from")
         state, meta = checkpoint.load_pair(out / CHECKPOINT, expect_format=CHECKPOINT_FORMAT)
         saved = from_dict(FinetuneConfig, meta["config"])
-        cfg = dataclasses.replace(saved, epochs=max(saved.epochs, cfg.epochs), device=cfg.device)
+        epochs = saved.epochs if saved.epochs is None or cfg.epochs is None \
+            else max(saved.epochs, cfg.epochs)
+        cfg = dataclasses.replace(saved, epochs=epochs, device=cfg.device)
         init_info = meta["init"]
     elif (out / f"{CHECKPOINT}.json").exists():
         raise PCLSegError(
@@ -524,37 +318,30 @@ def finetune(
             cfg = with_encoder_config(cfg, init_info.pop("meta"), encoder_stem(init))
 
     pairs = pair_files(images, labels)
-    data, top, volumes = load_training_slices(pairs, cfg, slices, progress)
+    data, top, volumes, region = load_training_slices(pairs, cfg, slices, progress)
     model_labels = (labels_from_json(meta["labels"]) if resume
                     else labels_for(top, Path(labels), label_names))
     num_classes = len(model_labels) + 1
     if top >= num_classes:
         raise PCLSegError(f"{labels}: label value {top} but the model has {num_classes - 1} labels")
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+    cfg = with_classes(cfg, num_classes)
     train, held_out = data.split(cfg)
 
     device = resolve_device(cfg.device)
     trainer = Trainer(build_model(cfg, encoder, str(init)), cfg, device)
-    start_epoch = 0
     if resume:
         trainer.unet.load_state_dict(
             {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         )
         checkpoint.optimizer_from_tensors(trainer.optimizer, state, meta["optimizer"])
-        start_epoch = int(meta["epoch"])
-    per_epoch = steps_per_epoch(len(train), cfg)
-    total_steps = per_epoch * cfg.epochs
     data_summary = {"volumes": volumes, "annotated_slices": len(data),
                     "training_slices": len(train), "held_out_slices": len(held_out)}
-    progress.event(
-        "started", out=out, device=str(device), init=init_info["kind"], classes=num_classes,
-        total_steps=total_steps, done_steps=start_epoch * per_epoch, epochs=cfg.epochs,
-        desc="fine-tuning", **{k: v for k, v in data_summary.items() if k != "volumes"},
-    )
 
-    def save(epoch: int, loss: float, val_dice: float | None) -> None:
-        extra = {"epoch": epoch, "steps": epoch * per_epoch, "loss": loss, "val_dice": val_dice,
-                 "data": data_summary}
+    def save(epoch: int, steps: int, loss: float, val_dice: float | None,
+             fit: FitProgress | None = None) -> None:
+        extra = {"epoch": epoch, "steps": steps, "loss": loss, "val_dice": val_dice,
+                 "data": data_summary, "roi": region.to_dict(),
+                 "fit": fit.to_dict() if fit else None}
         save_model(out, trainer.unet, cfg, model_labels, init_info, **extra)
         opt_tensors, opt_meta = checkpoint.optimizer_to_tensors(trainer.optimizer)
         tensors = {f"model.{k}": v for k, v in trainer.unet.state_dict().items()} | opt_tensors
@@ -562,16 +349,81 @@ def finetune(
             "format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "optimizer": opt_meta,
             "labels": labels_to_json(model_labels), "init": init_info, **extra,
         })
-        progress.event("checkpoint", path=out / MODEL, epoch=epoch)
+        progress.event("checkpoint", path=out / MODEL, epoch=epoch, steps=steps)
 
+    run = _train_by_rule if cfg.epochs is None else _train_by_epochs
+    result = run(trainer, train, held_out, meta, save, progress, should_stop,
+                 started={"out": out, "device": str(device), "init": init_info["kind"],
+                          "classes": num_classes, "desc": "fine-tuning",
+                          **{k: v for k, v in data_summary.items() if k != "volumes"}})
+    return dataclasses.replace(result, model_dir=out)
+
+
+def _train_by_rule(
+    trainer: Trainer,
+    train: TrainingSlices,
+    held_out: TrainingSlices,
+    meta: dict[str, Any],
+    save: Callable[..., None],
+    progress: Progress,
+    should_stop: Callable[[], bool] | None,
+    started: dict[str, Any],
+) -> FinetuneResult:
+    """Fine-tune until the training slices are fit (``cfg.stop``); a checkpoint per check."""
+    cfg = trainer.cfg
+    fit = FitProgress.from_dict(meta["fit"]) if meta.get("fit") else FitProgress(len(train))
+    estimate = round(cfg.stop.cap(len(train)) * (1 + cfg.stop.anneal))
+    progress.event("started", total_steps=estimate, done_steps=fit.steps, **started)
+    start = time.monotonic()
+    val_dice: float | None = meta.get("val_dice")
+
+    def on_step(step: int, loss: float) -> None:
+        total = fit.fit_steps + fit.anneal_steps if fit.fit_steps is not None else estimate
+        progress.event("step", step=step, steps=max(step, total), loss=loss)
+
+    def on_check(state: FitProgress, dice: float) -> None:
+        nonlocal val_dice
+        val_dice = held_out_dice(trainer.unet, held_out, trainer.num_classes, trainer.device,
+                                 cfg.amp, trainer.with_prior)
+        progress.event("check", step=state.steps, train_dice=dice, val_dice=val_dice,
+                       reason=state.reason or None)
+        save(0, state.steps, math.nan, val_dice, state)
+
+    fit, result = trainer.fit(train, (cfg.seed,), fit, on_step, should_stop, on_check)
+    save(0, fit.steps, result.loss, val_dice, fit)
+    if result.stopped:
+        progress.event("stopped", steps=fit.steps)
+    progress.event("done", steps=fit.steps, loss=result.loss, val_dice=val_dice,
+                   train_dice=fit.best, reason=fit.reason, seconds=time.monotonic() - start)
+    return FinetuneResult(Path(), 0, fit.steps, result.loss, val_dice, result.stopped)
+
+
+def _train_by_epochs(
+    trainer: Trainer,
+    train: TrainingSlices,
+    held_out: TrainingSlices,
+    meta: dict[str, Any],
+    save: Callable[..., None],
+    progress: Progress,
+    should_stop: Callable[[], bool] | None,
+    started: dict[str, Any],
+) -> FinetuneResult:
+    """Fine-tune ``cfg.epochs`` epochs with a cosine decay; a checkpoint per epoch."""
+    cfg = trainer.cfg
+    epochs = int(cfg.epochs)  # type: ignore[arg-type]
+    start_epoch = int(meta.get("epoch", 0))
+    per_epoch = steps_per_epoch(len(train), cfg)
+    total_steps = per_epoch * epochs
+    progress.event("started", total_steps=total_steps, done_steps=start_epoch * per_epoch,
+                   epochs=epochs, **started)
     run_start = time.monotonic()
     loss, val_dice, epoch, stopped = float(meta.get("loss", math.nan)), meta.get("val_dice"), \
         start_epoch, False
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         epoch_start = time.monotonic()
 
         def on_step(step: int, value: float, epoch: int = epoch) -> None:
-            progress.event("step", epoch=epoch + 1, epochs=cfg.epochs, step=step,
+            progress.event("step", epoch=epoch + 1, epochs=epochs, step=step,
                            steps=per_epoch, loss=value)
 
         result = trainer.run(
@@ -581,19 +433,19 @@ def finetune(
         )
         loss, stopped = result.loss, result.stopped
         if stopped:  # keep what this epoch learned; a resume repeats the epoch from here
-            save(epoch, loss, val_dice)
+            save(epoch, epoch * per_epoch, loss, val_dice)
             break
-        val_dice = held_out_dice(trainer.unet, held_out, num_classes, device, cfg.amp)
+        val_dice = held_out_dice(trainer.unet, held_out, trainer.num_classes, trainer.device,
+                                 cfg.amp, trainer.with_prior)
         elapsed = time.monotonic() - epoch_start
-        progress.event("epoch", epoch=epoch + 1, epochs=cfg.epochs, loss=loss, val_dice=val_dice,
+        progress.event("epoch", epoch=epoch + 1, epochs=epochs, loss=loss, val_dice=val_dice,
                        seconds=elapsed,
                        slices_per_s=result.steps * cfg.batch_size / max(elapsed, 1e-9),
-                       eta_s=(cfg.epochs - epoch - 1) * elapsed)
-        save(epoch + 1, loss, val_dice)
-    epochs_done = epoch if stopped else cfg.epochs
+                       eta_s=(epochs - epoch - 1) * elapsed)
+        save(epoch + 1, (epoch + 1) * per_epoch, loss, val_dice)
+    epochs_done = epoch if stopped else epochs
     if stopped:
-        progress.event("stopped", epoch=epochs_done, out=out)
-    progress.event("done", out=out, epochs=epochs_done, loss=loss, val_dice=val_dice,
+        progress.event("stopped", epoch=epochs_done)
+    progress.event("done", epochs=epochs_done, loss=loss, val_dice=val_dice,
                    seconds=time.monotonic() - run_start)
-    return FinetuneResult(out, epochs_done, epochs_done * per_epoch, loss, val_dice, stopped)
-
+    return FinetuneResult(Path(), epochs_done, epochs_done * per_epoch, loss, val_dice, stopped)

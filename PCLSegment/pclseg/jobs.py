@@ -305,3 +305,30 @@ class ThreadJob(Job):
         self.cancelled = True
         if self._on_cancel is not None:
             self._on_cancel()
+
+
+# ============================================================================================
+# One training job at a time
+
+_training: tuple[Job, str] | None = None
+_training_lock = threading.Lock()
+
+
+def start_training(what: str, start: Callable[[], Job]) -> Job:
+    """Start a training job (``start()``) unless another one of this process still runs.
+
+    Two trainings on one machine share its cores (or GPU) and each runs at half speed or
+    worse, so the faces run one at a time: starting a second one is a
+    :class:`~pclseg.errors.PCLSegError` naming the one that runs. ``what`` names this job in
+    that message ("pretraining", "fine-tuning").
+    """
+    global _training
+    with _training_lock:
+        if _training is not None and _training[0].running:
+            raise PCLSegError(
+                f"{_training[1]} is running: wait for it to finish or cancel it before "
+                f"{what} (two trainings on one machine each run at half speed or worse)"
+            )
+        job = start()
+        _training = (job, what)
+        return job

@@ -193,6 +193,26 @@ def _list_names(names: set[str], limit: int = 4) -> str:
     return ", ".join(shown) + more
 
 
+#: The encoder's first convolution, the only weight that depends on the input channels.
+FIRST_CONV = "levels.0.conv_0.conv.weight"
+
+
+def widen_input(state: Mapping[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
+    """An encoder state for ``in_channels`` inputs from one pretrained on fewer.
+
+    The first convolution gains zero weights for the new channels, so the widened encoder
+    computes exactly what the pretrained one did until fine-tuning teaches it to use them (the
+    prior channels of :mod:`pclseg.interpolate`). A state that already has ``in_channels``
+    (or more, which :func:`load_encoder` then refuses) is returned as it is.
+    """
+    state = {strip_wrapper_prefixes(name): tensor for name, tensor in state.items()}
+    weight = state.get(FIRST_CONV)
+    if weight is None or weight.ndim != 4 or weight.shape[1] >= in_channels:
+        return state
+    extra = weight.new_zeros(weight.shape[0], in_channels - weight.shape[1], *weight.shape[2:])
+    return {**state, FIRST_CONV: torch.cat([weight, extra], dim=1)}
+
+
 def load_encoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load encoder weights into ``model.encoder`` strictly.
 

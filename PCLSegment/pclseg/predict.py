@@ -34,7 +34,7 @@ import torch
 
 from . import checkpoint
 from .config import FinetuneConfig, PredictConfig, from_dict
-from .device import autocast, resolve_device
+from .device import autocast, channels_last, network_input, resolve_device
 from .errors import PCLSegError
 from .io import (
     SERIES_SEPARATOR,
@@ -49,6 +49,7 @@ from .labels import Label, labels_from_json
 from .model import UNet
 from .preprocess import SliceGeometry, prepare_volume, unfit_slices
 from .progress import Progress
+from .roi import RegionOfInterest
 from .suggest import pixel_entropy
 
 MODEL = "model"
@@ -99,7 +100,7 @@ def load_model(model_dir: Path | str, device: str | torch.device = "cpu") -> Loa
             f"({first[1].strip() if len(first) > 1 else first[0]})"
         ) from exc
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    unet.to(device).eval()
+    channels_last(unet, device).eval()
     return LoadedModel(unet, cfg, labels, meta, device)
 
 
@@ -110,7 +111,8 @@ def slice_probabilities(
     batch_size: int = 16,
     amp: bool = True,
 ) -> torch.Tensor:
-    """Softmax probabilities of prepared slices: ``(S, size, size)`` -> ``(S, C, size, size)``.
+    """Softmax probabilities of prepared slices: ``(S, size, size)`` (the image alone) or
+    ``(S, C_in, size, size)`` (with prior channels) -> ``(S, C, size, size)``.
 
     Batched, under ``torch.inference_mode`` and (on a GPU) mixed precision; the result is
     float32 on the CPU. The network is put in eval mode (batch norm uses its running statistics).
@@ -120,7 +122,7 @@ def slice_probabilities(
     with torch.inference_mode():
         for start in range(0, len(slices), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size]))
-            batch = batch[:, None].to(device, dtype=torch.float32, non_blocking=True)
+            batch = network_input(batch[:, None] if batch.ndim == 3 else batch, device)
             with autocast(device, amp):
                 logits = unet(batch)
             out.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -154,12 +156,24 @@ def to_canonical(probabilities: torch.Tensor, geometry: SliceGeometry) -> Predic
     return Prediction(canonical.argmax(axis=0).astype(dtype), canonical)
 
 
+def network_inputs(slices: np.ndarray, in_channels: int) -> np.ndarray:
+    """Prepared slices ``(S, size, size)`` as the network's input ``(S, C_in, size, size)``:
+    the image, and empty prior channels (another volume has no annotations to interpolate)."""
+    inputs = np.zeros((len(slices), in_channels, *slices.shape[1:]), np.float32)
+    inputs[:, 0] = slices
+    return inputs
+
+
 def predict_volume(
     model: LoadedModel, volume: Volume, batch_size: int = 16, amp: bool = True
 ) -> Prediction:
-    """Predict one canonical volume with a loaded model."""
-    slices, geometry = prepare_volume(volume, model.config.preprocess)
-    probabilities = slice_probabilities(model.unet, slices, model.device, batch_size, amp)
+    """Predict one canonical volume with a loaded model, inside the model's region of
+    interest (:mod:`pclseg.roi`; the whole slice for models without one)."""
+    region = RegionOfInterest.from_dict(model.metadata.get("roi"))
+    crop = None if region.is_whole else region.pixels(volume.shape[1:])
+    slices, geometry = prepare_volume(volume, model.config.preprocess, crop)
+    inputs = network_inputs(slices, model.config.model.in_channels)
+    probabilities = slice_probabilities(model.unet, inputs, model.device, batch_size, amp)
     return to_canonical(probabilities, geometry)
 
 

@@ -14,11 +14,14 @@ The chain for an image volume ``(S, H, W)`` (:func:`prepare_volume`):
 4. Resizing ``L x L -> size x size`` (bilinear with anti-aliasing for images, nearest for
    labels).
 
-A :class:`SliceGeometry` records the numbers of steps 2-4; :func:`unfit_slices` runs them
-backwards (resize to ``L``, crop, resize to ``(H, W)``) so a prediction made on the network's
-grid lands on the volume's canonical grid. Nearest-neighbour resizing uses pixel centres
-(``nearest-exact``), which makes ``unfit(fit(labels)) == labels`` exactly whenever the
-network grid is at least as fine as the volume's.
+With a region of interest (:mod:`pclseg.roi`), the slices are first cropped to it in-plane
+(after the z-score, so the intensities do not depend on the crop), and steps 2-4 fit the crop.
+
+A :class:`SliceGeometry` records the numbers of steps 2-4 and the crop; :func:`unfit_slices`
+runs them backwards (resize to ``L``, unpad, resize to ``(H, W)``, put the crop back) so a
+prediction made on the network's grid lands on the volume's canonical grid. Nearest-neighbour
+resizing uses pixel centres (``nearest-exact``), which makes ``unfit(fit(labels)) == labels``
+exactly whenever the network grid is at least as fine as the volume's.
 """
 
 from __future__ import annotations
@@ -145,10 +148,13 @@ class SliceGeometry:
 
     Attributes:
         shape: ``(H, W)`` of the canonical slices.
-        resampled: ``(H1, W1)`` after in-plane resampling (``shape`` when there was none).
+        resampled: ``(H1, W1)`` of the (cropped) slices after in-plane resampling (their
+            shape when there was none).
         side: ``L``, the square the resampled slice was padded into.
         offset: ``(top, left)`` of the resampled slice inside the square.
         size: the network's slice side.
+        crop: ``(top, left, height, width)`` of the region of interest in the canonical slice,
+            or ``None`` for the whole slice.
     """
 
     shape: tuple[int, int]
@@ -156,6 +162,19 @@ class SliceGeometry:
     side: int
     offset: tuple[int, int]
     size: int
+    crop: tuple[int, int, int, int] | None = None
+
+    @property
+    def cropped_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the region the network sees (the whole slice without a crop)."""
+        return self.shape if self.crop is None else (self.crop[2], self.crop[3])
+
+    def cut(self, array: np.ndarray) -> np.ndarray:
+        """The region of interest of ``(..., H, W)`` slices (a view)."""
+        if self.crop is None:
+            return array
+        top, left, height, width = self.crop
+        return array[..., top : top + height, left : left + width]
 
     @property
     def pixel_spacing_scale(self) -> float:
@@ -173,6 +192,7 @@ class SliceGeometry:
             side=int(data["side"]),
             offset=tuple(data["offset"]),  # type: ignore[arg-type]
             size=int(data["size"]),
+            crop=tuple(data["crop"]) if data.get("crop") else None,  # type: ignore[arg-type]
         )
 
 
@@ -181,11 +201,21 @@ def plan_fit(
     size: int,
     spacing_rc: Sequence[float] | None = None,
     target_spacing: float | None = None,
+    crop: Sequence[int] | None = None,
 ) -> SliceGeometry:
-    """The :class:`SliceGeometry` for ``(H, W)`` slices (see the module docstring, steps 2-4)."""
+    """The :class:`SliceGeometry` for ``(H, W)`` slices (see the module docstring, steps 2-4),
+    of their ``crop`` ``(top, left, height, width)`` when one is given."""
     if size < 1:
         raise PCLSegError(f"size must be positive, got {size}")
-    shape = (int(shape_hw[0]), int(shape_hw[1]))
+    full = (int(shape_hw[0]), int(shape_hw[1]))
+    box = None
+    if crop is not None:
+        box = tuple(int(v) for v in crop)
+        top, left, height, width = box
+        if top < 0 or left < 0 or height < 1 or width < 1 or top + height > full[0] \
+                or left + width > full[1]:
+            raise PCLSegError(f"crop {box} does not lie inside slices of shape {full}")
+    shape = full if box is None else (box[2], box[3])
     if target_spacing is None:
         resampled, side = shape, max(shape)
     else:
@@ -194,7 +224,7 @@ def plan_fit(
         resampled = inplane_shape(shape, spacing_rc, target_spacing)
         side = max(*resampled, size)
     offset = ((side - resampled[0]) // 2, (side - resampled[1]) // 2)
-    return SliceGeometry(shape, resampled, side, offset, size)
+    return SliceGeometry(full, resampled, side, offset, size, box)  # type: ignore[arg-type]
 
 
 def fit_slices(
@@ -224,7 +254,7 @@ def fit_slices(
         )
     if order == 1:
         array = np.asarray(array, dtype=np.float32)
-    resampled = _resize(array, geometry.resampled, order)
+    resampled = _resize(np.ascontiguousarray(geometry.cut(array)), geometry.resampled, order)
     top, left = geometry.offset
     height, width = geometry.resampled
     square = np.full((array.shape[0], geometry.side, geometry.side), pad_value, dtype=array.dtype)
@@ -244,7 +274,9 @@ def unfit_slices(
         order: 0 nearest, 1 bilinear; default nearest for integer/boolean arrays, else bilinear.
 
     Returns:
-        ``(S, H, W)`` or ``(C, S, H, W)``, in the input dtype (float32 for floats).
+        ``(S, H, W)`` or ``(C, S, H, W)``, in the input dtype (float32 for floats). Outside a
+        crop, ``(S, H, W)`` arrays are 0 and ``(C, S, H, W)`` probabilities are background
+        (1 in channel 0, 0 elsewhere).
     """
     array = np.asarray(array)
     if array.ndim not in (3, 4) or array.shape[-2:] != (geometry.size, geometry.size):
@@ -265,21 +297,29 @@ def unfit_slices(
     top, left = geometry.offset
     height, width = geometry.resampled
     cropped = square[:, top : top + height, left : left + width]
-    restored = _resize(np.ascontiguousarray(cropped), geometry.shape, order)
-    return restored.reshape(*lead, *geometry.shape)
+    restored = _resize(np.ascontiguousarray(cropped), geometry.cropped_shape, order)
+    restored = restored.reshape(*lead, *geometry.cropped_shape)
+    if geometry.crop is None:
+        return restored
+    full = np.zeros((*lead, *geometry.shape), dtype=restored.dtype)
+    if len(lead) == 2:  # (C, S, H, W) class probabilities: background outside the crop
+        full[0] = 1
+    geometry.cut(full)[...] = restored
+    return full
 
 
 def prepare_volume(
-    volume: Volume, cfg: PreprocessConfig
+    volume: Volume, cfg: PreprocessConfig, crop: Sequence[int] | None = None
 ) -> tuple[np.ndarray, SliceGeometry]:
-    """A volume's network-ready slices: normalize, resample in-plane (with ``cfg.spacing``), fit.
+    """A volume's network-ready slices: normalize, crop (with ``crop``: ``(top, left, height,
+    width)``), resample in-plane (with ``cfg.spacing``), fit.
 
     Returns:
         ``(slices float32 (S, size, size), geometry)``; ``geometry`` maps predictions back with
         :func:`unfit_slices` and fits label maps with :func:`prepare_label`.
     """
     normalized = normalize(volume.array, cfg.clip_percentiles)
-    geometry = plan_fit(normalized.shape[1:], cfg.size, volume.spacing[1:], cfg.spacing)
+    geometry = plan_fit(normalized.shape[1:], cfg.size, volume.spacing[1:], cfg.spacing, crop)
     slices, _ = fit_slices(normalized, geometry, order=1, pad_value=float(normalized.min()))
     return slices, geometry
 

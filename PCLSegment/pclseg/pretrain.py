@@ -35,7 +35,14 @@ from . import checkpoint
 from .augment import FLIP_PARAMS, NO_FLIP_PARAMS, TwoViewSliceDataset, pretrain_augment
 from .cache import SliceCache
 from .config import PretrainConfig, from_dict, to_dict
-from .device import autocast, grad_scaler, resolve_device
+from .device import (
+    autocast,
+    channels_last,
+    grad_scaler,
+    network_input,
+    precision_name,
+    resolve_device,
+)
 from .errors import PCLSegError
 from .losses import make_contrastive_loss
 from .model import ContrastiveNet, encoder_state_dict
@@ -222,7 +229,7 @@ def _pretrain(
     dataset = TwoViewSliceDataset(cache.slices, cache.positions, augment, seed=cfg.seed)
 
     # 2. Model, loss, optimiser; restored from the checkpoint when resuming.
-    model = ContrastiveNet(cfg.model).to(device)
+    model = channels_last(ContrastiveNet(cfg.model), device)
     if ddp.world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     criterion = make_contrastive_loss(cfg)
@@ -287,6 +294,8 @@ def _pretrain(
             "started",
             run_dir=run_dir,
             device=str(device),
+            precision=precision_name(device, cfg.amp),
+            threads=torch.get_num_threads(),
             method=cfg.method,
             total_steps=total_steps,
             done_steps=start_epoch * steps_per_epoch + start_step,
@@ -315,16 +324,13 @@ def _pretrain(
                 pin_memory=device.type == "cuda",
             )
             for step, (view1, view2, positions) in enumerate(loader, start=first):
-                view1, view2 = (
-                    view1.to(device, non_blocking=True),
-                    view2.to(device, non_blocking=True),
-                )
+                views = network_input(torch.cat([view1, view2]), device)
                 positions = positions.to(device)
                 lr = get_lr(epoch * steps_per_epoch + step, total_steps, cfg.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast(device, cfg.amp):
-                    z = net(torch.cat([view1, view2]))
+                    z = net(views)
                 z1, z2 = z.float().chunk(2)
                 loss = criterion(_gather(z1, ddp), _gather(z2, ddp), _gather(positions, ddp))
                 optimizer.zero_grad(set_to_none=True)

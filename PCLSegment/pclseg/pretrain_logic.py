@@ -27,7 +27,7 @@ from typing import Any
 
 from .config import ModelConfig, PreprocessConfig, PretrainConfig
 from .errors import PCLSegError
-from .jobs import Event, ProcessJob
+from .jobs import Event, ProcessJob, start_training
 
 ENCODER_FILE = "encoder.safetensors"
 CHECKPOINT_META = "checkpoint.json"
@@ -288,9 +288,9 @@ class PretrainLogic:
                 "or choose another folder"
             )
         command = self.command(folder, run_dir, settings, resume)
-        return ProcessJob(
+        return start_training("pretraining", lambda: ProcessJob(
             command, env=engine_environment(), on_done=lambda _code: encoder_file(run_dir)
-        )
+        ))
 
     def pretrain(
         self,

@@ -17,7 +17,7 @@ Example (Slicer's Python console)::
     logic = slicer.util.getModuleLogic("PCLSegment")
     volume = slicer.util.getNode("MRHead")
     annotation = slicer.util.getNode("Annotation")      # a few painted slices
-    prediction = logic.fine_tune_and_predict(volume, annotation, init="~/runs/pcl", steps=200)
+    prediction = logic.fine_tune_and_predict(volume, annotation, init="~/runs/pcl")
     index, ras = logic.suggest()[0]                     # where the model is least sure
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 from . import mrml
 from .errors import PCLSegError
 from .io import Volume
-from .jobs import Event, ProcessJob, ThreadJob
+from .jobs import Event, Job, ProcessJob, ThreadJob, start_training
 from .labels import Label, labels_from_json
 from .pretrain_logic import engine_environment, python_executable
 
@@ -235,17 +235,20 @@ class SegmentLogic:
         annotation_node: Any,
         prediction_node: Any,
         init: str | os.PathLike[str] | None = None,
-        steps: int = 100,
+        steps: int | None = None,
         model: str | os.PathLike[str] | None = None,
-    ) -> ThreadJob:
+        amp: bool = True,
+    ) -> Job:
         """Start a round in the background; the job's result is a :class:`RoundResult`.
 
         The first round (or one after the volume, the labels or the encoder changed) loads the
         volume into the worker, from the encoder ``init`` (a pretraining run) or from the saved
-        ``model``; later rounds continue training the same network.
+        ``model``; later rounds continue training the same network. ``amp`` turns mixed
+        precision on or off (:mod:`pclseg.device`).
         """
-        if steps < 1:
-            raise PCLSegError(f"steps must be at least 1, got {steps}")
+        steps = steps or None  # 0 or None: until the annotated slices are fit
+        if steps is not None and steps < 1:
+            raise PCLSegError(f"steps must be at least 1 (or 0: until fit), got {steps}")
         annotation_node, prediction_node = self.prepare_nodes(
             volume_node, annotation_node, prediction_node
         )
@@ -269,8 +272,10 @@ class SegmentLogic:
                 report({"event": "message", "message": "starting the engine"})
                 self._load(session)
             self._request("annotate", labels=os.fspath(annotation.path), slices=annotation.slices)
-            refined = self._request("refine", report=_steps_reporter(report, steps), steps=steps)
-            self._request("predict", out=os.fspath(prediction_path))
+            refined = self._request(
+                "refine", report=_steps_reporter(report, steps), steps=steps, amp=amp
+            )
+            self._request("predict", out=os.fspath(prediction_path), amp=amp)
             return refined
 
         def finish(refined: dict[str, Any]) -> RoundResult:
@@ -282,14 +287,17 @@ class SegmentLogic:
             return RoundResult(
                 counts,
                 float(loss) if loss is not None else math.nan,
-                int(refined.get("steps", steps)),
+                int(refined.get("steps", steps or 0)),
                 bool(refined.get("cancelled")),
                 list(annotation.slices),
             )
 
+        job = start_training(
+            "fine-tuning", lambda: ThreadJob(work, on_cancel=self.cancel, on_done=finish)
+        )
         if reload:
             self.session = None  # valid again once the worker has loaded the new one
-        return ThreadJob(work, on_cancel=self.cancel, on_done=finish)
+        return job
 
     def fine_tune_and_predict(
         self,
@@ -297,15 +305,16 @@ class SegmentLogic:
         annotation_node: Any = None,
         prediction_node: Any = None,
         init: Any = None,
-        steps: int = 100,
+        steps: int | None = None,
         model: Any = None,
+        amp: bool = True,
     ) -> Any:
         """One round, blocking (console use); returns the prediction node."""
         annotation_node, prediction_node = self.prepare_nodes(
             volume_node, annotation_node, prediction_node
         )
         self.start_fine_tune_and_predict(
-            volume_node, annotation_node, prediction_node, init, steps, model
+            volume_node, annotation_node, prediction_node, init, steps, model, amp
         ).wait()
         return prediction_node
 
@@ -520,14 +529,18 @@ class SegmentLogic:
         return mrml.write_label_array(merged, volume_node, path)
 
 
-def _steps_reporter(report: Callable[[Event], None], steps: int) -> Callable[[Event], None]:
-    """Worker progress lines -> ``step`` events with ``steps`` filled in."""
+def _steps_reporter(
+    report: Callable[[Event], None], steps: int | None
+) -> Callable[[Event], None]:
+    """Worker progress lines -> ``step`` events with ``steps`` filled in (the worker's own
+    estimate when training until fit)."""
 
     def forward(event: Event) -> None:
         event = dict(event)
         if event.get("event") in ("progress", "step"):
             event["event"] = "step"
-            event.setdefault("steps", steps)
+            if steps is not None:
+                event.setdefault("steps", steps)
         report(event)
 
     return forward

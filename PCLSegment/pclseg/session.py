@@ -21,10 +21,13 @@ Annotations
     exactly: a prediction never changes an annotated voxel.
 
 Refining
-    :meth:`refine` runs a bounded number of Adam steps on augmented batches of the annotated
-    slices, continuing from the current weights and optimizer moments; the learning rate decays
-    by a cosine from ``cfg.lr`` to zero within each call. The volume is prepared for the
-    network once, when the session starts.
+    :meth:`refine` trains on augmented batches of the annotated slices, continuing from the
+    current weights and optimizer moments: by default until they are fit
+    (:class:`~pclseg.config.StopRule`), or a given number of steps under a cosine decay. With
+    ``cfg.roi`` the network works on the region around the annotations (:mod:`pclseg.roi`),
+    which follows them as they are added; with ``cfg.prior`` it sees "Fill between slices" of
+    the annotations (:mod:`pclseg.interpolate`); with ``cfg.postprocess`` :meth:`predict` drops
+    what the annotations do not support (:mod:`pclseg.postprocess`).
 """
 
 from __future__ import annotations
@@ -44,23 +47,26 @@ from .config import FinetuneConfig
 from .device import resolve_device
 from .errors import PCLSegError
 from .finetune import (
-    RunResult,
-    Trainer,
-    annotated_slices,
     build_model,
     encoder_stem,
     init_source,
-    prepared_annotations,
     save_model,
+    with_classes,
     with_encoder_config,
 )
+from .interpolate import fill_between_slices, prior_channels
 from .io import Volume, read_label, read_volume, write_image
 from .labels import Label, labels_from_names
-from .predict import load_model, model_stem, slice_probabilities, to_canonical
-from .preprocess import prepare_volume
+from .postprocess import clean_prediction
+from .predict import load_model, model_stem, network_inputs, slice_probabilities, to_canonical
+from .preprocess import prepare_label, prepare_volume
 from .pretrain import get_lr
 from .progress import Progress
+from .roi import RegionOfInterest, region_of_annotations
+from .stopping import FitProgress
 from .suggest import pick_spread, slice_uncertainty
+from .trainer import RunResult, Trainer
+from .training_slices import annotated_slices, prepared_annotations
 
 SESSION_FILE = "session.json"
 ANNOTATIONS_FILE = "annotations.nii.gz"
@@ -90,17 +96,34 @@ class RefineSession:
         trainer: Trainer,
         labels: list[Label],
         init: dict[str, Any],
+        region: RegionOfInterest | None = None,
     ) -> None:
         self.volume = volume
         self.trainer = trainer
         self.labels = labels
         self.init = init
-        self.slices, self.geometry = prepare_volume(volume, trainer.cfg.preprocess)
         self.annotation = np.zeros(volume.shape, dtype=np.int64)
         self.annotated: list[int] = []
         self.refines = 0
         self.steps_done = 0
+        self.last_fit: dict[str, Any] | None = None
         self._network_probabilities: torch.Tensor | None = None
+        self._prior: np.ndarray | None = None
+        self._set_region(region or RegionOfInterest.whole())
+
+    def _set_region(self, region: RegionOfInterest) -> None:
+        """Work on ``region`` from now on: the volume is prepared for the network again."""
+        self.region = region
+        crop = None if region.is_whole else region.pixels(self.volume.shape[1:])
+        self.slices, self.geometry = prepare_volume(self.volume, self.cfg.preprocess, crop)
+        self._network_probabilities = None
+
+    def _follow_annotations(self) -> None:
+        """With ``cfg.roi``, move the region to the current annotations."""
+        if self.cfg.roi and self.annotated:
+            region = region_of_annotations(self.annotation, self.annotated, self.cfg.roi_margin)
+            if region != self.region:
+                self._set_region(region)
 
     # ----------------------------------------------------------------------------------------
     # Construction
@@ -115,7 +138,8 @@ class RefineSession:
         init = {"kind": "model", "path": str(model_stem(model_dir).parent),
                 "from": loaded.metadata.get("init", {})}
         trainer = Trainer(loaded.unet, loaded.config, loaded.device)
-        return cls(volume, trainer, loaded.labels, init)
+        region = RegionOfInterest.from_dict(loaded.metadata.get("roi"))
+        return cls(volume, trainer, loaded.labels, init, region)
 
     @classmethod
     def from_encoder(
@@ -137,11 +161,8 @@ class RefineSession:
         encoder, init = init_source(run_dir)
         if encoder is not None:
             cfg = with_encoder_config(cfg, init.pop("meta"), encoder_stem(run_dir))  # type: ignore[arg-type]
-        cfg = dataclasses.replace(
-            cfg,
-            device=device or cfg.device,
-            model=dataclasses.replace(cfg.model, num_classes=max(lb.value for lb in named) + 1),
-        )
+        cfg = with_classes(dataclasses.replace(cfg, device=device or cfg.device),
+                           max(lb.value for lb in named) + 1)
         volume = _as_volume(image, cfg.preprocess.slice_axis)
         unet = build_model(cfg, encoder, str(run_dir))
         trainer = Trainer(unet, cfg, resolve_device(cfg.device))
@@ -214,6 +235,7 @@ class RefineSession:
         self.annotation = np.zeros_like(label)
         self.annotation[annotated] = label[annotated]
         self.annotated = annotated
+        self._annotations_changed()
         return list(self.annotated)
 
     def set_annotations_from_file(
@@ -234,56 +256,98 @@ class RefineSession:
             raise PCLSegError(f"slice {slice_index} is outside 0..{self.volume.shape[0] - 1}")
         self.annotation[slice_index] = self._check_values(label_slice, f"slice {slice_index}")
         self.annotated = sorted({*self.annotated, int(slice_index)})
+        self._annotations_changed()
         return list(self.annotated)
+
+    def _annotations_changed(self) -> None:
+        self._prior = None
+        if self.trainer.with_prior:  # the network's input changed
+            self._network_probabilities = None
 
     # ----------------------------------------------------------------------------------------
     # Refine, predict, suggest
 
     def refine(
         self,
-        steps: int,
+        steps: int | None = None,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> RunResult:
-        """Train ``steps`` more steps on the annotated slices (see the module docstring).
+        """Train on the annotated slices (see the module docstring).
 
         Args:
-            progress: gets ``started``, ``step`` and ``done`` events.
+            steps: ``None`` (default): until they are fit (``cfg.stop``); else this many steps.
+            progress: gets ``started``, ``step``, ``check`` and ``done`` events.
             should_stop: polled after every step; True ends the refine early (the weights keep
                 what the finished steps learned).
         """
-        if steps < 1:
+        if steps is not None and steps < 1:
             raise PCLSegError(f"steps must be at least 1, got {steps}")
         if not self.annotated:
             raise PCLSegError("no annotated slice yet: annotate at least one slice, then refine")
         progress = progress or Progress.null()
-        data = prepared_annotations(
-            self.slices, self.annotation, self.geometry, self.annotated, self.volume.name
-        )
-        progress.event("started", total_steps=steps, annotated=len(self.annotated),
+        self._follow_annotations()
+        data = prepared_annotations(self.slices, self.annotation, self.geometry, self.annotated,
+                                    self.volume.name, self.trainer.with_prior)
+        rule = self.cfg.stop
+        estimate = steps or round(rule.cap(len(data)) * (1 + rule.anneal))
+        progress.event("started", total_steps=estimate, annotated=len(self.annotated),
                        desc="refining")
         start = time.monotonic()
-
-        def on_step(step: int, loss: float) -> None:
-            progress.event("step", step=step, steps=steps, loss=loss)
-
+        seed = (self.cfg.seed, 1 + self.refines)
         self._network_probabilities = None
-        result = self.trainer.run(
-            data, steps, lambda s: get_lr(s, steps, self.cfg.lr),
-            seed=(self.cfg.seed, 1 + self.refines), on_step=on_step, should_stop=should_stop,
-        )
+        if steps is None:
+            fit = FitProgress(len(data))
+
+            def on_step(step: int, loss: float) -> None:
+                ended = fit.fit_steps is not None
+                total = fit.fit_steps + fit.anneal_steps if ended else estimate  # type: ignore
+                progress.event("step", step=step, steps=max(step, total), loss=loss)
+
+            def on_check(state: FitProgress, dice: float) -> None:
+                progress.event("check", step=state.steps, train_dice=dice,
+                               reason=state.reason or None)
+
+            fit, result = self.trainer.fit(data, seed, fit, on_step, should_stop, on_check)
+            self.last_fit = fit.to_dict()
+        else:
+            def on_fixed_step(step: int, loss: float) -> None:
+                progress.event("step", step=step, steps=steps, loss=loss)
+
+            result = self.trainer.run(data, steps, lambda s: get_lr(s, steps, self.cfg.lr),
+                                      seed=seed, on_step=on_fixed_step, should_stop=should_stop)
         self.refines += 1
         self.steps_done += result.steps
         progress.event("done", steps=result.steps, loss=result.loss, stopped=result.stopped,
                        seconds=time.monotonic() - start)
         return result
 
+    def set_mixed_precision(self, enabled: bool) -> None:
+        """Mixed precision on or off (:mod:`pclseg.device`) for what follows."""
+        if enabled != self.cfg.amp:
+            self.trainer.set_amp(enabled)
+            self._network_probabilities = None
+
+    def prior(self) -> np.ndarray:
+        """"Fill between slices" of the annotations, ``(S, H, W)`` on the canonical grid."""
+        if self._prior is None:
+            self._prior = fill_between_slices(self.annotation, self.annotated)
+        return self._prior
+
+    def network_inputs(self) -> np.ndarray:
+        """What the network sees for every slice: ``(S, C_in, size, size)``."""
+        inputs = network_inputs(self.slices, self.cfg.model.in_channels)
+        if self.trainer.with_prior and self.annotated:
+            fitted = prepare_label(self.prior().astype(np.int64), self.geometry)
+            inputs[:, 1:] = prior_channels(fitted, self.num_classes)
+        return inputs
+
     def network_probabilities(self) -> torch.Tensor:
-        """Softmax output on the network grid, ``(S, C, size, size)`` (cached until the next
-        refine)."""
+        """Softmax output on the network grid, ``(S, C, size, size)`` (cached until the
+        annotations or the weights change)."""
         if self._network_probabilities is None:
             self._network_probabilities = slice_probabilities(
-                self.trainer.unet, self.slices, self.trainer.device, amp=self.cfg.amp
+                self.trainer.unet, self.network_inputs(), self.trainer.device, amp=self.cfg.amp
             )
         return self._network_probabilities
 
@@ -298,10 +362,13 @@ class RefineSession:
         return probabilities
 
     def predict(self) -> np.ndarray:
-        """The label map ``(S, H, W)`` on the canonical grid: the model's prediction, and the
-        user's labels exactly on annotated slices."""
+        """The label map ``(S, H, W)`` on the canonical grid: the model's prediction
+        (post-processed with ``cfg.postprocess``), and the user's labels exactly on annotated
+        slices."""
         labels = to_canonical(self.network_probabilities(), self.geometry).labels
         labels = labels.astype(np.uint8 if self.num_classes <= 256 else np.uint16)
+        if self.annotated and self.cfg.postprocess:
+            labels = clean_prediction(labels, self.annotation, self.annotated, self.prior())
         if self.annotated:
             labels[self.annotated] = self.annotation[self.annotated]
         return labels
@@ -331,7 +398,7 @@ class RefineSession:
         session's annotations, so :meth:`load` can pick up where this left off."""
         folder = Path(model_dir)
         save_model(folder, self.trainer.unet, self.cfg, self.labels, self.init,
-                   steps=self.steps_done, refines=self.refines,
+                   steps=self.steps_done, refines=self.refines, roi=self.region.to_dict(),
                    data={"volumes": [{"name": self.volume.name, "slices": self.volume.shape[0],
                                       "annotated": self.annotated}],
                          "annotated_slices": len(self.annotated)})

@@ -43,6 +43,8 @@ PACKAGES: tuple[Package, ...] = (
     Package("safetensors>=0.4"),
     Package("tqdm>=4.60"),
     Package("scipy>=1.10"),
+    # "Fill between slices" as the network's prior (pclseg.interpolate); brings ITK's wheels.
+    Package("itk-morphologicalcontourinterpolation==2.1.2"),
 )
 
 #: The torch versions the engine works with (passed to PyTorchUtils).

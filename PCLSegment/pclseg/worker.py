@@ -59,13 +59,17 @@ class Worker:
 
     # Each handler takes the request, returns the answer's fields, raises PCLSegError on misuse.
 
-    def _session(self) -> Any:
+    def _session(self, request: Message | None = None) -> Any:
+        """The loaded session; a request's ``amp`` (true/false) switches mixed precision."""
         if self.session is None:
             raise PCLSegError("no volume loaded: send load first")
+        if request is not None and request.get("amp") is not None:
+            self.session.set_mixed_precision(bool(request["amp"]))
         return self.session
 
     def load(self, request: Message) -> Message:
         from .config import FinetuneConfig, from_dict
+        from .device import precision_name
         from .session import RefineSession
 
         image = _require(request, "image")
@@ -77,6 +81,8 @@ class Worker:
             session = RefineSession.from_encoder(
                 image, request.get("init"), cfg, request.get("labels") or ["label 1"], device
             )
+        if request.get("amp") is not None:
+            session.set_mixed_precision(bool(request["amp"]))
         self.session = session
         return {
             "slices": session.volume.shape[0],
@@ -84,6 +90,7 @@ class Worker:
             "slice_axis": session.volume.slice_axis_name,
             "labels": [label.to_dict() for label in session.labels],
             "device": str(session.trainer.device),
+            "precision": precision_name(session.trainer.device, session.cfg.amp),
         }
 
     def annotate(self, request: Message) -> Message:
@@ -95,8 +102,8 @@ class Worker:
     def refine(self, request: Message) -> Message:
         from .progress import Progress
 
-        session = self._session()
-        steps = int(_require(request, "steps"))
+        session = self._session(request)
+        steps = int(request["steps"]) if request.get("steps") else None  # None: until fit
         request_id = request.get("id")
 
         def forward(event: Message) -> None:
@@ -109,10 +116,10 @@ class Worker:
         result = session.refine(steps, Progress("none", callback=forward),
                                 should_stop=self.cancel_requested.is_set)
         return {"loss": result.loss, "seconds": time.monotonic() - start, "steps": result.steps,
-                "cancelled": result.stopped}
+                "cancelled": result.stopped, "fit": session.last_fit if steps is None else None}
 
     def predict(self, request: Message) -> Message:
-        session = self._session()
+        session = self._session(request)
         start = time.monotonic()
         out = session.write_prediction(_require(request, "out"), request.get("probabilities"))
         return {"out": str(out), "seconds": time.monotonic() - start}
@@ -227,6 +234,9 @@ def main() -> int:
     sys.stdout = sys.stderr
     # Import the engine before announcing readiness, so the first request pays no import.
     from . import session  # noqa: F401
+    from .device import use_all_cores
+
+    use_all_cores()
 
     return serve(sys.stdin, protocol)
 

@@ -191,6 +191,7 @@ class PCLAppLogic:
             size=self.settings.size,
             features=self.settings.features,
             device=self.settings.device,
+            amp=self.settings.amp,
         )
         title = f"{'Resuming' if resume else 'Pretraining'} on {run_dir.name}"
         job = await self.jobs.run(
@@ -222,9 +223,10 @@ class PCLAppLogic:
         steps = self.settings.refine_steps
         job = await self.jobs.run(
             JobKind.FINETUNE,
-            f"Fine-tuning {steps} steps",
+            f"Fine-tuning {steps} steps" if steps else "Fine-tuning until the slices are fit",
             lambda: self.segment.start_fine_tune_and_predict(
-                opened.node, opened.annotation, opened.prediction, init=init, steps=steps
+                opened.node, opened.annotation, opened.prediction, init=init, steps=steps,
+                amp=self.settings.amp,
             ),
         )
         if not job.ok:

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=str(defaults.workdir),
                         help="where pretraining runs, scratch files and exports are written")
     parser.add_argument("--steps", type=int, default=defaults.refine_steps,
-                        help="fine-tuning steps per 'Fine-tune & predict'")
+                        help="fine-tuning steps per 'Fine-tune & predict' (0: until the "
+                             "annotated slices are fit)")
     parser.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs)
     parser.add_argument("--size", type=int, default=defaults.size,
                         help="slice size of 'Pretrain on folder'")
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="U-Net width of 'Pretrain on folder'")
     parser.add_argument("--device", default=defaults.device,
                         help="device of 'Pretrain on folder': auto, cpu, cuda or mps")
+    parser.add_argument("--no-amp", action="store_true",
+                        help="float32 throughout (default: bf16/fp16 where the hardware has it)")
 
 
 def settings_from_args(args: argparse.Namespace) -> AppSettings:
@@ -47,6 +50,7 @@ def settings_from_args(args: argparse.Namespace) -> AppSettings:
         size=args.size,
         features=args.features,
         device=args.device,
+        amp=not args.no_amp,
     )
 
 

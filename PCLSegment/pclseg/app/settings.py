@@ -27,11 +27,14 @@ class AppSettings:
         host, port: the address the server binds; 127.0.0.1 unless told otherwise.
         token: the secret a browser must present (``?secret=TOKEN`` in the URL). Required off
             the loopback interface: one is generated when none is given.
-        refine_steps: optimiser steps per "Fine-tune & predict" click.
+        refine_steps: optimiser steps per "Fine-tune & predict" click; 0 (default): until
+            the annotated slices are fit.
         pretrain_epochs: default epochs of "Pretrain on folder" (editable in the page).
         size, features, device: slice size, U-Net width and device (``auto``, ``cpu``,
             ``cuda``, ``mps``) of "Pretrain on folder". Fine-tuning from an encoder keeps the
             encoder's architecture; the warm worker picks its own device.
+        amp: mixed precision (bf16/fp16 where the hardware computes in it) for pretraining and
+            fine-tuning; False: float32 throughout.
     """
 
     folder: Path | None = None
@@ -39,18 +42,21 @@ class AppSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     token: str | None = None
-    refine_steps: int = 200
+    refine_steps: int = 0
     pretrain_epochs: int = 50
     size: int = 128
     features: int = 32
     device: str = "auto"
+    amp: bool = True
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
         self.folder = Path(self.folder) if self.folder else None
         if not 0 <= self.port <= 65535:
             raise PCLSegError(f"--port must be in 0..65535, got {self.port}")
-        for name in ("refine_steps", "pretrain_epochs", "features"):
+        if self.refine_steps < 0:
+            raise PCLSegError(f"--steps must be 0 (until fit) or more, got {self.refine_steps}")
+        for name in ("pretrain_epochs", "features"):
             value = getattr(self, name)
             if value < 1:
                 raise PCLSegError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -1,0 +1,100 @@
+"""What interpolation already knows: "Fill between slices" as a shape prior for the network.
+
+Slicer's *Fill between slices* is ITK's morphological contour interpolation (Albu et al., 2008;
+the ``itk-morphologicalcontourinterpolation`` module): between two annotated slices it morphs
+one slice's contours into the other's, per label. It is a strong guess between annotated slices
+and says nothing outside them. The network gets that guess as extra input channels, one per
+foreground class (:func:`prior_channels`), so it learns how far to trust it from the image.
+
+Training must see what prediction will see. At prediction time, a slice's prior comes from the
+annotated slices around it; an annotated slice's own prior would be its label, which teaches
+nothing. So a training slice gets the prior interpolated from the *other* annotated slices
+(:func:`leave_one_out_priors`): a middle slice sees a prior from neighbours twice as far as
+prediction will use, an end slice sees none, as slices outside the annotated range will.
+
+ITK is imported on first use; its modules take seconds to load once per process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import PCLSegError
+
+
+def fill_between_slices(label: np.ndarray, annotated: Sequence[int]) -> np.ndarray:
+    """ITK's morphological contour interpolation between the ``annotated`` slices (axis 0).
+
+    Args:
+        label: ``(S, H, W)`` label map; only the annotated slices are read.
+        annotated: the slices to interpolate between.
+
+    Returns:
+        ``(S, H, W)`` uint8 label map: the annotated slices as given, the slices between two
+        annotated slices of a label interpolated, nothing elsewhere.
+    """
+    label = np.asarray(label)
+    if label.ndim != 3:
+        raise PCLSegError(f"label map must be (S, H, W), got shape {label.shape}")
+    if label.size and label.max() > 255:
+        raise PCLSegError("fill between slices handles up to 255 labels")
+    sparse = np.zeros(label.shape, dtype=np.uint8)
+    chosen = sorted({int(i) for i in annotated})
+    sparse[chosen] = label[chosen]
+    if len(chosen) < 2 or not sparse.any():
+        return sparse
+    import itk
+
+    image_type = itk.Image[itk.UC, 3]
+    # ITK's axes are (x, y, z) = numpy's (W, H, S): the slice axis is z, index 2.
+    interpolator = itk.MorphologicalContourInterpolator[image_type].New(
+        Input=itk.image_view_from_array(sparse), Axis=2
+    )
+    interpolator.Update()
+    filled = itk.array_from_image(interpolator.GetOutput())
+    filled[chosen] = sparse[chosen]  # the user's slices exactly
+    return filled
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The in-plane rows and columns holding any voxel of ``mask`` ``(S, H, W)``."""
+    plane = mask.any(axis=0)
+    if not plane.any():
+        return None
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def leave_one_out_priors(label: np.ndarray, annotated: Sequence[int]) -> np.ndarray:
+    """For each annotated slice, the interpolation of the *other* annotated slices there.
+
+    Args:
+        label: ``(S, H, W)`` label map holding the annotations.
+        annotated: the annotated slices (``k`` of them).
+
+    Returns:
+        ``(k, H, W)`` uint8, in the order of ``sorted(annotated)``.
+    """
+    chosen = sorted({int(i) for i in annotated})
+    priors = np.zeros((len(chosen), *label.shape[1:]), dtype=np.uint8)
+    box = _bounding_box(np.asarray(label)[chosen] > 0)
+    if box is None or len(chosen) < 3:  # fewer than two others: nothing to interpolate
+        return priors
+    rows, cols = box  # interpolate inside the annotations' box only: same result, less work
+    cropped = np.asarray(label)[:, rows, cols]
+    for n, index in enumerate(chosen):
+        others = [i for i in chosen if i != index]
+        if index < others[0] or index > others[-1]:
+            continue  # outside the others' range: interpolation has nothing to say
+        priors[n, rows, cols] = fill_between_slices(cropped, others)[index]
+    return priors
+
+
+def prior_channels(prior: np.ndarray, num_classes: int) -> np.ndarray:
+    """One-hot foreground channels of a prior label map: ``(..., H, W)`` ->
+    ``(..., C - 1, H, W)`` float32 (class 0, background, has no channel)."""
+    prior = np.asarray(prior)
+    classes = np.arange(1, num_classes, dtype=prior.dtype).reshape(-1, 1, 1)
+    return (prior[..., None, :, :] == classes).astype(np.float32)

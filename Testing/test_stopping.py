@@ -1,0 +1,65 @@
+"""The stop rule: train until the annotated slices are fit, within a budget that grows."""
+
+from __future__ import annotations
+
+import pytest
+
+from pclseg.config import StopRule
+from pclseg.errors import PCLSegError
+from pclseg.stopping import FitProgress
+
+RULE = StopRule(check_every=10, fit_dice=0.9, min_gain=0.01, patience=2, min_steps=30,
+                steps_per_slice=10, max_steps=200, anneal=0.5)
+
+
+def run(dices: list[float], slices: int = 4) -> FitProgress:
+    """Feed one Dice per check until the rule ends the first phase (or the Dice run out)."""
+    fit = FitProgress(slices)
+    for dice in dices:
+        fit.steps += fit.next_chunk(RULE)
+        fit.record(dice, RULE)
+        if fit.fit_steps is not None:
+            break
+    return fit
+
+
+def test_the_budget_grows_with_the_slices() -> None:
+    assert RULE.cap(2) == 50 and RULE.cap(8) == 110 and RULE.cap(100) == 200
+
+
+def test_fit_ends_the_first_phase_but_not_before_the_minimum() -> None:
+    fit = run([0.95, 0.96, 0.97, 0.97])
+    assert (fit.reason, fit.fit_steps, fit.anneal_steps) == ("fit", 30, 15)
+
+
+def test_a_plateau_ends_it() -> None:
+    fit = run([0.5, 0.6, 0.7, 0.705, 0.70, 0.71])
+    assert fit.reason == "plateau" and fit.fit_steps == 50
+
+
+def test_the_cap_ends_it() -> None:
+    fit = run([0.1 * n for n in range(1, 9)], slices=2)
+    assert fit.reason == "cap" and fit.fit_steps == 50
+
+
+def test_the_learning_rate_is_constant_then_anneals_to_zero() -> None:
+    fit = run([0.95, 0.96, 0.97])
+    assert fit.lr(0, 1.0) == fit.lr(29, 1.0) == 1.0
+    anneal = [fit.lr(step, 1.0) for step in range(30, 45)]
+    assert all(a > b for a, b in zip(anneal, anneal[1:], strict=False))
+    assert anneal[-1] == pytest.approx(0.0, abs=1e-12)
+    assert fit.next_chunk(RULE) == 15
+    fit.steps += 15
+    assert fit.done
+
+
+def test_progress_round_trips_through_json() -> None:
+    fit = run([0.5, 0.6])
+    assert FitProgress.from_dict(fit.to_dict()) == fit
+
+
+def test_bad_rules_are_clear_errors() -> None:
+    with pytest.raises(PCLSegError, match="check_every"):
+        StopRule(check_every=0)
+    with pytest.raises(PCLSegError, match="fit_dice"):
+        StopRule(fit_dice=1.5)

@@ -1,0 +1,99 @@
+"""What a click costs: one refine round (``--refine-steps`` steps) + whole-volume prediction.
+
+The refine session (what the warm worker holds) on a 256 x 256 x 40 volume, for each model
+size in ``--models`` (slice size x U-Net width): the first round (it pays oneDNN's first-call
+set-up) and the warm rounds after it, split into refining and predicting, and prediction
+alone in slices per second.
+
+    python benchmarks/refine_latency.py --models 128x32 96x16 --rounds 4
+
+The model starts from random init (the time does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
+from pclseg.device import precision_name, resolve_device, use_all_cores
+from pclseg.io import read_volume, write_image
+from pclseg.session import RefineSession
+
+SHAPE = (40, 256, 256)
+
+
+def test_volume(folder: Path) -> Path:
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.normal(size=SHAPE).astype(np.float32))
+    image.SetSpacing((1.5, 1.5, 5.0))
+    return write_image(image, folder / "latency.nrrd")
+
+
+def measure(path: Path, size: int, features: int, args: argparse.Namespace) -> dict:
+    cfg = FinetuneConfig(
+        batch_size=args.batch_size, device=args.device, amp=not args.no_amp,
+        preprocess=PreprocessConfig(size=size), model=ModelConfig(features=features),
+    )
+    session = RefineSession.from_encoder(read_volume(path), None, cfg, ["organ"])
+    label = np.zeros(SHAPE, np.uint8)
+    label[10:30, 80:160, 90:170] = 1
+    session.set_annotations(label, [12, 20, 28])
+    rounds = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        session.refine(args.refine_steps)
+        refined = time.perf_counter()
+        session.predict()
+        rounds.append((refined - start, time.perf_counter() - refined))
+    network = []
+    for _ in range(3):
+        session._network_probabilities = None  # prediction alone, network included
+        start = time.perf_counter()
+        session.predict()
+        network.append(time.perf_counter() - start)
+    return {"rounds": rounds, "predict_s": statistics.median(network)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["128x32", "96x16"],
+                        help="SIZExFEATURES of each model to time")
+    parser.add_argument("--refine-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-amp", action="store_true")
+    args = parser.parse_args()
+    threads = use_all_cores()
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(f"device: {device} ({name or platform.machine()}), {threads} threads, "
+          f"{precision_name(device, not args.no_amp)}; volume {SHAPE[2]} x {SHAPE[1]} x "
+          f"{SHAPE[0]}; refine {args.refine_steps} steps of batch {args.batch_size}\n")
+    print("| model | first round: refine + predict (s) | warm round: refine + predict (s) "
+          "| prediction alone (s) | prediction slices/s |\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = test_volume(Path(tmp))
+        for model in args.models:
+            size, features = (int(v) for v in model.lower().split("x"))
+            result = measure(path, size, features, args)
+            first, warm = result["rounds"][0], result["rounds"][1:]
+            warm_refine = statistics.median(r for r, _ in warm)
+            warm_predict = statistics.median(p for _, p in warm)
+            print(f"| {size} px, f = {features} | {sum(first):.2f} ({first[0]:.2f} + "
+                  f"{first[1]:.2f}) | {warm_refine + warm_predict:.2f} ({warm_refine:.2f} + "
+                  f"{warm_predict:.2f}) | {result['predict_s']:.2f} | "
+                  f"{SHAPE[0] / result['predict_s']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

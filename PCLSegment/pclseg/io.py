@@ -43,6 +43,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,7 @@ import SimpleITK as sitk
 
 from .config import SliceAxis
 from .errors import PCLSegError
+from .integrity import check_header
 
 #: Suffixes of volume formats SimpleITK reads (longest first where one ends another).
 VOLUME_SUFFIXES: tuple[str, ...] = (
@@ -423,9 +425,35 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(dicom_series_files(folder, uid))
             return reader.Execute()
-        return sitk.ReadImage(source)
+        return _read_verified(folder)
     except RuntimeError as exc:
         raise PCLSegError(f"{source}: cannot read ({_short_reason(exc)})") from exc
+
+
+def _read_verified(path: Path) -> sitk.Image:
+    """``sitk.ReadImage`` once :mod:`pclseg.integrity` has found every declared voxel in the file.
+
+    The header and the size of uncompressed data are checked first. A compressed stream is
+    verified in a second thread while SimpleITK decompresses the same bytes (it releases the
+    GIL, and so does zlib): the file comes from disk once, and the check costs little wall time
+    where a second core is free. When both fail, the integrity message wins: it says what is
+    damaged. (MetaImage streams are verified first: MetaIO prints to stderr on short data.)
+    """
+    pending = check_header(path)
+    if pending is not None and not pending.quiet_reader:
+        pending.verify()
+        pending = None
+    if pending is None:
+        return sitk.ReadImage(str(path))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        verified = pool.submit(pending.verify)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError:
+            verified.result()
+            raise
+        verified.result()
+    return image
 
 
 def _frames(image: sitk.Image, source: str) -> Iterator[tuple[np.ndarray, int | None]]:

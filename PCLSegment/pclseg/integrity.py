@@ -1,0 +1,461 @@
+"""Is every voxel the header declares really in the file? Checked before SimpleITK reads it.
+
+ITK's NIfTI reader reads a ``.nii.gz`` whose gzip stream was cut short, or whose payload was
+cut before it was compressed, without complaint and fills the missing voxels with zeros; a
+volume that is partly zeros would then be trained on. :func:`check_payload` stops that: it
+parses the header (NIfTI-1/2 and Analyze, NRRD, MetaImage), works out how many bytes of voxel
+data the header declares,
+
+    ``expected = offset + prod(sizes) * components * bytes per value``,
+
+and compares them with what the data holds:
+
+- uncompressed data (``.nii``, raw NRRD and MetaImage, detached ``.raw``/``.img`` files): the
+  file size, so the check reads a header and nothing else;
+- compressed data (gzip in ``.nii.gz``, ``.nrrd``, ``.gipl.gz``; zlib in MetaImage; bzip2 in
+  NRRD): one streaming pass that decompresses into a small reused buffer, counts the bytes and
+  lets the decompressor verify the stream's own check (gzip's CRC-32 and length, zlib's
+  Adler-32), so a cut or corrupted stream is caught even where the header cannot be parsed.
+
+The pass keeps nothing, so its memory does not grow with the volume; its cost is one more
+decompression. The file itself comes from disk once: SimpleITK reads it right after the check,
+from the operating system's page cache.
+
+Multi-file data (NRRD ``data file: LIST`` or a format string, MetaImage ``LIST``), ASCII and hex
+encodings and formats not listed above are left to SimpleITK, which reports short data itself.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import math
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from .errors import PCLSegError
+
+#: Bytes decompressed per read; the buffer is reused, so this bounds the check's memory.
+CHUNK = 1 << 20
+#: Text headers larger than this are not headers.
+MAX_HEADER_BYTES = 1 << 20
+
+NRRD_TYPE_SIZES = {
+    "signed char": 1, "int8": 1, "int8_t": 1, "uchar": 1, "unsigned char": 1, "uint8": 1,
+    "uint8_t": 1, "char": 1,
+    "short": 2, "short int": 2, "signed short": 2, "signed short int": 2, "int16": 2,
+    "int16_t": 2, "ushort": 2, "unsigned short": 2, "unsigned short int": 2, "uint16": 2,
+    "uint16_t": 2,
+    "int": 4, "signed int": 4, "int32": 4, "int32_t": 4, "uint": 4, "unsigned int": 4,
+    "uint32": 4, "uint32_t": 4,
+    "longlong": 8, "long long": 8, "long long int": 8, "signed long long": 8,
+    "signed long long int": 8, "int64": 8, "int64_t": 8, "ulonglong": 8,
+    "unsigned long long": 8, "unsigned long long int": 8, "uint64": 8, "uint64_t": 8,
+    "float": 4, "double": 8,
+}
+METAIMAGE_TYPE_SIZES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
+_AGAIN = "copy or export the file again"
+
+
+class _Decompressor(Protocol):
+    def decompress(self, data: bytes, max_length: int = ...) -> bytes: ...
+
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unconsumed_tail(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Where a file's voxel data is and how many bytes the header declares for it.
+
+    Attributes:
+        file: the file holding the data (the header itself, or a detached data file).
+        start: where the data (or its compressed stream) starts in ``file``.
+        encoding: ``"raw"``, ``"gzip"``, ``"zlib"`` or ``"bzip2"``.
+        skip: bytes of the (decompressed) data before the voxels.
+        voxels: ``prod(sizes) * components``.
+        value_bytes: bytes per value.
+        what: e.g. ``"50 x 40 x 20 int16"``, for messages.
+    """
+
+    file: Path
+    start: int
+    encoding: str
+    skip: int
+    voxels: int
+    value_bytes: int
+    what: str
+
+    @property
+    def expected(self) -> int:
+        return self.skip + self.voxels * self.value_bytes
+
+
+#: Deflate (gzip, zlib) cannot compress more than about 1032:1, so a header that declares more
+#: than this many times the compressed bytes describes data the file cannot hold.
+DEFLATE_MAX_RATIO = 1032
+
+
+@dataclass(frozen=True)
+class PendingStream:
+    """A compressed stream still to verify: the expensive part of :func:`check_payload`.
+
+    :meth:`verify` decompresses it once, keeping nothing, and raises when it is cut short, fails
+    its check or holds fewer bytes than ``payload`` declares (``payload`` is ``None`` for a bare
+    ``.gz`` whose content this module does not parse: then only the stream is checked).
+    """
+
+    source: Path
+    file: Path
+    start: int
+    encoding: str
+    payload: Payload | None
+
+    @property
+    def quiet_reader(self) -> bool:
+        """Whether SimpleITK can read this stream while it is verified. Its gzip readers are
+        silent about damage (or raise); MetaIO prints its complaints about short zlib data to
+        stderr, so those streams are verified before SimpleITK sees them."""
+        return self.encoding == "gzip"
+
+    def verify(self) -> None:
+        have = _stream_length(self.source, self.file, self.start, self.encoding)
+        if self.payload is not None:
+            _compare(self.source, self.payload, have)
+
+
+def check_payload(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`PCLSegError` when ``path``'s voxel data is shorter than its header says or
+    its compressed stream is cut or corrupt; do nothing for formats this module does not know.
+
+    The message names the file, says what is wrong and what to do (one line). This is
+    :func:`check_header` followed by the :class:`PendingStream`'s verification.
+    """
+    pending = check_header(path)
+    if pending is not None:
+        pending.verify()
+
+
+def check_header(path: str | os.PathLike[str]) -> PendingStream | None:
+    """The cheap part of :func:`check_payload`: parse the header and, for uncompressed data,
+    compare the file's size with it. Returns the compressed stream that still needs a pass.
+
+    Reading a file can then verify that stream while SimpleITK decompresses the same bytes (see
+    :func:`pclseg.io.read_image`). A stream that cannot possibly hold the declared bytes is
+    verified here and now, so SimpleITK never allocates what a damaged header claims.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    payload = describe_payload(path)
+    if payload is None:
+        return PendingStream(path, path, 0, "gzip", None) if _is_gzip(path, 0) else None
+    if payload.encoding == "raw":
+        _compare(path, payload, _file_size(payload.file) - payload.start)
+        return None
+    pending = PendingStream(path, payload.file, payload.start, payload.encoding, payload)
+    compressed = _file_size(payload.file) - payload.start
+    if payload.encoding != "bzip2" and payload.expected > compressed * DEFLATE_MAX_RATIO:
+        pending.verify()
+    return pending
+
+
+def _compare(source: Path, payload: Payload, have: int) -> None:
+    if have < payload.expected:
+        raise PCLSegError(
+            f"{source}: damaged: holds {max(0, have - payload.skip):,} bytes of voxel data where "
+            f"the header declares {payload.voxels * payload.value_bytes:,} ({payload.what}); "
+            f"the file was cut short: {_AGAIN}"
+        )
+
+
+def describe_payload(path: Path) -> Payload | None:
+    """The :class:`Payload` of a NIfTI/Analyze, NRRD or MetaImage file, or ``None`` when the
+    format is another one or the header is not one this module can follow (SimpleITK decides)."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz", ".hdr")):
+        return _nifti_payload(path)
+    if name.endswith((".nrrd", ".nhdr")):
+        return _nrrd_payload(path)
+    if name.endswith((".mha", ".mhd")):
+        return _metaimage_payload(path)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Streams
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise PCLSegError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _open_at(path: Path, start: int) -> BinaryIO:
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the caller's with
+    except OSError as exc:
+        raise PCLSegError(f"{path}: cannot read ({exc.strerror})") from None
+    handle.seek(start)
+    return handle
+
+
+def _stream_length(source: Path, file: Path, start: int, encoding: str) -> int:
+    """Decompressed length of the stream at ``start`` in ``file``, verified to its end.
+
+    Raises:
+        PCLSegError: the stream is cut short or fails its check (CRC-32, Adler-32); the message
+            names ``source`` (the header) and, when it is another file, the data file.
+    """
+    where = "the file" if file == source else f"its data file {file.name}"
+    with _open_at(file, start) as raw:
+        try:
+            if encoding == "gzip":
+                return _count(gzip.GzipFile(fileobj=raw, mode="rb"))
+            return _count_stream(raw, zlib.decompressobj() if encoding == "zlib"
+                                 else bz2.BZ2Decompressor())
+        except EOFError:
+            raise PCLSegError(
+                f"{source}: damaged: {where} ends inside its {encoding}-compressed data (cut "
+                f"short); {_AGAIN}"
+            ) from None
+        except (gzip.BadGzipFile, zlib.error, OSError, ValueError) as exc:
+            raise PCLSegError(
+                f"{source}: damaged: the {encoding}-compressed data in {where} is corrupt "
+                f"({exc}); {_AGAIN}"
+            ) from None
+
+
+def _count(reader: gzip.GzipFile) -> int:
+    """Bytes a gzip reader yields; it checks every member's CRC-32 and length itself."""
+    view = memoryview(bytearray(CHUNK))
+    total = 0
+    while n := reader.readinto(view):
+        total += n
+    return total
+
+
+def _count_stream(raw: BinaryIO, decompressor: _Decompressor) -> int:
+    """Bytes a zlib or bzip2 stream decompresses to; an unfinished stream is cut short."""
+    total = 0
+    while not decompressor.eof:
+        block = raw.read(CHUNK)
+        if not block:
+            raise EOFError
+        total += _drain(decompressor, block)
+    return total
+
+
+def _drain(decompressor: _Decompressor, block: bytes) -> int:
+    """Feed ``block``, keeping each output at most :data:`CHUNK` bytes; returns bytes produced."""
+    total = 0
+    if isinstance(decompressor, bz2.BZ2Decompressor):
+        out = decompressor.decompress(block, CHUNK)
+        total += len(out)
+        while not decompressor.eof and decompressor.needs_input is False:
+            out = decompressor.decompress(b"", CHUNK)
+            total += len(out)
+        return total
+    data = block
+    while data and not decompressor.eof:
+        out = decompressor.decompress(data, CHUNK)
+        total += len(out)
+        data = decompressor.unconsumed_tail
+    return total
+
+
+def _is_gzip(path: Path, start: int) -> bool:
+    """Whether a gzip stream (magic bytes 1f 8b) starts at ``start``."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            return handle.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def _leading_bytes(path: Path, n: int) -> bytes:
+    """The first ``n`` (decompressed) bytes of a file, or fewer if it is shorter."""
+    try:
+        if _is_gzip(path, 0):
+            with gzip.open(path, "rb") as handle:
+                return handle.read(n)
+        with open(path, "rb") as handle:
+            return handle.read(n)
+    except (OSError, EOFError, zlib.error):
+        return b""  # too damaged to parse a header: the stream check (or SimpleITK) says so
+
+
+# --------------------------------------------------------------------------------------------
+# NIfTI-1, NIfTI-2 and Analyze 7.5
+
+
+def _nifti_payload(path: Path) -> Payload | None:
+    header = _leading_bytes(path, 540)
+    parsed = _parse_nifti(header)
+    if parsed is None:
+        return None
+    dims, bitpix, offset, single_file = parsed
+    if bitpix <= 0 or bitpix % 8 or any(d <= 0 for d in dims):
+        return None
+    what = f"{' x '.join(map(str, dims))} voxels of {bitpix} bits"
+    voxels = math.prod(dims)
+    gz = _is_gzip(path, 0)
+    if single_file:
+        return Payload(path, 0, "gzip" if gz else "raw", max(offset, 348), voxels, bitpix // 8,
+                       what)
+    stem = path.name[: -len(".hdr")] if path.name.lower().endswith(".hdr") else None
+    if stem is None:
+        return None
+    for data_name in (f"{stem}.img", f"{stem}.img.gz"):
+        data = path.with_name(data_name)
+        if data.is_file():
+            encoding = "gzip" if _is_gzip(data, 0) else "raw"
+            return Payload(data, 0, encoding, offset, voxels, bitpix // 8, what)
+    return None
+
+
+def _parse_nifti(header: bytes) -> tuple[list[int], int, int, bool] | None:
+    """``(dims, bitpix, vox_offset, single file?)`` of a NIfTI-1/2 or Analyze header."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
+            ndim, *dim = struct.unpack(f"{order}8h", header[40:56])
+            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
+            offset = struct.unpack(f"{order}f", header[108:112])[0]
+            magic = header[344:348]
+            single = magic == b"n+1\0"
+            if not 1 <= ndim <= 7 or not math.isfinite(offset):
+                return None
+            return dim[:ndim], bitpix, int(offset), single
+        if len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
+            bitpix = struct.unpack(f"{order}h", header[14:16])[0]
+            ndim, *dim = struct.unpack(f"{order}8q", header[16:80])
+            offset = struct.unpack(f"{order}q", header[168:176])[0]
+            single = header[4:8] == b"n+2\0"
+            if not 1 <= ndim <= 7:
+                return None
+            return dim[:ndim], bitpix, int(offset), single
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Text headers: NRRD and MetaImage
+
+
+def _text_header(path: Path, is_end: Callable[[str], bool]) -> tuple[list[str], int] | None:
+    """The header lines up to and including the one ``is_end`` accepts, and where data starts."""
+    lines: list[str] = []
+    try:
+        with open(path, "rb") as handle:
+            while handle.tell() < MAX_HEADER_BYTES:
+                raw = handle.readline()
+                if not raw:
+                    return lines, handle.tell()
+                line = raw.decode("latin-1").rstrip("\r\n")
+                lines.append(line)
+                if is_end(line):
+                    return lines, handle.tell()
+    except OSError:
+        return None
+    return None
+
+
+def _nrrd_payload(path: Path) -> Payload | None:
+    parsed = _text_header(path, lambda line: line == "")
+    if parsed is None or not parsed[0] or not parsed[0][0].startswith("NRRD"):
+        return None
+    lines, data_start = parsed
+    fields: dict[str, str] = {}
+    for line in lines[1:]:
+        if line.startswith("#") or ":" not in line or ":=" in line:
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip().lower()] = value.strip()
+    try:
+        sizes = [int(s) for s in fields["sizes"].split()]
+        value_bytes = NRRD_TYPE_SIZES[" ".join(fields["type"].lower().split())]
+    except (KeyError, ValueError):
+        return None
+    encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2",
+                "bz2": "bzip2"}.get(fields.get("encoding", "").lower())
+    if encoding is None or any(s <= 0 for s in sizes):
+        return None  # ascii and hex text: SimpleITK counts the values itself
+    data_file = fields.get("data file", fields.get("datafile"))
+    start, skip = 0, int(fields.get("byte skip", "0") or 0)
+    if data_file is None:
+        file, start = path, data_start
+    else:
+        if len(data_file.split()) > 1 or "%" in data_file or data_file.upper() == "LIST":
+            return None
+        file = (path.parent / data_file) if not os.path.isabs(data_file) else Path(data_file)
+        if not file.is_file():
+            raise PCLSegError(f"{path}: its data file {data_file} is missing; copy it beside the "
+                              "header")
+        if int(fields.get("line skip", "0") or 0):
+            return None
+    if skip < 0:  # -1: the data are the file's last bytes; only raw data allows it
+        if encoding != "raw":
+            return None
+        skip = 0
+    what = f"{' x '.join(map(str, sizes))} {fields['type']}"
+    return Payload(file, start, encoding, skip, math.prod(sizes), value_bytes, what)
+
+
+def _metaimage_payload(path: Path) -> Payload | None:
+    parsed = _text_header(
+        path, lambda line: line.replace(" ", "").lower().startswith("elementdatafile=")
+    )
+    if parsed is None:
+        return None
+    lines, data_start = parsed
+    fields = {}
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    try:
+        sizes = [int(s) for s in fields["dimsize"].split()]
+        element = fields["elementtype"].upper().removesuffix("_ARRAY")
+        value_bytes = METAIMAGE_TYPE_SIZES[element]
+        channels = int(fields.get("elementnumberofchannels", "1"))
+        data_file = fields["elementdatafile"]
+    except (KeyError, ValueError):
+        return None
+    if any(s <= 0 for s in sizes) or channels < 1:
+        return None
+    compressed = fields.get("compresseddata", "false").lower() == "true"
+    if data_file.upper() == "LOCAL":
+        file, start = path, data_start
+    elif len(data_file.split()) > 1 or "%" in data_file or data_file.upper().startswith("LIST"):
+        return None
+    else:
+        file = path.parent / data_file
+        if not file.is_file():
+            raise PCLSegError(f"{path}: its data file {data_file} is missing; copy it beside the "
+                              "header")
+        try:
+            header_size = int(fields.get("headersize", "0") or 0)
+        except ValueError:
+            return None
+        if header_size < 0:  # -1: the data are the file's last bytes, whatever its length
+            return None
+        start = 0 if compressed else header_size
+    what = f"{' x '.join(map(str, sizes))} {fields['elementtype']}"
+    if channels > 1:
+        what += f" x {channels} channels"
+    return Payload(file, start, "zlib" if compressed else "raw", 0,
+                   math.prod(sizes) * channels, value_bytes, what)

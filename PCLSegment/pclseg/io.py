@@ -52,6 +52,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import SliceAxis
+from .dicom_series import check_series
 from .errors import PCLSegError
 from .integrity import check_header
 
@@ -422,8 +423,10 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
         raise PCLSegError(f"{source}: no such file or folder")
     try:
         if uid is not None or folder.is_dir():
+            files = dicom_series_files(folder, uid)
+            check_series(files, source)
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(dicom_series_files(folder, uid))
+            reader.SetFileNames(files)
             return reader.Execute()
         return _read_verified(folder)
     except RuntimeError as exc:

@@ -44,6 +44,12 @@ def _add_preprocess(p: argparse.ArgumentParser, size: int = 128) -> None:
         choices=("auto", "axial", "coronal", "sagittal"),
         help="slice axis (default: the through-plane, largest-spacing axis)",
     )
+    _add_component(p)
+
+
+def _add_component(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--component", type=int, default=None, metavar="N",
+                   help="read value N of files with several per voxel (RGB, vectors)")
 
 
 def _progress(args: argparse.Namespace, log_path: Path | None = None) -> Progress:
@@ -51,7 +57,8 @@ def _progress(args: argparse.Namespace, log_path: Path | None = None) -> Progres
 
 
 def _preprocess(args: argparse.Namespace) -> PreprocessConfig:
-    return PreprocessConfig(size=args.size, spacing=args.spacing, slice_axis=args.slice_axis)
+    return PreprocessConfig(size=args.size, spacing=args.spacing, slice_axis=args.slice_axis,
+                            component=args.component)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -171,6 +178,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         probabilities=args.probabilities,
         uncertainty=args.uncertainty,
+        component=args.component,
     )
     with _progress(args) as progress:
         written = predict(args.model, args.input, args.out, cfg, progress=progress)
@@ -302,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--probabilities", action="store_true", help="also write class probabilities")
     p.add_argument("--uncertainty", action="store_true", help="also write an entropy map")
+    _add_component(p)
     _add_progress(p)
     p.set_defaults(func=cmd_predict)
 

@@ -210,7 +210,9 @@ def with_encoder_config(
     model = dataclasses.replace(
         cfg.model, features=pretrain_cfg.model.features, in_channels=pretrain_cfg.model.in_channels
     )
-    return dataclasses.replace(cfg, model=model, preprocess=pretrain_cfg.preprocess)
+    # Which value of a multi-component file to read belongs to the data, not to the encoder.
+    preprocess = dataclasses.replace(pretrain_cfg.preprocess, component=cfg.preprocess.component)
+    return dataclasses.replace(cfg, model=model, preprocess=preprocess)
 
 
 def init_source(init: Path | str | None) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
@@ -450,7 +452,10 @@ def load_training_slices(
     progress = progress or Progress.null()
     parts, summary, top = [], [], 0
     for image_path, label_path in pairs:
-        volume = read_volume(image_path, cfg.preprocess.slice_axis)
+        volume = read_volume(image_path, cfg.preprocess.slice_axis,
+                             component=cfg.preprocess.component)
+        for note in volume.notes:
+            progress.message(note)
         label = read_label(label_path, volume)
         explicit = (slices or {}).get(volume.name)
         try:

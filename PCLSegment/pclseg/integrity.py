@@ -38,6 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import numpy as np
+import SimpleITK as sitk
+
 from .errors import PCLSegError
 
 #: Bytes decompressed per read; the buffer is reused, so this bounds the check's memory.
@@ -88,6 +91,10 @@ class Payload:
         voxels: ``prod(sizes) * components``.
         value_bytes: bytes per value.
         what: e.g. ``"50 x 40 x 20 int16"``, for messages.
+        hidden_floats: the numpy dtype (``"<f4"``, ``">f8"``) of float data in which the
+            reader replaces NaN and infinity by 0 without a word (ITK's NIfTI reader, through
+            nifti1_io), so the check counts them itself; ``None`` for other data.
+        dims: the header's sizes, fastest first (for :func:`restore_nonfinite`).
     """
 
     file: Path
@@ -97,6 +104,8 @@ class Payload:
     voxels: int
     value_bytes: int
     what: str
+    hidden_floats: str | None = None
+    dims: tuple[int, ...] = ()
 
     @property
     def expected(self) -> int:
@@ -114,7 +123,9 @@ class PendingStream:
 
     :meth:`verify` decompresses it once, keeping nothing, and raises when it is cut short, fails
     its check or holds fewer bytes than ``payload`` declares (``payload`` is ``None`` for a bare
-    ``.gz`` whose content this module does not parse: then only the stream is checked).
+    ``.gz`` whose content this module does not parse: then only the stream is checked). For
+    float NIfTI data it also counts the NaN and infinite values the reader would hide, and
+    returns that count (0 otherwise); uncompressed float NIfTI data is pending for that count.
     """
 
     source: Path
@@ -125,15 +136,19 @@ class PendingStream:
 
     @property
     def quiet_reader(self) -> bool:
-        """Whether SimpleITK can read this stream while it is verified. Its gzip readers are
-        silent about damage (or raise); MetaIO prints its complaints about short zlib data to
-        stderr, so those streams are verified before SimpleITK sees them."""
-        return self.encoding == "gzip"
+        """Whether SimpleITK can read this data while it is verified. Its gzip and raw NIfTI
+        readers are silent about damage (or raise); MetaIO prints its complaints about short
+        zlib data to stderr, so those streams are verified before SimpleITK sees them."""
+        return self.encoding in ("gzip", "raw")
 
-    def verify(self) -> None:
-        have = _stream_length(self.source, self.file, self.start, self.encoding)
+    def verify(self) -> int:
+        scan = _FloatScan(self.payload)
+        if self.encoding == "raw":
+            return scan.scan_file(self.file, self.start)
+        have = _stream_length(self.source, self.file, self.start, self.encoding, scan)
         if self.payload is not None:
             _compare(self.source, self.payload, have)
+        return scan.nonfinite
 
 
 def check_payload(path: str | os.PathLike[str]) -> None:
@@ -164,7 +179,9 @@ def check_header(path: str | os.PathLike[str]) -> PendingStream | None:
         return PendingStream(path, path, 0, "gzip", None) if _is_gzip(path, 0) else None
     if payload.encoding == "raw":
         _compare(path, payload, _file_size(payload.file) - payload.start)
-        return None
+        if payload.hidden_floats is None:
+            return None
+        return PendingStream(path, payload.file, payload.start, "raw", payload)
     pending = PendingStream(path, payload.file, payload.start, payload.encoding, payload)
     compressed = _file_size(payload.file) - payload.start
     if payload.encoding != "bzip2" and payload.expected > compressed * DEFLATE_MAX_RATIO:
@@ -214,7 +231,9 @@ def _open_at(path: Path, start: int) -> BinaryIO:
     return handle
 
 
-def _stream_length(source: Path, file: Path, start: int, encoding: str) -> int:
+def _stream_length(
+    source: Path, file: Path, start: int, encoding: str, scan: _FloatScan | None = None
+) -> int:
     """Decompressed length of the stream at ``start`` in ``file``, verified to its end.
 
     Raises:
@@ -225,7 +244,7 @@ def _stream_length(source: Path, file: Path, start: int, encoding: str) -> int:
     with _open_at(file, start) as raw:
         try:
             if encoding == "gzip":
-                return _count(gzip.GzipFile(fileobj=raw, mode="rb"))
+                return _count(gzip.GzipFile(fileobj=raw, mode="rb"), scan)
             return _count_stream(raw, zlib.decompressobj() if encoding == "zlib"
                                  else bz2.BZ2Decompressor())
         except EOFError:
@@ -240,13 +259,50 @@ def _stream_length(source: Path, file: Path, start: int, encoding: str) -> int:
             ) from None
 
 
-def _count(reader: gzip.GzipFile) -> int:
+def _count(reader: gzip.GzipFile, scan: _FloatScan | None = None) -> int:
     """Bytes a gzip reader yields; it checks every member's CRC-32 and length itself."""
     view = memoryview(bytearray(CHUNK))
     total = 0
     while n := reader.readinto(view):
+        if scan is not None:
+            scan.feed(view[:n])
         total += n
     return total
+
+
+class _FloatScan:
+    """Counts NaN and infinite values in a payload's float voxels, fed the (decompressed) data
+    in pieces of any length; does nothing unless the payload has :attr:`Payload.hidden_floats`."""
+
+    def __init__(self, payload: Payload | None) -> None:
+        self.dtype = None if payload is None or payload.hidden_floats is None \
+            else np.dtype(payload.hidden_floats)
+        self.skip = 0 if payload is None else payload.skip
+        self.left = 0 if payload is None else payload.voxels * payload.value_bytes
+        self.carry = b""
+        self.nonfinite = 0
+
+    def feed(self, data: memoryview | bytes) -> None:
+        if self.dtype is None or self.left <= 0:
+            return
+        if self.skip:
+            cut = min(self.skip, len(data))
+            data, self.skip = data[cut:], self.skip - cut
+        data = self.carry + bytes(data[: self.left]) if self.carry else data[: self.left]
+        whole = len(data) - len(data) % self.dtype.itemsize
+        values = np.frombuffer(data, self.dtype, whole // self.dtype.itemsize)
+        self.nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.carry = bytes(data[whole:])
+        self.left -= whole
+
+    def scan_file(self, file: Path, start: int) -> int:
+        if self.dtype is not None:
+            values = np.memmap(file, self.dtype, "r", start + self.skip,
+                               self.left // self.dtype.itemsize)
+            for first in range(0, values.size, CHUNK):
+                block = values[first : first + CHUNK]
+                self.nonfinite += int(block.size - np.count_nonzero(np.isfinite(block)))
+        return self.nonfinite
 
 
 def _count_stream(raw: BinaryIO, decompressor: _Decompressor) -> int:
@@ -309,15 +365,16 @@ def _nifti_payload(path: Path) -> Payload | None:
     parsed = _parse_nifti(header)
     if parsed is None:
         return None
-    dims, bitpix, offset, single_file = parsed
+    dims, bitpix, offset, single_file, floats = parsed
     if bitpix <= 0 or bitpix % 8 or any(d <= 0 for d in dims):
         return None
     what = f"{' x '.join(map(str, dims))} voxels of {bitpix} bits"
     voxels = math.prod(dims)
     gz = _is_gzip(path, 0)
+    extra = {"hidden_floats": floats, "dims": tuple(dims)}
     if single_file:
         return Payload(path, 0, "gzip" if gz else "raw", max(offset, 348), voxels, bitpix // 8,
-                       what)
+                       what, **extra)
     stem = path.name[: -len(".hdr")] if path.name.lower().endswith(".hdr") else None
     if stem is None:
         return None
@@ -325,30 +382,37 @@ def _nifti_payload(path: Path) -> Payload | None:
         data = path.with_name(data_name)
         if data.is_file():
             encoding = "gzip" if _is_gzip(data, 0) else "raw"
-            return Payload(data, 0, encoding, offset, voxels, bitpix // 8, what)
+            return Payload(data, 0, encoding, offset, voxels, bitpix // 8, what, **extra)
     return None
 
 
-def _parse_nifti(header: bytes) -> tuple[list[int], int, int, bool] | None:
-    """``(dims, bitpix, vox_offset, single file?)`` of a NIfTI-1/2 or Analyze header."""
+#: NIfTI datatype codes of the float types whose NaN and infinity nifti1_io turns into 0.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _parse_nifti(header: bytes) -> tuple[list[int], int, int, bool, str | None] | None:
+    """``(dims, bitpix, vox_offset, single file?, float dtype or None)`` of a NIfTI-1/2 or
+    Analyze header."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
             ndim, *dim = struct.unpack(f"{order}8h", header[40:56])
-            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(f"{order}2h", header[70:74])
             offset = struct.unpack(f"{order}f", header[108:112])[0]
             magic = header[344:348]
             single = magic == b"n+1\0"
             if not 1 <= ndim <= 7 or not math.isfinite(offset):
                 return None
-            return dim[:ndim], bitpix, int(offset), single
-        if len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
-            bitpix = struct.unpack(f"{order}h", header[14:16])[0]
+        elif len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(f"{order}2h", header[12:16])
             ndim, *dim = struct.unpack(f"{order}8q", header[16:80])
             offset = struct.unpack(f"{order}q", header[168:176])[0]
             single = header[4:8] == b"n+2\0"
             if not 1 <= ndim <= 7:
                 return None
-            return dim[:ndim], bitpix, int(offset), single
+        else:
+            continue
+        floats = _NIFTI_FLOATS.get(datatype)
+        return dim[:ndim], bitpix, int(offset), single, floats and order + floats
     return None
 
 
@@ -459,3 +523,40 @@ def _metaimage_payload(path: Path) -> Payload | None:
         what += f" x {channels} channels"
     return Payload(file, start, "zlib" if compressed else "raw", 0,
                    math.prod(sizes) * channels, value_bytes, what)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite values the NIfTI reader hides
+
+
+def restore_nonfinite(image: sitk.Image, pending: PendingStream) -> sitk.Image:
+    """``image`` (as SimpleITK read ``pending``'s file) with NaN where the file holds NaN or
+    infinity, which ITK's NIfTI reader has turned into 0: the zeros would pass for real
+    intensities; as NaN, :mod:`pclseg.volume_checks` counts, reports and masks them.
+
+    Raises:
+        PCLSegError: the file's layout is not one this can map onto the image's voxels.
+    """
+    payload = pending.payload
+    assert payload is not None and payload.hidden_floats is not None
+    dtype = np.dtype(payload.hidden_floats)
+    with _open_at(pending.file, pending.start) as raw:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if pending.encoding == "gzip" else raw
+        stream.read(payload.skip)
+        values = np.frombuffer(stream.read(payload.voxels * dtype.itemsize), dtype)
+    array = sitk.GetArrayFromImage(image)
+    dims = payload.dims
+    if len(dims) == 5 and dims[3] == 1:  # (i, j, k, 1, c): a vector image, components slowest
+        bad = np.moveaxis(~np.isfinite(values).reshape(dims[4], *dims[2::-1]), 0, -1)
+    else:
+        bad = ~np.isfinite(values).reshape(dims[::-1])
+    if bad.shape != array.shape:
+        raise PCLSegError(
+            f"{pending.source}: holds NaN or infinite values, which the NIfTI reader turns into "
+            "zeros; replace them (e.g. by the background value) and save the file again"
+        )
+    array = array.astype(np.promote_types(array.dtype, np.float32), copy=False)
+    array[bad] = np.nan
+    restored = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    restored.CopyInformation(image)
+    return restored

@@ -54,9 +54,11 @@ from .evaluate import dice_per_class
 from .io import find_volume_files, read_label, read_volume, volume_name
 from .labels import (
     Label,
+    check_label_values,
     find_dataset_json,
     labels_from_json,
     labels_to_json,
+    named_labels,
     read_dataset_labels,
     resolve_labels,
 )
@@ -443,8 +445,10 @@ def load_training_slices(
     cfg: FinetuneConfig,
     slices: dict[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
+    named: tuple[list[Label], str] | None = None,
 ) -> tuple[TrainingSlices, int, list[dict[str, Any]]]:
-    """Read, prepare and collect the annotated slices of every image/label pair.
+    """Read, prepare and collect the annotated slices of every image/label pair; with
+    ``named`` (labels, where they are named), a label value they do not name is an error.
 
     Returns:
         ``(slices, largest label value, per-volume summary)``.
@@ -457,6 +461,8 @@ def load_training_slices(
         for note in volume.notes:
             progress.message(note)
         label = read_label(label_path, volume)
+        if named is not None:
+            check_label_values(label, named[0], str(label_path), named[1])
         explicit = (slices or {}).get(volume.name)
         try:
             chosen = annotated_slices(label, explicit)
@@ -529,7 +535,9 @@ def finetune(
             cfg = with_encoder_config(cfg, init_info.pop("meta"), encoder_stem(init))
 
     pairs = pair_files(images, labels)
-    data, top, volumes = load_training_slices(pairs, cfg, slices, progress)
+    named = ((labels_from_json(meta["labels"]), f"the labels of {out}'s checkpoint") if resume
+             else named_labels(Path(labels), label_names))
+    data, top, volumes = load_training_slices(pairs, cfg, slices, progress, named)
     model_labels = (labels_from_json(meta["labels"]) if resume
                     else labels_for(top, Path(labels), label_names))
     num_classes = len(model_labels) + 1

@@ -55,6 +55,7 @@ from .config import SliceAxis
 from .dicom_series import check_series
 from .errors import PCLSegError
 from .integrity import check_header, restore_nonfinite
+from .skipped import Skipped
 from .volume_checks import check_size, mask_nonfinite, pick_component
 
 #: Suffixes of volume formats SimpleITK reads (longest first where one ends another).
@@ -568,14 +569,6 @@ def read_label(path: str | os.PathLike[str], like: Volume) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # Finding volumes in folders
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A candidate that could not be used, and why (one line)."""
-
-    path: str
-    reason: str
 
 
 def _suffix(name: str, suffixes: Iterable[str]) -> str | None:

@@ -206,3 +206,30 @@ def test_a_folder_skips_damaged_files_with_their_reasons(tmp_path, an_image):
     assert set(reasons) == {"cut.nii.gz", "short.nrrd"}
     assert reasons["cut.nii.gz"].startswith("damaged: the file ends inside its gzip")
     assert reasons["short.nrrd"].startswith("damaged: holds")
+
+
+@pytest.mark.parametrize(("name", "compressed"), FORMATS[:6], ids=IDS[:6])
+def test_a_scrambled_header_is_a_one_line_error_or_a_volume_never_a_crash(
+    tmp_path, an_image, name, compressed
+):
+    """Bytes of the header replaced at random (a fixed seed): whatever the reader makes of it,
+    the outcome is a volume or a PCLSegError, never another exception."""
+    path = write(an_image, tmp_path / name, compressed)
+    content = path.read_bytes()
+    gz = content[:2] == b"\x1f\x8b"
+    raw = gzip.decompress(content) if gz else content
+    header_end = 348 if name.startswith("v.nii") else data_start(path)
+    rng = np.random.default_rng(len(name) + compressed)
+    for attempt in range(15):
+        mutated = bytearray(raw)
+        for _ in range(int(rng.integers(1, 4))):
+            low = 32 if not name.startswith("v.nii") else 0
+            mutated[int(rng.integers(0, header_end))] = int(rng.integers(low, 127))
+        target = tmp_path / f"m{attempt}{name}"
+        target.write_bytes(gzip.compress(bytes(mutated)) if gz else bytes(mutated))
+        try:
+            volumes = read_volumes(target)
+        except PCLSegError as error:
+            assert "\n" not in str(error)
+        else:
+            assert all(np.isfinite(v.array).all() for v in volumes)

@@ -452,6 +452,8 @@ def _nrrd_payload(path: Path) -> Payload | None:
     try:
         sizes = [int(s) for s in fields["sizes"].split()]
         value_bytes = NRRD_TYPE_SIZES[" ".join(fields["type"].lower().split())]
+        skip = int(fields.get("byte skip", "0") or 0)
+        line_skip = int(fields.get("line skip", "0") or 0)
     except (KeyError, ValueError):
         return None
     encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2",
@@ -459,7 +461,7 @@ def _nrrd_payload(path: Path) -> Payload | None:
     if encoding is None or any(s <= 0 for s in sizes):
         return None  # ascii and hex text: SimpleITK counts the values itself
     data_file = fields.get("data file", fields.get("datafile"))
-    start, skip = 0, int(fields.get("byte skip", "0") or 0)
+    start = 0
     if data_file is None:
         file, start = path, data_start
     else:
@@ -469,7 +471,7 @@ def _nrrd_payload(path: Path) -> Payload | None:
         if not file.is_file():
             raise PCLSegError(f"{path}: its data file {data_file} is missing; copy it beside the "
                               "header")
-        if int(fields.get("line skip", "0") or 0):
+        if line_skip:
             return None
     if skip < 0:  # -1: the data are the file's last bytes; only raw data allows it
         if encoding != "raw":

@@ -18,8 +18,8 @@ and compares them with what the data holds:
   Adler-32), so a cut or corrupted stream is caught even where the header cannot be parsed.
 
 The pass keeps nothing, so its memory does not grow with the volume; its cost is one more
-decompression. The file itself comes from disk once: SimpleITK reads it right after the check,
-from the operating system's page cache.
+decompression (measured in docs/decisions.md, 9). The file itself comes from disk once:
+SimpleITK reads it right after the check, from the operating system's page cache.
 
 Multi-file data (NRRD ``data file: LIST`` or a format string, MetaImage ``LIST``), ASCII and hex
 encodings and formats not listed above are left to SimpleITK, which reports short data itself.
@@ -112,11 +112,6 @@ class Payload:
         return self.skip + self.voxels * self.value_bytes
 
 
-#: Deflate (gzip, zlib) cannot compress more than about 1032:1, so a header that declares more
-#: than this many times the compressed bytes describes data the file cannot hold.
-DEFLATE_MAX_RATIO = 1032
-
-
 @dataclass(frozen=True)
 class PendingStream:
     """A compressed stream still to verify: the expensive part of :func:`check_payload`.
@@ -133,13 +128,6 @@ class PendingStream:
     start: int
     encoding: str
     payload: Payload | None
-
-    @property
-    def quiet_reader(self) -> bool:
-        """Whether SimpleITK can read this data while it is verified. Its gzip and raw NIfTI
-        readers are silent about damage (or raise); MetaIO prints its complaints about short
-        zlib data to stderr, so those streams are verified before SimpleITK sees them."""
-        return self.encoding in ("gzip", "raw")
 
     def verify(self) -> int:
         scan = _FloatScan(self.payload)
@@ -165,11 +153,8 @@ def check_payload(path: str | os.PathLike[str]) -> None:
 
 def check_header(path: str | os.PathLike[str]) -> PendingStream | None:
     """The cheap part of :func:`check_payload`: parse the header and, for uncompressed data,
-    compare the file's size with it. Returns the compressed stream that still needs a pass.
-
-    Reading a file can then verify that stream while SimpleITK decompresses the same bytes (see
-    :func:`pclseg.io.read_image`). A stream that cannot possibly hold the declared bytes is
-    verified here and now, so SimpleITK never allocates what a damaged header claims.
+    compare the file's size with it. Returns the compressed stream (or float NIfTI data) that
+    still needs a pass, :meth:`PendingStream.verify`.
     """
     path = Path(path)
     if not path.is_file():
@@ -182,11 +167,7 @@ def check_header(path: str | os.PathLike[str]) -> PendingStream | None:
         if payload.hidden_floats is None:
             return None
         return PendingStream(path, payload.file, payload.start, "raw", payload)
-    pending = PendingStream(path, payload.file, payload.start, payload.encoding, payload)
-    compressed = _file_size(payload.file) - payload.start
-    if payload.encoding != "bzip2" and payload.expected > compressed * DEFLATE_MAX_RATIO:
-        pending.verify()
-    return pending
+    return PendingStream(path, payload.file, payload.start, payload.encoding, payload)
 
 
 def _compare(source: Path, payload: Payload, have: int) -> None:

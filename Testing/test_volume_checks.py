@@ -258,3 +258,40 @@ def test_a_folder_of_odd_volumes_skips_each_with_its_reason(tmp_path, an_rgb_nrr
     reasons = {Path(s.path).name: s.reason for s in skipped}
     assert reasons["colour.nrrd"].startswith("holds 3 values per voxel")
     assert reasons["strip.nrrd"].startswith("axial slices of 64 x 2 pixels")
+
+
+def test_fine_tuning_from_an_encoder_keeps_the_callers_component():
+    from pclseg.config import FinetuneConfig, PretrainConfig, to_dict
+    from pclseg.finetune import with_encoder_config
+
+    encoder_meta = {"config": to_dict(PretrainConfig(preprocess=PreprocessConfig(size=64)))}
+    cfg = FinetuneConfig(preprocess=PreprocessConfig(size=32, component=1))
+    merged = with_encoder_config(cfg, encoder_meta, Path("run/encoder"))
+    assert (merged.preprocess.size, merged.preprocess.component) == (64, 1)
+
+
+def test_what_was_already_refused_still_is_with_one_line_naming_the_file(tmp_path):
+    """The good cases of before: each is skipped in a folder with a one-line reason."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "text.nii.gz").write_text("a note, named like a volume")
+    (folder / "empty.nii.gz").write_bytes(b"")
+    save(anatomy()[0:1], folder / "one_slice.nrrd")
+    sitk.WriteImage(sitk.GetImageFromArray(anatomy()[0]), str(folder / "flat.nrrd"))
+    save(np.full((6, 16, 16), 7, np.float32), folder / "constant.nrrd")
+    save(np.full((6, 16, 16), np.nan, np.float32), folder / "nan.nrrd")
+    (folder / "folder.nii.gz").mkdir()
+    (folder / "folder.nii.gz" / "inside.txt").write_text("not a volume")
+    save(anatomy(), folder / "good.nii.gz")
+    volumes, skipped = scan_folder(folder)
+    assert [Path(v.source).name for v in volumes] == ["good.nii.gz"]
+    reasons = {Path(s.path).name: s.reason for s in skipped}
+    assert reasons == {
+        "constant.nrrd": "every voxel has the same value (7)",
+        "empty.nii.gz": "cannot read (not an image format SimpleITK can read)",
+        "flat.nrrd": "a 2D image; need a 3D volume",
+        "nan.nrrd": "no voxel holds a finite value (all NaN or infinite)",
+        "one_slice.nrrd": "1 axial slice(s); need at least 3 (a 2D image, or choose another slice "
+                          "axis)",
+        "text.nii.gz": "cannot read (not an image format SimpleITK can read)",
+    }

@@ -233,3 +233,18 @@ def test_a_scrambled_header_is_a_one_line_error_or_a_volume_never_a_crash(
             assert "\n" not in str(error)
         else:
             assert all(np.isfinite(v.array).all() for v in volumes)
+
+
+def test_non_finite_floats_are_counted_whatever_the_pieces_they_arrive_in():
+    from pclseg.integrity import Payload, _FloatScan
+
+    values = np.arange(40, dtype="<f8")
+    values[[0, 7, 39]] = [np.nan, np.inf, -np.inf]
+    data = b"H" * 5 + values.tobytes() + np.full(3, np.nan).tobytes()  # then non-voxel bytes
+    payload = Payload(Path("x.nii"), 0, "gzip", 5, values.size, 8, "40 doubles", "<f8", (40,))
+    for cuts in ([len(data)], [1, 6, 13, 200, len(data)], list(range(1, len(data) + 1, 3))):
+        scan, start = _FloatScan(payload), 0
+        for end in [*cuts, len(data)]:
+            scan.feed(memoryview(data)[start:end])
+            start = end
+        assert scan.nonfinite == 3, cuts

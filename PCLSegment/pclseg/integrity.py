@@ -269,7 +269,8 @@ class _FloatScan:
         if self.skip:
             cut = min(self.skip, len(data))
             data, self.skip = data[cut:], self.skip - cut
-        data = self.carry + bytes(data[: self.left]) if self.carry else data[: self.left]
+        data = data[: self.left - len(self.carry)]  # the carried bytes are not counted yet
+        data = self.carry + bytes(data) if self.carry else data
         whole = len(data) - len(data) % self.dtype.itemsize
         values = np.frombuffer(data, self.dtype, whole // self.dtype.itemsize)
         self.nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))

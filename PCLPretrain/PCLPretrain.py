@@ -304,7 +304,8 @@ class PCLPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         if job.ok:
             self.ui.progressBar.setValue(100)
-            self.ui.statusLabel.setText(f"Encoder written to {job.result}.")
+            done = f"Encoder written to {job.result}{self._status.skipped_text}."
+            self.ui.statusLabel.setText(done)
             self.offerEncoder(self._runFolder)
         elif job.cancelled:
             self.ui.statusLabel.setText(

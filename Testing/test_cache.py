@@ -43,9 +43,9 @@ def a_read_counter(monkeypatch) -> list[str]:
     reads: list[str] = []
     original = cache_module.read_volumes
 
-    def counting(path, slice_axis="auto"):
+    def counting(path, slice_axis="auto", component=None):
         reads.append(os.fspath(path))
-        return original(path, slice_axis)
+        return original(path, slice_axis, component)
 
     monkeypatch.setattr(cache_module, "read_volumes", counting)
     return reads

@@ -137,16 +137,16 @@ def test_a_slice_centre_is_where_the_slice_is(tmp_path, a_canonical_array):
 
 
 def test_the_slice_axis_is_the_thickest_one_unless_named():
-    values = np.random.default_rng(2).normal(size=(12, 4, 10)).astype(np.float32)  # (z, y, x)
+    values = np.random.default_rng(2).normal(size=(12, 9, 10)).astype(np.float32)  # (z, y, x)
     coronal_stack = sitk.GetImageFromArray(values)
     coronal_stack.SetSpacing((1.0, 6.0, 1.0))  # y is thick: coronal slices
     auto = Volume.from_image(coronal_stack, "c")
-    assert auto.slice_axis_name == "coronal" and auto.shape == (4, 12, 10)
+    assert auto.slice_axis_name == "coronal" and auto.shape == (9, 12, 10)
     assert auto.spacing == (6.0, 1.0, 1.0)
     axial = Volume.from_image(coronal_stack, "c", slice_axis="axial")
-    assert axial.slice_axis_name == "axial" and axial.shape == (12, 4, 10)
+    assert axial.slice_axis_name == "axial" and axial.shape == (12, 9, 10)
     sagittal = Volume.from_image(coronal_stack, "c", slice_axis="sagittal")
-    assert sagittal.slice_axis_name == "sagittal" and sagittal.shape == (10, 12, 4)
+    assert sagittal.slice_axis_name == "sagittal" and sagittal.shape == (10, 12, 9)
     isotropic = sitk.GetImageFromArray(values[:8, :, :8].repeat(2, axis=1))
     assert Volume.from_image(isotropic).slice_axis_name == "axial"
     with pytest.raises(PCLSegError, match="slice axis"):
@@ -202,15 +202,19 @@ def test_an_unreadable_file_is_an_error_naming_it(tmp_path):
         read_volumes(tmp_path / "missing.nii.gz")
 
 
-def test_non_finite_voxels_become_the_lowest_finite_value(a_canonical_array):
+def test_non_finite_voxels_become_the_lowest_finite_value_and_are_marked(a_canonical_array):
     array = a_canonical_array.copy()
     array[0, 0, :3] = [np.nan, np.inf, -np.inf]
     finite = array[np.isfinite(array)]
-    volume = Volume.from_image(image_from_canonical(array))
-    assert volume.array[0, 0, 0] == finite.min()  # NaN
-    assert volume.array[0, 0, 1] == finite.max()  # +inf
-    assert volume.array[0, 0, 2] == finite.min()  # -inf
+    volume = Volume.from_image(image_from_canonical(array), "v.nrrd")
+    np.testing.assert_array_equal(volume.array[0, 0, :3], finite.min())
     np.testing.assert_array_equal(volume.array.ravel()[3:], array.ravel()[3:])
+    assert volume.invalid.sum() == 3 and volume.invalid[0, 0, :3].all()
+    assert volume.notes == (
+        "v.nrrd: 3 NaN or infinite voxel(s) (0.51%) in 1 of 6 slices; they count as background "
+        "(the lowest finite value) and are left out of the intensity statistics",
+    )
+    assert Volume.from_image(image_from_canonical(a_canonical_array)).invalid is None
 
 
 def test_to_image_stores_labels_compactly_and_checks_the_shape(a_canonical_array):

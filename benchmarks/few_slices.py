@@ -93,23 +93,24 @@ def fused(session: RefineSession, weight: float) -> np.ndarray:
 def run_arms(
     volume, truth: np.ndarray, chosen: list[int], init: Path | None, arms: list[str],
     base: FinetuneConfig, args: argparse.Namespace, labels: list[str],
-) -> dict[str, tuple[np.ndarray, float]]:
-    """Predictions (and seconds to fine-tune + predict) of every trained arm and its sharers."""
-    out: dict[str, tuple[np.ndarray, float]] = {}
+) -> dict[str, tuple[np.ndarray, float, int]]:
+    """Predictions, seconds to fine-tune + predict, and steps trained, of every trained arm and
+    of the arms that share its network."""
+    out: dict[str, tuple[np.ndarray, float, int]] = {}
     for arm in [a for a in arms if a not in SHARED]:
         cfg, steps = arm_config(arm, base)
         start = time.perf_counter()
         session = RefineSession.from_encoder(volume, init, cfg, labels)
         session.set_annotations(truth, chosen)
         session.refine(steps)
-        out[arm] = (session.predict(), time.perf_counter() - start)
+        out[arm] = (session.predict(), time.perf_counter() - start, session.steps_done)
         for sharer, source in SHARED.items():
             if source == arm and sharer in arms:
                 if sharer == NO_POST:
                     session.trainer.cfg = dataclasses.replace(session.cfg, postprocess=False)
-                    out[sharer] = (session.predict(), out[arm][1])
+                    out[sharer] = (session.predict(), *out[arm][1:])
                 else:
-                    out[sharer] = (fused(session, args.fuse_weight), out[arm][1])
+                    out[sharer] = (fused(session, args.fuse_weight), *out[arm][1:])
     return out
 
 
@@ -213,14 +214,15 @@ def main() -> None:
                                       preprocess=PreprocessConfig(size=args.size),
                                       model=ModelConfig(features=args.features))
                 row = {"volume": volume.name, "k": k, "seed": seed, "slices": chosen,
-                       "dice": {FILL: fill}, "seconds": {}}
+                       "dice": {FILL: fill}, "seconds": {}, "steps": {}}
                 for init_name, init in inits.items():
                     results = run_arms(volume, truth, chosen, init, arm_lists[init_name], base,
                                        args, names)
-                    for arm, (pred, seconds) in results.items():
+                    for arm, (pred, seconds, steps) in results.items():
                         key = f"{init_name} {arm}"
                         row["dice"][key] = score(pred)
                         row["seconds"][key] = seconds
+                        row["steps"][key] = steps
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 done[(volume.name, k, seed)] = row

@@ -11,13 +11,17 @@ a time through :func:`pclseg.preprocess.prepare_volume` into::
 ``index.json`` holds ``format`` (``"pclseg-cache"``), ``format_version``, ``key``, the
 ``preprocess`` config, ``num_slices``, ``size``, ``volumes`` (per volume: ``source``,
 ``frame``, ``first`` slice row, ``count``, canonical ``shape``, ``spacing``, ``slice_axis``),
-``skipped`` (``path``, ``reason``) and ``files`` (what the key was made of). Per slice, the
+``skipped`` (``path``, ``reason``), ``warnings`` (``path``, ``message``: notes on volumes that
+were used, such as masked non-finite voxels) and ``files`` (what the key was made of). Every
+slice written is finite: a volume whose prepared slices are not (float16 overflow) is skipped.
+Per slice, the
 volume id and the position ``(i + 1) / S`` follow from ``volumes`` (see
 :attr:`SliceCache.positions`).
 
 The ``key`` is a SHA-256 of the preprocessing config and each candidate's path, size and
 modification time: building again with the same key reuses the cache without reading a volume;
-a changed, added or removed file or a changed config rebuilds it. A build happens in a hidden
+a changed, added or removed file or a changed config rebuilds it. A reused cache reports its
+skipped files and warnings again, as a build would. A build happens in a hidden
 folder beside ``cache_dir`` and is renamed into place at the end, so a killed build never
 leaves a half-written cache behind.
 
@@ -44,14 +48,15 @@ from tqdm import tqdm
 
 from .config import PreprocessConfig, to_dict
 from .errors import PCLSegError
-from .io import Skipped, discover_volumes, read_volumes, source_stat
+from .io import Skipped, Volume, discover_volumes, read_volumes, skipped_item, source_stat
 from .preprocess import prepare_volume
 
 if TYPE_CHECKING:
     from .progress import Progress
 
 FORMAT = "pclseg-cache"
-FORMAT_VERSION = 1
+#: 2: volumes are read with the integrity, size and non-finite checks; ``warnings`` added.
+FORMAT_VERSION = 2
 SLICES_FILE = "slices.npy"
 INDEX_FILE = "index.json"
 DTYPE = np.dtype("<f2")
@@ -134,6 +139,10 @@ class SliceCache:
         self.size: int = int(index["size"])
         self.volumes: list[CachedVolume] = [CachedVolume.from_dict(v) for v in index["volumes"]]
         self.skipped: list[Skipped] = [Skipped(s["path"], s["reason"]) for s in index["skipped"]]
+        #: ``(path, message)`` notes on volumes that were used (e.g. masked non-finite voxels).
+        self.warnings: list[tuple[str, str]] = [
+            (w["path"], w["message"]) for w in index.get("warnings", [])
+        ]
         counts = np.array([v.count for v in self.volumes], dtype=np.int64)
         #: Volume index of each slice, int64 ``(N,)``.
         self.volume_ids = np.repeat(np.arange(len(self.volumes)), counts)
@@ -215,6 +224,7 @@ class SliceCache:
             except PCLSegError:
                 existing = None
             if existing is not None and existing.key == key:
+                _replay(existing, progress)
                 return existing
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         prefix = f".{cache_dir.name}.building-"
@@ -238,19 +248,31 @@ class SliceCache:
         return cls(cache_dir)
 
 
+def _replay(cache: SliceCache, progress: Progress | None) -> None:
+    """Tell ``progress`` what a build of ``cache`` told it: its skipped files and warnings."""
+    if progress is None:
+        return
+    for item in cache.skipped:
+        progress.event("skipped", path=item.path, reason=item.reason)
+    for path, message in cache.warnings:
+        progress.event("message", message=message, path=path)
+
+
 def _describe(source: Source) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
     return f"{len(source)} given path(s)"
 
 
-def _reporter(
-    callback: ProgressCallback | None, progress: Progress | None
-) -> Callable[[int, int, str, Skipped | None], None]:
+Report = Callable[[int, int, str, Skipped | None, Sequence[str]], None]
+
+
+def _reporter(callback: ProgressCallback | None, progress: Progress | None) -> Report:
     """One function that tells the callback, the reporter and a terminal bar."""
     bar: tqdm | None = None
 
-    def report(done: int, total: int, path: str, skipped: Skipped | None) -> None:
+    def report(done: int, total: int, path: str, skipped: Skipped | None,
+               notes: Sequence[str] = ()) -> None:
         nonlocal bar
         if progress is not None:
             if progress.mode == "bar" and bar is None:
@@ -258,6 +280,8 @@ def _reporter(
                            dynamic_ncols=True)
             if skipped is not None:
                 progress.event("skipped", path=skipped.path, reason=skipped.reason)
+            for note in notes:
+                progress.event("message", message=note, path=path)
             progress.event("cache", done=done, total=total, path=path)
         if bar is not None:
             bar.update(1)
@@ -273,7 +297,7 @@ def _write_slices(
     paths: list[Path],
     cfg: PreprocessConfig,
     folder: Path,
-    report: Callable[[int, int, str, Skipped | None], None],
+    report: Report,
 ) -> dict[str, Any]:
     """Stream every usable volume's prepared slices into ``folder/slices.npy``.
 
@@ -282,6 +306,7 @@ def _write_slices(
     """
     volumes: list[dict[str, Any]] = []
     skipped: list[Skipped] = []
+    warnings: list[dict[str, str]] = []
     rows = 0
     slices_path = folder / SLICES_FILE
     with open(slices_path, "wb") as out:
@@ -289,14 +314,16 @@ def _write_slices(
         for done, path in enumerate(paths, 1):
             source = os.fspath(path)
             try:
-                read = read_volumes(path, cfg.slice_axis)
+                read = read_volumes(path, cfg.slice_axis, cfg.component)
+                prepared = [_cacheable(volume, cfg) for volume in read]
             except PCLSegError as exc:
-                skipped.append(Skipped(source, str(exc).removeprefix(f"{source}: ")))
+                skipped.append(skipped_item(path, exc))
                 report(done, len(paths), source, skipped[-1])
                 continue
-            for volume in read:
-                slices, _ = prepare_volume(volume, cfg)
-                out.write(np.ascontiguousarray(slices, dtype=DTYPE).tobytes())
+            notes = [note for volume in read for note in volume.notes]
+            warnings += [{"path": source, "message": note} for note in notes]
+            for volume, slices in zip(read, prepared, strict=True):
+                out.write(slices.tobytes())
                 volumes.append({
                     "source": volume.source,
                     "frame": volume.frame,
@@ -307,8 +334,8 @@ def _write_slices(
                     "slice_axis": volume.slice_axis_name,
                 })
                 rows += len(slices)
-            del read
-            report(done, len(paths), source, None)
+            del read, prepared
+            report(done, len(paths), source, None, notes)
         out.seek(0)
         if _write_header(out, rows, cfg.size) != header_length:
             raise RuntimeError("the .npy header changed length; cannot finish the slice cache")
@@ -320,7 +347,25 @@ def _write_slices(
         "num_slices": rows,
         "volumes": volumes,
         "skipped": skipped,
+        "warnings": warnings,
     }
+
+
+def _cacheable(volume: Volume, cfg: PreprocessConfig) -> np.ndarray:
+    """A volume's prepared slices as the cache stores them (float16), all finite.
+
+    Raises:
+        PCLSegError: a value does not fit float16 (only possible with clip percentiles that
+            clip nothing and extreme outliers): nothing non-finite enters the cache.
+    """
+    slices, _ = prepare_volume(volume, cfg)
+    half = np.ascontiguousarray(slices, dtype=DTYPE)
+    if not np.isfinite(half).all():
+        raise PCLSegError(
+            f"{volume.source}: its normalized intensities exceed float16 range; clip them with "
+            "narrower clip percentiles"
+        )
+    return half
 
 
 def _write_header(out: Any, rows: int, size: int) -> int:

@@ -5,9 +5,19 @@ A pair ``STEM.safetensors`` + ``STEM.json`` holds tensors and their metadata. Th
 the caller's metadata (configs, epoch, ...) and the ``sha256`` of the safetensors file, so a
 truncated file or a pair mixed from two saves is caught before anything is used.
 
-Writing is atomic per file: each goes to a temporary file in the same folder, is fsynced and
-renamed over the old one (safetensors first, JSON last, so the JSON is the commit mark). A crash
-between the two renames leaves a pair whose sha256 does not match, which loading reports.
+Writing a pair never leaves a folder without a complete pair, whenever the writer is killed:
+
+1. both new files are written to temporary files in the same folder and fsynced;
+2. the pair on disk is kept as ``STEM.previous.safetensors`` + ``STEM.previous.json`` (hard
+   links, weights first, so the old files stay where they are);
+3. the new files are renamed over the old ones, safetensors first and JSON last;
+4. the folder is fsynced and the previous pair removed.
+
+A kill between the renames of step 3 leaves new weights beside old JSON, a pair whose sha256
+does not match; :func:`load_pair` then loads the previous pair, the last complete one, so a
+``--resume`` continues from it. (If a save finds a previous pair still there, the last save was
+interrupted; the pair on disk becomes the fallback only if its sha256 matches, otherwise the
+older complete pair stays the fallback.)
 
 Optimizer state and random-number-generator state become tensors + JSON-ready metadata here
 too, so a full training state can be saved and resumed without pickle.
@@ -66,18 +76,77 @@ def pair_paths(stem: Path | str) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+def previous_stem(stem: Path | str) -> Path:
+    """``STEM.previous``: where :func:`save_pair` keeps the last complete pair while it writes."""
+    weights_path, _ = pair_paths(stem)
+    return weights_path.with_name(weights_path.name.removesuffix(".safetensors") + ".previous")
+
+
+def _staged(path: Path, data: bytes) -> Path:
+    """``data`` in a fsynced temporary file beside ``path``, ready to be renamed over it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    os.replace(_staged(path, data), path)
+
+
+def _keep(source: Path, target: Path) -> None:
+    """Make ``target`` the same content as ``source`` without touching ``source``: a hard link
+    renamed into place, or a fsynced copy where the file system has no hard links."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        _write_atomic(target, source.read_bytes())
+        return
+    os.replace(tmp, target)
+
+
+def _matches(stem: Path) -> bool:
+    """Whether ``STEM.json``'s sha256 is that of ``STEM.safetensors``."""
+    weights_path, json_path = pair_paths(stem)
+    try:
+        recorded = json.loads(json_path.read_text(encoding="utf-8")).get("sha256")
+        return hashlib.sha256(weights_path.read_bytes()).hexdigest() == recorded
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _keep_fallback(stem: Path) -> None:
+    """Step 2 of a save (module docstring): keep the complete pair on disk as ``STEM.previous``."""
+    weights_path, json_path = pair_paths(stem)
+    if not (weights_path.is_file() and json_path.is_file()):
+        return  # nothing saved yet, or a first save was cut: nothing complete to keep
+    old = previous_stem(stem)
+    if pair_paths(old)[1].is_file() and not _matches(stem):
+        return  # the last save was cut between its renames: the older pair is the complete one
+    old_weights, old_json = pair_paths(old)
+    _keep(weights_path, old_weights)
+    _keep(json_path, old_json)
+
+
+def _drop_fallback(stem: Path) -> None:
+    """Step 4 of a save: the new pair is complete, so the previous one goes (JSON first), and
+    so do temporary files a killed save of this pair left behind."""
+    old_weights, old_json = pair_paths(previous_stem(stem))
+    old_json.unlink(missing_ok=True)
+    old_weights.unlink(missing_ok=True)
+    for path in (*pair_paths(stem), old_weights, old_json):
+        for stale in (*path.parent.glob(f".{path.name}.*.tmp"),
+                      *path.parent.glob(f".{path.name}.*.link")):
+            stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -119,9 +188,17 @@ def save_pair(
     }
     text = json.dumps(document, indent=2, allow_nan=True) + "\n"  # fails before writing anything
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(weights_path, data)
-    _write_atomic(json_path, text.encode("utf-8"))
-    _fsync_dir(weights_path.parent)
+    staged = [_staged(weights_path, data)]
+    try:
+        staged.append(_staged(json_path, text.encode("utf-8")))
+        _keep_fallback(weights_path)
+        os.replace(staged[0], weights_path)
+        os.replace(staged[1], json_path)
+        _fsync_dir(weights_path.parent)
+        _drop_fallback(weights_path)
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def load_metadata(stem: Path | str, expect_format: str | None = None) -> dict[str, Any]:
@@ -160,8 +237,24 @@ def load_pair(stem: Path | str, expect_format: str | None = None) -> tuple[Tenso
         expect_format: when given, the JSON's ``format`` must equal it.
 
     Returns:
-        ``(tensors on CPU, metadata)``; nothing is unpickled.
+        ``(tensors on CPU, metadata)``; nothing is unpickled. When the pair is incomplete
+        because a save was killed half-way, the previous pair that save kept is loaded instead
+        (see the module docstring); when that is not there either, the error is the pair's.
     """
+    try:
+        return _load_one(stem, expect_format)
+    except PCLSegError:
+        fallback = previous_stem(stem)
+        if not pair_paths(fallback)[1].is_file():
+            raise
+        try:
+            return _load_one(fallback, expect_format)
+        except PCLSegError:
+            pass
+        raise
+
+
+def _load_one(stem: Path | str, expect_format: str | None) -> tuple[Tensors, dict[str, Any]]:
     weights_path, _ = pair_paths(stem)
     document = load_metadata(stem, expect_format)
     try:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import FinetuneConfig, ModelConfig, PredictConfig, PreprocessConfig, PretrainConfig
@@ -52,14 +54,38 @@ def _add_preprocess(p: argparse.ArgumentParser, size: int = 128) -> None:
         choices=("auto", "axial", "coronal", "sagittal"),
         help="slice axis (default: the through-plane, largest-spacing axis)",
     )
+    _add_component(p)
+
+
+def _add_component(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--component", type=int, default=None, metavar="N",
+                   help="read value N of files with several per voxel (RGB, vectors)")
 
 
 def _progress(args: argparse.Namespace, log_path: Path | None = None) -> Progress:
     return Progress(args.progress or "bar", log_path=log_path)
 
 
+@contextmanager
+def _left_as_it_was(out: Path) -> Iterator[None]:
+    """A run that fails on the user's input before its first checkpoint takes back what it put
+    in ``out`` (the log, the lock, the folder itself), so a failed start changes nothing."""
+    before = set(out.iterdir()) if out.is_dir() else None
+    try:
+        yield
+    except PCLSegError:
+        if not (out / "checkpoint.json").exists():
+            if before is None:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for path in set(out.iterdir()) - before:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+
+
 def _preprocess(args: argparse.Namespace) -> PreprocessConfig:
-    return PreprocessConfig(size=args.size, spacing=args.spacing, slice_axis=args.slice_axis)
+    return PreprocessConfig(size=args.size, spacing=args.spacing, slice_axis=args.slice_axis,
+                            component=args.component)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -85,7 +111,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         model=ModelConfig(features=args.features),
     )
     out = Path(args.out)
-    with _progress(args, log_path=out / "log.jsonl") as progress:
+    with _left_as_it_was(out), _progress(args, log_path=out / "log.jsonl") as progress:
         result = pretrain(folder, out, cfg, resume=args.resume, progress=progress)
     if result.stopped:
         print(
@@ -137,7 +163,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     init = None if args.init.lower() == "none" else Path(args.init)
     out = Path(args.out)
-    with _progress(args, log_path=out / "log.jsonl") as progress:
+    with _left_as_it_was(out), _progress(args, log_path=out / "log.jsonl") as progress:
         result = finetune(
             args.images,
             args.labels,
@@ -181,6 +207,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         probabilities=args.probabilities,
         uncertainty=args.uncertainty,
+        component=args.component,
     )
     with _progress(args) as progress:
         written = predict(args.model, args.input, args.out, cfg, progress=progress)
@@ -327,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_amp(p)
     p.add_argument("--probabilities", action="store_true", help="also write class probabilities")
     p.add_argument("--uncertainty", action="store_true", help="also write an entropy map")
+    _add_component(p)
     _add_progress(p)
     p.set_defaults(func=cmd_predict)
 

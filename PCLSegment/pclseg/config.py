@@ -22,13 +22,15 @@ class PreprocessConfig:
     Volumes are reoriented to a canonical orientation (see :mod:`pclseg.io`), clipped to the
     ``clip_percentiles`` of their own intensities and z-scored. With ``spacing`` set, slices are
     resampled in-plane to that spacing (mm) first. Each slice is then zero-padded to a square and
-    resized to ``size`` x ``size``.
+    resized to ``size`` x ``size``. ``component`` picks one value per voxel from files that hold
+    several (RGB, vectors); ``None`` refuses such files.
     """
 
     size: int = 128
     clip_percentiles: tuple[float, float] = (1.0, 99.0)
     spacing: float | None = None
     slice_axis: SliceAxis = "auto"
+    component: int | None = None
 
     def __post_init__(self) -> None:
         self.clip_percentiles = tuple(self.clip_percentiles)  # JSON gives lists
@@ -45,6 +47,8 @@ class PreprocessConfig:
             raise PCLSegError(
                 f"slice axis must be auto, axial, coronal or sagittal, got {self.slice_axis!r}"
             )
+        if self.component is not None and self.component < 0:
+            raise PCLSegError(f"component must be 0 or more, got {self.component}")
 
 
 @dataclass
@@ -226,6 +230,7 @@ class PredictConfig:
     amp: bool = True
     probabilities: bool = False
     uncertainty: bool = False
+    component: int | None = None  # of multi-component inputs; None: the model's own choice
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -48,9 +48,11 @@ from .errors import PCLSegError
 from .io import find_volume_files, read_label, read_volume, volume_name
 from .labels import (
     Label,
+    check_label_values,
     find_dataset_json,
     labels_from_json,
     labels_to_json,
+    named_labels,
     read_dataset_labels,
     resolve_labels,
 )
@@ -137,7 +139,9 @@ def with_encoder_config(
     except (KeyError, TypeError) as exc:
         raise PCLSegError(f"{where}.json: no pretraining configuration in the metadata") from exc
     model = dataclasses.replace(cfg.model, features=pretrain_cfg.model.features)
-    return dataclasses.replace(cfg, model=model, preprocess=pretrain_cfg.preprocess)
+    # Which value of a multi-component file to read belongs to the data, not to the encoder.
+    preprocess = dataclasses.replace(pretrain_cfg.preprocess, component=cfg.preprocess.component)
+    return dataclasses.replace(cfg, model=model, preprocess=preprocess)
 
 
 def init_source(init: Path | str | None) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
@@ -220,8 +224,10 @@ def load_training_slices(
     cfg: FinetuneConfig,
     slices: dict[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
+    named: tuple[list[Label], str] | None = None,
 ) -> tuple[TrainingSlices, int, list[dict[str, Any]], RegionOfInterest]:
-    """Read, prepare and collect the annotated slices of every image/label pair.
+    """Read, prepare and collect the annotated slices of every image/label pair; with
+    ``named`` (labels, where they are named), a label value they do not name is an error.
 
     With ``cfg.roi`` the slices are cropped to one region of interest around the annotations
     of all volumes; with ``cfg.prior`` each slice carries its leave-one-out prior.
@@ -232,8 +238,13 @@ def load_training_slices(
     progress = progress or Progress.null()
     read, summary, top = [], [], 0
     for image_path, label_path in pairs:
-        volume = read_volume(image_path, cfg.preprocess.slice_axis)
+        volume = read_volume(image_path, cfg.preprocess.slice_axis,
+                             component=cfg.preprocess.component)
+        for note in volume.notes:
+            progress.message(note)
         label = read_label(label_path, volume)
+        if named is not None:
+            check_label_values(label, named[0], str(label_path), named[1])
         explicit = (slices or {}).get(volume.name)
         try:
             chosen = annotated_slices(label, explicit)
@@ -318,7 +329,9 @@ def finetune(
             cfg = with_encoder_config(cfg, init_info.pop("meta"), encoder_stem(init))
 
     pairs = pair_files(images, labels)
-    data, top, volumes, region = load_training_slices(pairs, cfg, slices, progress)
+    named = ((labels_from_json(meta["labels"]), f"the labels of {out}'s checkpoint") if resume
+             else named_labels(Path(labels), label_names))
+    data, top, volumes, region = load_training_slices(pairs, cfg, slices, progress, named)
     model_labels = (labels_from_json(meta["labels"]) if resume
                     else labels_for(top, Path(labels), label_names))
     num_classes = len(model_labels) + 1

@@ -11,9 +11,12 @@ gets the same colour in Slicer, in the browser and in an overlay PNG.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import PCLSegError
 
@@ -137,6 +140,41 @@ def resolve_labels(num_classes: int, named: list[Label] | None = None) -> list[L
     for label in named or []:
         by_value[label.value] = label
     return [by_value[v] for v in sorted(by_value)]
+
+
+def named_labels(
+    labels_path: Path | None, names: list[Label] | None
+) -> tuple[list[Label], str] | None:
+    """The labels a label map may hold and where they are named: ``names`` when given, else
+    the ``dataset.json`` beside the labels; ``None`` when nothing names them (any value goes,
+    with a default name)."""
+    if names is not None:
+        return names, "the given label names"
+    dataset_json = find_dataset_json(labels_path) if labels_path is not None else None
+    if dataset_json is None:
+        return None
+    return read_dataset_labels(dataset_json), str(dataset_json)
+
+
+def unknown_values(array: np.ndarray, labels: Sequence[Label]) -> list[int]:
+    """The values in ``array`` that are neither background (0) nor one of ``labels``."""
+    known = {0, *(label.value for label in labels)}
+    return [int(v) for v in np.unique(array) if int(v) not in known]
+
+
+def check_label_values(
+    array: np.ndarray, labels: Sequence[Label], source: str, named_in: str
+) -> None:
+    """Raise, naming the values, when a label map holds a value ``labels`` do not name: a
+    model would learn an unnamed class, or an annotation would be silently dropped."""
+    unknown = unknown_values(array, labels)
+    if unknown:
+        values = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+        names = ", ".join(f"{label.value} {label.name}" for label in labels) or "none"
+        raise PCLSegError(
+            f"{source}: label value(s) {values} not named in {named_in} (which names 0 "
+            f"background, {names}); name them there or fix the label map"
+        )
 
 
 def labels_to_json(labels: list[Label]) -> list[dict[str, Any]]:

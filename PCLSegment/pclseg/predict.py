@@ -224,7 +224,9 @@ def predict(
     written: list[Path] = []
     skipped: list = []
     start = time.monotonic()
-    for volume in iter_volumes(files, skipped, model.config.preprocess.slice_axis):
+    component = model.config.preprocess.component if cfg.component is None else cfg.component
+    for volume in iter_volumes(files, skipped, model.config.preprocess.slice_axis, component,
+                               warn=progress.message):
         t0 = time.monotonic()
         prediction = predict_volume(model, volume, cfg.batch_size, cfg.amp)
         name = output_name(volume.source, volume.frame)

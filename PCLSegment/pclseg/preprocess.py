@@ -45,12 +45,16 @@ _CHUNK = 64
 
 
 def normalize(
-    array: np.ndarray, clip_percentiles: tuple[float, float] = (1.0, 99.0)
+    array: np.ndarray,
+    clip_percentiles: tuple[float, float] = (1.0, 99.0),
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-volume percentile clip and z-score, as float32.
 
     ``x' = (clip(x, P_lo, P_hi) - mu) / sigma`` with ``mu``, ``sigma`` of the clipped volume.
-    A constant volume (``sigma == 0``) becomes all zeros rather than NaN.
+    A constant volume (``sigma == 0``) becomes all zeros rather than NaN. Voxels where
+    ``exclude`` is true (those that were NaN or infinite, :attr:`pclseg.io.Volume.invalid`) are
+    clipped and scaled like the others but left out of ``P``, ``mu`` and ``sigma``.
     """
     array = np.asarray(array, dtype=np.float32)
     low, high = clip_percentiles
@@ -60,9 +64,11 @@ def normalize(
         )
     if array.size == 0:
         raise PCLSegError("cannot normalize an empty array")
-    p_low, p_high = np.percentile(array, [low, high]).astype(np.float32)
+    kept = array if exclude is None else array[~exclude]
+    p_low, p_high = np.percentile(kept, [low, high]).astype(np.float32)
     clipped = np.clip(array, p_low, p_high)  # float32 bounds keep float32 (NEP 50)
-    mean, std = float(clipped.mean(dtype=np.float64)), float(clipped.std(dtype=np.float64))
+    statistics = clipped if exclude is None else clipped[~exclude]
+    mean, std = float(statistics.mean(dtype=np.float64)), float(statistics.std(dtype=np.float64))
     if std <= 1e-12 * max(1.0, abs(mean)):
         return np.zeros_like(clipped)
     clipped -= mean
@@ -318,7 +324,7 @@ def prepare_volume(
         ``(slices float32 (S, size, size), geometry)``; ``geometry`` maps predictions back with
         :func:`unfit_slices` and fits label maps with :func:`prepare_label`.
     """
-    normalized = normalize(volume.array, cfg.clip_percentiles)
+    normalized = normalize(volume.array, cfg.clip_percentiles, volume.invalid)
     geometry = plan_fit(normalized.shape[1:], cfg.size, volume.spacing[1:], cfg.spacing, crop)
     slices, _ = fit_slices(normalized, geometry, order=1, pad_value=float(normalized.min()))
     return slices, geometry

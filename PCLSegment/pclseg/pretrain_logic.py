@@ -28,6 +28,7 @@ from typing import Any
 from .config import ModelConfig, PreprocessConfig, PretrainConfig
 from .errors import PCLSegError
 from .jobs import Event, ProcessJob, start_training
+from .skipped import Skipped, skipped_note
 
 ENCODER_FILE = "encoder.safetensors"
 CHECKPOINT_META = "checkpoint.json"
@@ -132,6 +133,16 @@ def encoder_file(run_dir: str | os.PathLike[str]) -> Path | None:
     return path if path.is_file() else None
 
 
+def run_skipped(run_dir: str | os.PathLike[str]) -> list[Skipped]:
+    """The files a finished (or checkpointed) run skipped, with their reasons, as its encoder's
+    metadata records them (read as JSON: no torch needed)."""
+    try:
+        meta = json.loads((Path(run_dir) / "encoder.json").read_text(encoding="utf-8"))
+        return [Skipped(str(s["path"]), str(s["reason"])) for s in meta["data"]["skipped"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def can_resume(run_dir: str | os.PathLike[str]) -> bool:
     """True when ``run_dir`` holds a checkpoint that ``--resume`` continues."""
     return (Path(run_dir) / CHECKPOINT_META).is_file()
@@ -167,6 +178,14 @@ class PretrainStatus:
     slices_per_s: float | None = None
     message: str = ""
     losses: list[tuple[int, float]] | None = None
+    skipped: dict[str, str] | None = None  # path -> reason, in the order they were met
+
+    @property
+    def skipped_text(self) -> str:
+        """``"; skipped 2 file(s): a.nii.gz (damaged: ...); ..."`` or ``""``: what to add to a
+        final status line so the skipped files are listed when the run is done."""
+        items = [Skipped(path, reason) for path, reason in (self.skipped or {}).items()]
+        return f"; {skipped_note(items)}" if items else ""
 
     @property
     def fraction(self) -> float:
@@ -187,6 +206,8 @@ class PretrainStatus:
                 f"{event.get('volumes', '?')} volumes, {event.get('device', '')}"
             )
             skipped = event.get("skipped") or []
+            for item in skipped:
+                self._skip(item.get("path"), item.get("reason"))
             if skipped:
                 self.message += f"; skipped {len(skipped)} file(s)"
         elif name == "step":
@@ -203,13 +224,19 @@ class PretrainStatus:
         elif name == "cache":
             self.message = f"preparing slices: volume {event.get('done')} of {event.get('total')}"
         elif name == "skipped":
+            self._skip(event.get("path"), event.get("reason"))
             self.message = f"skipped {event.get('path')}: {event.get('reason')}"
         elif name in ("message", "error"):
             self.message = str(event.get("message", ""))
         elif name == "stopped":
             self.message = f"stopped at epoch {event.get('epoch')}; press Resume to continue"
         elif name == "done":
-            self.message = f"done: encoder written to {event.get('encoder', '')}"
+            self.message = f"done: encoder written to {event.get('encoder', '')}{self.skipped_text}"
+
+    def _skip(self, path: Any, reason: Any) -> None:
+        if self.skipped is None:
+            self.skipped = {}
+        self.skipped[str(path)] = str(reason)
 
     def text(self) -> str:
         """One line for a progress bar: ``epoch 3/50 - loss 4.123 - ETA 2 min``."""

@@ -6,7 +6,8 @@ and an optional in-process callback (the refine session uses it). The engine onl
 :meth:`Progress.event`; it never knows who is listening.
 
 Events (see docs/architecture.md): ``started``, ``epoch``, ``step``, ``checkpoint``, ``done``,
-``error``, plus free-form ``message`` and ``skipped``.
+``error``, plus free-form ``message`` and ``skipped``. In a terminal, each skipped file is
+printed when it is met and listed again when the job is done, so a long run ends with the list.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Progress:
             self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._bar: tqdm | None = None
         self._start = time.monotonic()
+        self._skipped: dict[str, str] = {}
 
     @classmethod
     def null(cls) -> Progress:
@@ -113,11 +115,17 @@ class Progress:
                 postfix["slices/s"] = f"{record['slices_per_s']:.1f}"
             self._bar.set_postfix(postfix, refresh=False)
         elif name in ("message", "skipped", "error"):
+            if name == "skipped":
+                self._skipped[str(record.get("path"))] = str(record.get("reason"))
             text = record.get("message") or f"skipped {record.get('path')}: {record.get('reason')}"
             prefix = "error: " if name == "error" else ""
             (self._bar.write if self._bar is not None else _stderr_line)(prefix + text)
         elif name == "done":
             self._close_bar()
+            if self._skipped:
+                _stderr_line(f"skipped {len(self._skipped)} file(s):")
+                for path, reason in self._skipped.items():
+                    _stderr_line(f"  {path}: {reason}")
 
     def _close_bar(self) -> None:
         if self._bar is not None:

@@ -56,7 +56,7 @@ from .finetune import (
 )
 from .interpolate import fill_between_slices, prior_channels
 from .io import Volume, read_label, read_volume, write_image
-from .labels import Label, labels_from_names
+from .labels import Label, check_label_values, labels_from_names
 from .postprocess import clean_prediction
 from .predict import load_model, model_stem, network_inputs, slice_probabilities, to_canonical
 from .preprocess import prepare_label, prepare_volume
@@ -213,6 +213,7 @@ class RefineSession:
                 f"{what}: label values must lie in 0..{self.num_classes - 1} "
                 f"(the model's labels), found {array.min()}..{array.max()}"
             )
+        check_label_values(array, self.labels, what, "the session's labels")
         return array
 
     def set_annotations(self, label: np.ndarray, slices: Iterable[int] | None = None) -> list[int]:

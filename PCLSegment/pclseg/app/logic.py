@@ -24,8 +24,15 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 
 from ..errors import PCLSegError
-from ..pretrain_logic import PretrainLogic, PretrainSettings, can_resume, encoder_file
+from ..pretrain_logic import (
+    PretrainLogic,
+    PretrainSettings,
+    can_resume,
+    encoder_file,
+    run_skipped,
+)
 from ..segment_logic import RoundResult, SegmentLogic, resolve_init
+from ..skipped import skipped_note
 from .job_runner import JobRunner
 from .layout_ui import PCLAppUI
 from .scene import VolumeScene
@@ -168,7 +175,8 @@ class PCLAppLogic:
             self.data.exported = []
         self.tell(
             f"opened {source.name}: {opened.volume.shape[0]} {opened.volume.slice_axis_name} "
-            f"slices; paint a few with the brush, then fine-tune",
+            f"slices; paint a few with the brush, then fine-tune"
+            + "".join(f". {note}" for note in opened.notes),
         )
 
     # -- 2. Encoder -------------------------------------------------------------------------
@@ -204,7 +212,9 @@ class PCLAppLogic:
             if encoder_file(run_dir) is not None:
                 self.data.encoder = str(run_dir)
         if job.ok:
-            self.tell(f"encoder ready: {run_dir}", MessageKind.SUCCESS)
+            skipped = skipped_note(run_skipped(run_dir))
+            self.tell(f"encoder ready: {run_dir}{'; ' + skipped if skipped else ''}",
+                      MessageKind.SUCCESS)
         elif job.cancelled:
             self.tell("pretraining stopped; press Pretrain again to resume it")
         else:

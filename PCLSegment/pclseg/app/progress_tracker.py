@@ -56,6 +56,8 @@ class ProgressTracker:
                 self.view.eta_s = float(event["eta_s"])
         elif name == "message" and event.get("message"):
             self.view.detail = str(event["message"])
+        elif name == "skipped":
+            self.view.detail = f"skipped {event.get('path')}: {event.get('reason')}"
         elif name == "done":
             self.view = ProgressView(100.0, 0.0, "done")
         return self.view

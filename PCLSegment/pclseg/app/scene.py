@@ -34,6 +34,7 @@ class OpenedVolume:
     volume: Volume
     annotation: slicer.vtkMRMLSegmentationNode
     prediction: slicer.vtkMRMLSegmentationNode
+    notes: tuple[str, ...] = ()  # what reading the file found (e.g. masked NaN voxels)
 
 
 class VolumeScene:
@@ -63,7 +64,8 @@ class VolumeScene:
         mrml.ensure_segments(annotation, labels)
         self._show(node)
         self._app.segmentation_editor.set_active_segmentation(annotation, node)
-        self.opened = OpenedVolume(source, node, mrml.engine_volume(node), annotation, prediction)
+        self.opened = OpenedVolume(source, node, mrml.engine_volume(node), annotation, prediction,
+                                   volume.notes)
         return self.opened
 
     def annotated_slices(self) -> list[int]:

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from pclseg.errors import PCLSegError
-from pclseg.interpolate import fill_between_slices, leave_one_out_priors, prior_channels
+from pclseg.interpolate import (
+    fill_between_slices,
+    leave_one_out_priors,
+    prior_channels,
+    shape_prior,
+)
 
 
 @pytest.fixture
@@ -55,3 +60,32 @@ def test_prior_channels_are_one_hot_foreground() -> None:
 def test_a_label_map_must_be_3d() -> None:
     with pytest.raises(PCLSegError, match="must be"):
         fill_between_slices(np.zeros((4, 4)), [0, 1])
+
+
+def test_beyond_the_annotated_range_the_prior_copies_the_nearest_slice(
+    two_squares: np.ndarray,
+) -> None:
+    prior = shape_prior(two_squares, [2, 6], beyond=True)
+    np.testing.assert_array_equal(prior[0], two_squares[2])
+    np.testing.assert_array_equal(prior[8], two_squares[6])
+    np.testing.assert_array_equal(prior[2:7], fill_between_slices(two_squares, [2, 6])[2:7])
+    priors = leave_one_out_priors(two_squares, [2, 6], beyond=True)
+    np.testing.assert_array_equal(priors[0], two_squares[6])  # slice 2 sees slice 6
+    np.testing.assert_array_equal(priors[1], two_squares[2])
+
+
+def test_the_interpolation_process_reports_errors_and_is_restarted_after_a_crash(
+    two_squares: np.ndarray,
+) -> None:
+    from pclseg import contour_process
+
+    expected = fill_between_slices(two_squares, [2, 6])
+    with pytest.raises(PCLSegError, match="Fill between slices failed"):
+        contour_process.interpolate(np.zeros((4, 4), np.uint8))  # 2D: ITK refuses it
+    process = contour_process._PROCESS._process
+    assert process is not None and process.poll() is None  # an error keeps it serving
+    process.kill()
+    process.wait()
+    np.testing.assert_array_equal(fill_between_slices(two_squares, [2, 6]), expected)
+    restarted = contour_process._PROCESS._process
+    assert restarted is not None and restarted.pid != process.pid

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from pclseg.errors import PCLSegError
-from pclseg.suggest import pick_spread, pixel_entropy, slice_uncertainty, suggest_slices
+from pclseg.suggest import (
+    largest_gap_middles,
+    pick_spread,
+    pixel_entropy,
+    slice_uncertainty,
+    structure_range,
+    suggest_slices,
+)
 
 
 @pytest.fixture
@@ -118,3 +125,16 @@ def test_bad_arguments_are_clear_errors(kwargs: dict, message: str) -> None:
 def test_probabilities_must_be_four_dimensional() -> None:
     with pytest.raises(PCLSegError, match="shape"):
         slice_uncertainty(np.ones((2, 8, 8)))
+
+
+def test_the_largest_gap_rule_asks_for_the_middle_of_the_longest_stretch() -> None:
+    assert largest_gap_middles([10, 20], (4, 30)) == [25]  # 21..30 is the longest
+    assert largest_gap_middles([10, 20], (4, 30), k=3) == [25, 15, 6]
+    assert largest_gap_middles([], (0, 9)) == [4]
+    assert largest_gap_middles(range(10), (0, 9)) == []  # nothing left to ask for
+
+
+def test_the_structure_range_spans_every_label_map() -> None:
+    a, b = np.zeros((10, 4, 4), np.uint8), np.zeros((10, 4, 4), np.uint8)
+    a[3, 1, 1], b[7, 2, 2] = 1, 2
+    assert structure_range(a, b) == (3, 7) and structure_range(np.zeros((3, 2, 2))) is None

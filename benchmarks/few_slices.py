@@ -12,6 +12,7 @@ default               the engine's defaults: region of interest, "Fill between s
                       input channels, trained until the slices are fit, post-processing
 default, no post      the same network, prediction not post-processed
 no prior              the defaults without the prior channels
+prior between only    the defaults with a prior between annotated slices only (none beyond)
 whole slice           the defaults without the region of interest
 fused                 "no prior"'s network, its probabilities averaged with the prior's
                       one-hot between annotated slices (weight ``--fuse-weight``)
@@ -53,10 +54,11 @@ from pclseg.session import RefineSession
 from pclseg.suggest import spread_over_extent
 
 FILL = "Fill between slices"
-DEFAULT, NO_POST, NO_PRIOR, WHOLE, FUSED, OLD = (
-    "default", "default, no post", "no prior", "whole slice", "fused", "old default"
+DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD = (
+    "default", "default, no post", "no prior", "prior between only", "whole slice", "fused",
+    "old default",
 )
-ARMS = (DEFAULT, NO_POST, NO_PRIOR, WHOLE, FUSED, OLD)
+ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD)
 #: Arms scored from another arm's network, and which.
 SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR}
 OLD_STEPS = 300
@@ -66,6 +68,8 @@ def arm_config(arm: str, base: FinetuneConfig) -> tuple[FinetuneConfig, int | No
     """The session config and fixed step count (None: until fit) of a trained arm."""
     if arm == NO_PRIOR:
         return dataclasses.replace(base, prior=False), None
+    if arm == BETWEEN:
+        return dataclasses.replace(base, prior_beyond=False), None
     if arm == WHOLE:
         return dataclasses.replace(base, roi=False), None
     if arm == OLD:
@@ -80,7 +84,7 @@ def fused(session: RefineSession, weight: float) -> np.ndarray:
     annotated = session.annotated
     between = np.zeros(len(probabilities[0]), bool)
     between[min(annotated) : max(annotated) + 1] = True
-    prior = session.prior()
+    prior = session.interpolation()
     classes = np.arange(len(probabilities)).reshape(-1, 1, 1, 1)
     one_hot = (prior[None] == classes).astype(np.float32)
     mixed = np.where(between[None, :, None, None],

@@ -161,7 +161,8 @@ class FinetuneConfig:
 
     Inputs: ``roi`` crops slices to the region around the annotations (:mod:`pclseg.roi`;
     ``roi_margin`` grows it); ``prior`` adds one channel per foreground class holding "Fill
-    between slices" of the annotations (:mod:`pclseg.interpolate`), zeroed for a fraction
+    between slices" of the annotations (:mod:`pclseg.interpolate`; with ``prior_beyond``, a copy
+    of the first and last annotated slice beyond them), zeroed for a fraction
     ``prior_dropout`` of the training draws so that the network also segments without it (as
     on another volume). ``postprocess`` drops predicted 3D components that the annotations do
     not support (:mod:`pclseg.postprocess`).
@@ -185,6 +186,7 @@ class FinetuneConfig:
     roi: bool = True
     roi_margin: float = 0.25
     prior: bool = True
+    prior_beyond: bool = True
     prior_dropout: float = 0.3
     postprocess: bool = True
     seed: int = 0

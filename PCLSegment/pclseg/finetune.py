@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, contour_process
 from .config import FinetuneConfig, PretrainConfig, from_dict, to_dict
 from .device import resolve_device
 from .errors import PCLSegError
@@ -163,10 +164,16 @@ def init_source(init: Path | str | None) -> tuple[dict[str, torch.Tensor] | None
 def build_model(
     cfg: FinetuneConfig, encoder: dict[str, torch.Tensor] | None, where: str = "encoder"
 ) -> UNet:
-    """A U-Net for ``cfg.model``, its encoder loaded strictly from ``encoder`` when given (an
-    encoder pretrained on the image alone gains zero weights for the prior channels)."""
+    """A U-Net for ``cfg.model``, its encoder loaded strictly from ``encoder`` when given.
+
+    The prior channels start with zero weights, from an encoder pretrained on the image alone
+    and from random init: the network starts as if it had no prior and learns how far to trust
+    it from the training slices.
+    """
     torch.manual_seed(cfg.seed)
     unet = UNet(cfg.model)
+    with torch.no_grad():
+        unet.encoder.levels[0].conv_0.conv.weight[:, 1:] = 0
     if encoder is not None:
         try:
             load_encoder(unet, widen_input(encoder, cfg.model.in_channels))
@@ -236,6 +243,8 @@ def load_training_slices(
         ``(slices, largest label value, per-volume summary, region of interest)``.
     """
     progress = progress or Progress.null()
+    if cfg.prior:
+        contour_process.warm_up()  # ITK loads while the volumes are read
     read, summary, top = [], [], 0
     for image_path, label_path in pairs:
         volume = read_volume(image_path, cfg.preprocess.slice_axis,
@@ -264,11 +273,16 @@ def load_training_slices(
         crop = None if region.is_whole else region.pixels(volume.shape[1:])
         prepared, geometry = prepare_volume(volume, cfg.preprocess, crop)
         parts.append(prepared_annotations(prepared, label, geometry, chosen, volume.name,
-                                          cfg.prior))
+                                          cfg.prior, cfg.prior_beyond))
     data = TrainingSlices.concat(parts) if parts else TrainingSlices.empty(cfg.preprocess.size)
     if len(data) == 0:
         raise PCLSegError("no annotated slices: the label maps hold no label voxel")
     return data, top, summary, region
+
+
+def sparse(volumes: list[dict[str, Any]]) -> bool:
+    """Whether some volume's annotated slices leave a gap (what the prior interpolates)."""
+    return any(len(v["annotated"]) > 1 and max(np.diff(v["annotated"])) > 1 for v in volumes)
 
 
 def steps_per_epoch(num_slices: int, cfg: FinetuneConfig) -> int:
@@ -337,6 +351,11 @@ def finetune(
     num_classes = len(model_labels) + 1
     if top >= num_classes:
         raise PCLSegError(f"{labels}: label value {top} but the model has {num_classes - 1} labels")
+    if cfg.prior and not resume and not sparse(volumes):
+        # Every volume is annotated slice after slice: there is nothing to interpolate, and
+        # the model will meet other volumes without annotations.
+        progress.message("annotations without gaps: training without the interpolation prior")
+        cfg = dataclasses.replace(cfg, prior=False)
     cfg = with_classes(cfg, num_classes)
     train, held_out = data.split(cfg)
 

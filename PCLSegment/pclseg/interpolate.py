@@ -6,13 +6,19 @@ one slice's contours into the other's, per label. It is a strong guess between a
 and says nothing outside them. The network gets that guess as extra input channels, one per
 foreground class (:func:`prior_channels`), so it learns how far to trust it from the image.
 
+Interpolation says nothing beyond the first and last annotated slices. With ``beyond``, the
+prior there is a copy of the nearest annotated slice (:func:`shape_prior`): a rough guess that
+fades in value with distance, which the network learns to weigh against the image.
+
 Training must see what prediction will see. At prediction time, a slice's prior comes from the
 annotated slices around it; an annotated slice's own prior would be its label, which teaches
-nothing. So a training slice gets the prior interpolated from the *other* annotated slices
-(:func:`leave_one_out_priors`): a middle slice sees a prior from neighbours twice as far as
-prediction will use, an end slice sees none, as slices outside the annotated range will.
+nothing. So a training slice gets the prior made from the *other* annotated slices
+(:func:`leave_one_out_priors`): a middle slice sees an interpolation from neighbours twice as
+far as prediction will use; an end slice sees a copy of its nearest annotated neighbour (with
+``beyond``) or nothing, as slices outside the annotated range will.
 
-ITK is imported on first use; its modules take seconds to load once per process.
+ITK runs in a child process of its own (:mod:`pclseg.contour_process`): it does not share a
+process with PyTorch safely. Its modules take seconds to load, once per engine process.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import contour_process
 from .errors import PCLSegError
 
 
@@ -45,17 +52,20 @@ def fill_between_slices(label: np.ndarray, annotated: Sequence[int]) -> np.ndarr
     sparse[chosen] = label[chosen]
     if len(chosen) < 2 or not sparse.any():
         return sparse
-    import itk
-
-    image_type = itk.Image[itk.UC, 3]
-    # ITK's axes are (x, y, z) = numpy's (W, H, S): the slice axis is z, index 2.
-    interpolator = itk.MorphologicalContourInterpolator[image_type].New(
-        Input=itk.image_view_from_array(sparse), Axis=2
-    )
-    interpolator.Update()
-    filled = itk.array_from_image(interpolator.GetOutput())
+    filled = np.array(contour_process.interpolate(sparse), dtype=np.uint8)
     filled[chosen] = sparse[chosen]  # the user's slices exactly
     return filled
+
+
+def shape_prior(label: np.ndarray, annotated: Sequence[int], beyond: bool = False) -> np.ndarray:
+    """Fill between the ``annotated`` slices; with ``beyond``, the slices before the first and
+    after the last annotated slice get a copy of it. ``(S, H, W)`` uint8."""
+    prior = fill_between_slices(label, annotated)
+    chosen = sorted({int(i) for i in annotated})
+    if beyond and chosen:
+        prior[: chosen[0]] = prior[chosen[0]]
+        prior[chosen[-1] + 1 :] = prior[chosen[-1]]
+    return prior
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
@@ -67,28 +77,34 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def leave_one_out_priors(label: np.ndarray, annotated: Sequence[int]) -> np.ndarray:
-    """For each annotated slice, the interpolation of the *other* annotated slices there.
+def leave_one_out_priors(
+    label: np.ndarray, annotated: Sequence[int], beyond: bool = False
+) -> np.ndarray:
+    """For each annotated slice, the :func:`shape_prior` of the *other* annotated slices there.
 
     Args:
         label: ``(S, H, W)`` label map holding the annotations.
         annotated: the annotated slices (``k`` of them).
+        beyond: outside the others' range, copy the nearest other annotated slice.
 
     Returns:
         ``(k, H, W)`` uint8, in the order of ``sorted(annotated)``.
     """
+    label = np.asarray(label)
     chosen = sorted({int(i) for i in annotated})
     priors = np.zeros((len(chosen), *label.shape[1:]), dtype=np.uint8)
-    box = _bounding_box(np.asarray(label)[chosen] > 0)
-    if box is None or len(chosen) < 3:  # fewer than two others: nothing to interpolate
+    box = _bounding_box(label[chosen] > 0)
+    if box is None or len(chosen) < 2:
         return priors
     rows, cols = box  # interpolate inside the annotations' box only: same result, less work
-    cropped = np.asarray(label)[:, rows, cols]
+    cropped = label[:, rows, cols]
     for n, index in enumerate(chosen):
         others = [i for i in chosen if i != index]
-        if index < others[0] or index > others[-1]:
-            continue  # outside the others' range: interpolation has nothing to say
-        priors[n, rows, cols] = fill_between_slices(cropped, others)[index]
+        if others[0] < index < others[-1]:
+            priors[n, rows, cols] = fill_between_slices(cropped, others)[index]
+        elif beyond:
+            nearest = others[0] if index < others[0] else others[-1]
+            priors[n] = label[nearest]
     return priors
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import contour_process
 from .config import FinetuneConfig
 from .device import resolve_device
 from .errors import PCLSegError
@@ -54,7 +55,7 @@ from .finetune import (
     with_classes,
     with_encoder_config,
 )
-from .interpolate import fill_between_slices, prior_channels
+from .interpolate import prior_channels, shape_prior
 from .io import Volume, read_label, read_volume, write_image
 from .labels import Label, check_label_values, labels_from_names
 from .postprocess import clean_prediction
@@ -64,7 +65,7 @@ from .pretrain import get_lr
 from .progress import Progress
 from .roi import RegionOfInterest, region_of_annotations
 from .stopping import FitProgress
-from .suggest import pick_spread, slice_uncertainty
+from .suggest import largest_gap_middles, pick_spread, slice_uncertainty, structure_range
 from .trainer import RunResult, Trainer
 from .training_slices import annotated_slices, prepared_annotations
 
@@ -110,6 +111,8 @@ class RefineSession:
         self._network_probabilities: torch.Tensor | None = None
         self._prior: np.ndarray | None = None
         self._set_region(region or RegionOfInterest.whole())
+        if self.cfg.prior or self.cfg.postprocess:
+            contour_process.warm_up()  # ITK loads while the user paints
 
     def _set_region(self, region: RegionOfInterest) -> None:
         """Work on ``region`` from now on: the volume is prepared for the network again."""
@@ -289,7 +292,8 @@ class RefineSession:
         progress = progress or Progress.null()
         self._follow_annotations()
         data = prepared_annotations(self.slices, self.annotation, self.geometry, self.annotated,
-                                    self.volume.name, self.trainer.with_prior)
+                                    self.volume.name, self.trainer.with_prior,
+                                    self.cfg.prior_beyond)
         rule = self.cfg.stop
         estimate = steps or round(rule.cap(len(data)) * (1 + rule.anneal))
         progress.event("started", total_steps=estimate, annotated=len(self.annotated),
@@ -330,10 +334,20 @@ class RefineSession:
             self._network_probabilities = None
 
     def prior(self) -> np.ndarray:
-        """"Fill between slices" of the annotations, ``(S, H, W)`` on the canonical grid."""
+        """The network's shape prior from the annotations (:func:`pclseg.interpolate.
+        shape_prior`), ``(S, H, W)`` on the canonical grid."""
         if self._prior is None:
-            self._prior = fill_between_slices(self.annotation, self.annotated)
+            self._prior = shape_prior(self.annotation, self.annotated, self.cfg.prior_beyond)
         return self._prior
+
+    def interpolation(self) -> np.ndarray:
+        """"Fill between slices" of the annotations alone (what supports a prediction in
+        post-processing): the prior without what ``prior_beyond`` adds."""
+        prior = self.prior().copy()
+        if self.annotated:
+            prior[: min(self.annotated)] = 0
+            prior[max(self.annotated) + 1 :] = 0
+        return prior
 
     def network_inputs(self) -> np.ndarray:
         """What the network sees for every slice: ``(S, C_in, size, size)``."""
@@ -369,14 +383,25 @@ class RefineSession:
         labels = to_canonical(self.network_probabilities(), self.geometry).labels
         labels = labels.astype(np.uint8 if self.num_classes <= 256 else np.uint16)
         if self.annotated and self.cfg.postprocess:
-            labels = clean_prediction(labels, self.annotation, self.annotated, self.prior())
+            labels = clean_prediction(labels, self.annotation, self.annotated,
+                                      self.interpolation())
         if self.annotated:
             labels[self.annotated] = self.annotation[self.annotated]
         return labels
 
-    def suggest(self, k: int = 1, min_gap: int | None = None) -> list[int]:
-        """The ``k`` non-annotated slices the model is least sure of, spread apart
-        (:mod:`pclseg.suggest`), most uncertain first."""
+    def suggest(
+        self, k: int = 1, min_gap: int | None = None, rule: str = "uncertainty"
+    ) -> list[int]:
+        """The ``k`` slices to annotate next (:mod:`pclseg.suggest`): by ``rule``
+        ``uncertainty``, the non-annotated slices the model is least sure of, spread apart, most
+        uncertain first; by ``gap``, the middles of the largest unannotated stretches inside
+        the structures' range (annotations and prediction)."""
+        if rule == "gap":
+            extent = structure_range(self.annotation, self.predict())
+            if extent is not None:
+                return largest_gap_middles(self.annotated, extent, k)
+        elif rule != "uncertainty":
+            raise PCLSegError(f"suggestion rule must be uncertainty or gap, got {rule!r}")
         scores = slice_uncertainty(self.network_probabilities())
         return pick_spread(scores, self.annotated, k, min_gap)
 

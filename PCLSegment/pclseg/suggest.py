@@ -21,6 +21,11 @@ Two pure steps, both unit-testable without a model:
    slice) are passed over, so suggestions cover different parts of the volume instead of
    clustering on one hard region. If that leaves fewer than ``k`` candidates, the gap to the
    annotated slices is dropped first, then the gap between suggestions.
+
+The simpler rule a user follows without a model, :func:`largest_gap_middles`, asks for the
+middle of the largest stretch of unannotated slices inside the structures' range (the slices
+where the annotations or the prediction hold a structure). ``benchmarks/annotation_effort.py``
+measures both in a simulated annotation loop.
 """
 
 from __future__ import annotations
@@ -130,3 +135,40 @@ def spread_over_extent(label: np.ndarray, k: int) -> list[int]:
     first, last = int(filled[0]), int(filled[-1])
     width = (last - first + 1) / k
     return sorted({min(last, int(first + (j + 0.5) * width)) for j in range(k)})
+
+
+def structure_range(*label_maps: np.ndarray) -> tuple[int, int] | None:
+    """First and last slice holding a structure in any of the ``(S, H, W)`` label maps."""
+    holding = np.zeros(len(label_maps[0]), dtype=bool)
+    for label in label_maps:
+        holding |= np.asarray(label).reshape(len(label), -1).any(axis=1)
+    filled = np.flatnonzero(holding)
+    return (int(filled[0]), int(filled[-1])) if len(filled) else None
+
+
+def largest_gap_middles(
+    annotated: Iterable[int], extent: tuple[int, int], k: int = 1
+) -> list[int]:
+    """The middles of the ``k`` largest stretches of unannotated slices inside ``extent``
+    (first and last slice of the structures, both included), largest first.
+
+    The ends of the extent count as stretches too: with annotations at 10 and 20 in an extent
+    of 4..30, the stretches are 4..9, 11..19 and 21..30, and the first pick is 25.
+    """
+    if k < 1:
+        raise PCLSegError(f"k must be at least 1, got {k}")
+    first, last = extent
+    taken = sorted({int(i) for i in annotated})
+    picked: list[int] = []
+    for _ in range(k):
+        blocked = sorted({*taken, *picked})
+        stretches, start = [], first
+        for index in [*[b for b in blocked if first <= b <= last], last + 1]:
+            if index > start:
+                stretches.append((index - start, -start, start, index - 1))
+            start = max(start, index + 1)
+        if not stretches:
+            break
+        _, _, low, high = max(stretches)
+        picked.append((low + high) // 2)
+    return picked

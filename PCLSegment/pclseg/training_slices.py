@@ -108,16 +108,19 @@ def prepared_annotations(
     annotated: Sequence[int],
     name: str,
     with_prior: bool = False,
+    beyond: bool = False,
 ) -> TrainingSlices:
     """The annotated slices of one prepared volume and its canonical label map; with
-    ``with_prior``, each with the interpolation of the volume's other annotated slices."""
+    ``with_prior``, each with the prior made from the volume's other annotated slices
+    (:func:`pclseg.interpolate.leave_one_out_priors`, ``beyond`` as there)."""
     if not annotated:
         size = slices.shape[-1]
         return TrainingSlices.empty(size)
     idx = sorted(int(i) for i in annotated)
     priors = None
     if with_prior:
-        priors = prepare_label(leave_one_out_priors(label, idx), geometry).astype(np.uint8)
+        priors = prepare_label(leave_one_out_priors(label, idx, beyond), geometry)
+        priors = priors.astype(np.uint8)
     return TrainingSlices(
         np.ascontiguousarray(slices[idx]),
         prepare_label(label[idx], geometry),

@@ -71,6 +71,35 @@ def test_method_losses_equal_the_naive_loop_with_their_masks(
         assert float(loss_fn(z1, z2, positions)) == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.parametrize("batch", [3, 9])
+@pytest.mark.parametrize("reach", [1.5, 3.0])
+def test_pcl_with_a_reach_equals_the_naive_loop_with_the_scaled_mask(
+    generator: torch.Generator, batch: int, reach: float
+) -> None:
+    z1 = torch.randn(batch, 8, generator=generator, dtype=torch.float64)
+    z2 = torch.randn(batch, 8, generator=generator, dtype=torch.float64)
+    counts = torch.randint(4, 40, (batch,), generator=generator)
+    positions = (torch.rand(batch, generator=generator, dtype=torch.float64) * counts).ceil()
+    positions, units = positions / counts, 1.0 / counts.double()
+    mask = pcl_positive_mask(positions, 0.1, units, reach)
+    loss = PCLLoss(0.1, 0.1, reach=reach)(z1, z2, positions, units)
+    assert float(loss) == pytest.approx(naive_supcon(z1, z2, mask, 0.1), abs=1e-5)
+    with pytest.raises(ValueError, match="units"):
+        PCLLoss(0.1, 0.1, reach=reach)(z1, z2, positions)
+
+
+def test_a_reach_makes_ten_slice_neighbours_positives() -> None:
+    # Slices 3 and 4 of a 10-slice volume (0.4, 0.5): not positives at 0.1, positives with a
+    # reach of two slices, which gives the closed form of two orthogonal positive slices.
+    z = torch.eye(2, dtype=torch.float64)
+    positions, units = torch.tensor([0.4, 0.5]), torch.tensor([0.1, 0.1])
+    denominator = math.exp(1 / 0.1) + 2
+    fixed = PCLLoss(0.1, 0.1)(z, z, positions, units)
+    reaching = PCLLoss(0.1, 0.1, reach=2)(z, z, positions, units)
+    assert float(fixed) == pytest.approx(math.log(denominator) - 1 / 0.1, abs=1e-10)
+    assert float(reaching) == pytest.approx(math.log(denominator) - 1 / (3 * 0.1), abs=1e-10)
+
+
 @pytest.mark.parametrize("temperature", [0.07, 0.1, 0.5])
 def test_closed_form_for_two_orthogonal_slices(temperature: float) -> None:
     # Two slices along orthogonal axes, both views identical. For anchor e1 the other entries
@@ -162,6 +191,8 @@ def test_rejects_bad_method_arguments() -> None:
         PCLLoss(threshold=0.0)
     with pytest.raises(PCLSegError, match="partitions"):
         GCLLoss(partitions=0)
+    with pytest.raises(PCLSegError, match="reach"):
+        PCLLoss(reach=-1.0)
 
 
 def test_rejects_mismatched_shapes() -> None:
@@ -187,6 +218,30 @@ def test_factory_builds_the_configured_loss(method: str, loss_type: type) -> Non
     assert type(loss) is loss_type
     assert loss.supcon.temperature == 0.2
     if method == "pcl":
-        assert loss.threshold == 0.35
+        assert loss.threshold == 0.35 and loss.reach is None
     if method == "gcl":
         assert loss.partitions == 3
+
+
+@pytest.mark.parametrize(
+    ("settings", "reach", "unit"),
+    [({"threshold_slices": 2.0}, 2.0, "slice"), ({"threshold_mm": 15.0}, 15.0, "mm")],
+)
+def test_factory_passes_the_reach_of_a_scaled_threshold(settings, reach, unit) -> None:
+    cfg = PretrainConfig(**settings)
+    assert (cfg.positional_reach, cfg.position_unit) == (reach, unit)
+    assert make_contrastive_loss(cfg).reach == reach
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"threshold_slices": 2.0, "threshold_mm": 10.0}, "not both"),
+        ({"threshold_slices": 0.0}, "threshold_slices must be positive"),
+        ({"threshold_mm": -5.0}, "threshold_mm must be positive"),
+        ({"method": "simclr", "threshold_slices": 2.0}, "pcl method"),
+    ],
+)
+def test_config_refuses_bad_scaled_thresholds(settings, message) -> None:
+    with pytest.raises(PCLSegError, match=message):
+        PretrainConfig(**settings)

@@ -174,6 +174,25 @@ def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path, flips):
     assert json.loads((out / "encoder.json").read_text())["config"]["flips"] is flips
 
 
+def test_cli_threshold_slices_trains_and_is_stored_with_the_encoder(a_sample_folder, tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
+                         "--threshold-slices", "2.5")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["config"]["threshold_slices"] == 2.5 and meta["config"]["threshold_mm"] is None
+    assert meta["method"]["threshold_slices"] == 2.5 and np.isfinite(meta["loss"])
+
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "both",
+                                  "--threshold-slices", "2", "--threshold-mm", "20"))
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "gcl",
+                                  "--method", "gcl", "--threshold-mm", "20"))
+    assert proc.returncode == 2 and "apply to the pcl method" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "gcl").exists()
+
+
 def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):
     out = tmp_path / "run"
     args = pretrain_cmd(a_sample_folder / "imagesTr", out, "--epochs", "3")

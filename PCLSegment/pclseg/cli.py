@@ -97,6 +97,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(
         method=args.method,
         threshold=args.threshold,
+        threshold_slices=args.threshold_slices,
+        threshold_mm=args.threshold_mm,
         temperature=args.temperature,
         flips=args.flips,
         # Resuming keeps the run's own epochs unless --epochs asks for more.
@@ -252,6 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="PCL: slices closer than this in relative position are positives",
+    )
+    reach = p.add_mutually_exclusive_group()
+    reach.add_argument(
+        "--threshold-slices",
+        type=float,
+        default=None,
+        metavar="K",
+        help="PCL: also count slices fewer than K slices apart (in the shorter volume of a "
+        "pair) as positives, for volumes with few slices (default: off)",
+    )
+    reach.add_argument(
+        "--threshold-mm",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="PCL: also count slices fewer than MM millimetres apart along the slice axis "
+        "(in the shorter volume of a pair) as positives (default: off)",
     )
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument(

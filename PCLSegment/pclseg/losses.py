@@ -90,48 +90,74 @@ class SupConLoss(nn.Module):
 class ContrastiveLoss(nn.Module):
     """A SupCon loss whose positive mask comes from slice positions; subclasses give the rule.
 
-    Shapes: ``forward(z1 (B, D), z2 (B, D), positions (B,)) -> scalar``.
+    Shapes: ``forward(z1 (B, D), z2 (B, D), positions (B,), units (B,) or None) -> scalar``;
+    ``units`` is the length of one slice (or millimetre) in each slice's relative positions,
+    for rules that scale with the volume (:func:`pclseg.positions.pair_thresholds`).
     """
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
         self.supcon = SupConLoss(temperature)
 
-    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+    def positive_mask(
+        self, positions: torch.Tensor, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(B, B)`` bool: which slices of the batch are positives of each other."""
         raise NotImplementedError
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if positions.shape != z1.shape[:1]:
-            raise ValueError(
-                f"positions must have shape ({z1.shape[0]},), got {tuple(positions.shape)}"
-            )
-        return self.supcon(z1, z2, self.positive_mask(positions.to(z1.device)))
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        positions: torch.Tensor,
+        units: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        for name, values in (("positions", positions), ("units", units)):
+            if values is not None and values.shape != z1.shape[:1]:
+                raise ValueError(
+                    f"{name} must have shape ({z1.shape[0]},), got {tuple(values.shape)}"
+                )
+        if units is not None:
+            units = units.to(z1.device)
+        return self.supcon(z1, z2, self.positive_mask(positions.to(z1.device), units))
 
 
 class PCLLoss(ContrastiveLoss):
     """Positional contrastive loss (Zeng et al., MICCAI 2021, arXiv 2106.09157).
 
-    SupCon with positives ``|pos_a - pos_b| < threshold`` across all volumes of the batch.
+    SupCon with positives ``|pos_a - pos_b| < threshold`` across all volumes of the batch. With
+    a ``reach`` (in slices or millimetres, whatever ``units`` measure), the threshold of a pair
+    grows to ``max(threshold, reach * max(u_a, u_b))`` so that short volumes keep neighbouring
+    slices as positives (:func:`pclseg.positions.pair_thresholds`); ``forward`` then needs the
+    ``units``.
     """
 
-    def __init__(self, threshold: float = 0.1, temperature: float = 0.1) -> None:
+    def __init__(
+        self, threshold: float = 0.1, temperature: float = 0.1, reach: float | None = None
+    ) -> None:
         super().__init__(temperature)
         if not 0 < threshold <= 1:
             raise PCLSegError(f"PCL threshold must be in (0, 1], got {threshold}")
+        if reach is not None and not reach > 0:
+            raise PCLSegError(f"PCL reach must be positive, got {reach}")
         self.threshold = float(threshold)
+        self.reach = None if reach is None else float(reach)
 
-    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        return pcl_positive_mask(positions, self.threshold)
+    def positive_mask(
+        self, positions: torch.Tensor, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return pcl_positive_mask(positions, self.threshold, units, self.reach)
 
 
 class SimCLRLoss(ContrastiveLoss):
     """SimCLR's NT-Xent (Chen et al., ICML 2020): the only positive is the slice's other view.
 
-    Positions are accepted for a uniform interface and ignored.
+    Positions (and units) are accepted for a uniform interface and ignored.
     """
 
-    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+    def positive_mask(
+        self, positions: torch.Tensor, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return simclr_positive_mask(positions.shape[0], device=positions.device)
 
 
@@ -147,14 +173,16 @@ class GCLLoss(ContrastiveLoss):
             raise PCLSegError(f"GCL partitions must be at least 1, got {partitions}")
         self.partitions = int(partitions)
 
-    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+    def positive_mask(
+        self, positions: torch.Tensor, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return gcl_positive_mask(positions, self.partitions)
 
 
 def make_contrastive_loss(cfg: PretrainConfig) -> ContrastiveLoss:
     """The loss of ``cfg.method`` (``pcl``, ``simclr`` or ``gcl``) with its settings."""
     if cfg.method == "pcl":
-        return PCLLoss(cfg.threshold, cfg.temperature)
+        return PCLLoss(cfg.threshold, cfg.temperature, cfg.positional_reach)
     if cfg.method == "simclr":
         return SimCLRLoss(cfg.temperature)
     if cfg.method == "gcl":

@@ -226,7 +226,10 @@ def _pretrain(
     augment = pretrain_augment(
         cfg.preprocess.size, params=FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS
     )
-    dataset = TwoViewSliceDataset(cache.slices, cache.positions, augment, seed=cfg.seed)
+    dataset = TwoViewSliceDataset(
+        cache.slices, cache.positions, augment, seed=cfg.seed,
+        units=cache.slice_units(cfg.position_unit),
+    )
 
     # 2. Model, loss, optimiser; restored from the checkpoint when resuming.
     model = channels_last(ContrastiveNet(cfg.model), device)
@@ -267,6 +270,8 @@ def _pretrain(
             "method": {
                 "name": cfg.method,
                 "threshold": cfg.threshold,
+                "threshold_slices": cfg.threshold_slices,
+                "threshold_mm": cfg.threshold_mm,
                 "temperature": cfg.temperature,
                 "gcl_partitions": cfg.gcl_partitions,
             },
@@ -323,16 +328,18 @@ def _pretrain(
                 num_workers=cfg.num_workers,
                 pin_memory=device.type == "cuda",
             )
-            for step, (view1, view2, positions) in enumerate(loader, start=first):
+            for step, (view1, view2, positions, units) in enumerate(loader, start=first):
                 views = network_input(torch.cat([view1, view2]), device)
-                positions = positions.to(device)
+                positions, units = positions.to(device), units.to(device)
                 lr = get_lr(epoch * steps_per_epoch + step, total_steps, cfg.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast(device, cfg.amp):
                     z = net(views)
                 z1, z2 = z.float().chunk(2)
-                loss = criterion(_gather(z1, ddp), _gather(z2, ddp), _gather(positions, ddp))
+                loss = criterion(
+                    _gather(z1, ddp), _gather(z2, ddp), _gather(positions, ddp), _gather(units, ddp)
+                )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

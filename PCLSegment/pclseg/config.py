@@ -85,6 +85,13 @@ class PretrainConfig:
     with ``u = 1 / min(N_a, N_b)`` for ``K = threshold_slices`` (slices fewer than ``K`` apart in
     the shorter volume) or ``u = 1 / min(extent_a, extent_b)`` for ``K = threshold_mm``, the
     extent being ``N * slice spacing`` in mm (:func:`pclseg.positions.pair_thresholds`).
+
+    ``decoder_epochs`` > 0 adds a dense stage after the ``epochs`` of the contrastive stage: the
+    decoder's levels learn a local contrastive loss over a ``decoder_grid`` x ``decoder_grid``
+    grid of regions at temperature ``decoder_temperature`` (:mod:`pclseg.dense`), with the
+    encoder frozen, or trained at ``decoder_encoder_lr`` times ``lr`` when that is above 0.
+    Fine-tuning then starts from the whole U-Net but its classifier. 0, the default, is the
+    paper's encoder-only pretraining.
     """
 
     method: Method = "pcl"
@@ -95,6 +102,10 @@ class PretrainConfig:
     gcl_partitions: int = 4
     flips: bool = False
     epochs: int = 50
+    decoder_epochs: int = 0
+    decoder_grid: int = 8
+    decoder_temperature: float = 0.1
+    decoder_encoder_lr: float = 0.0
     batch_size: int = 32
     lr: float = 0.1
     momentum: float = 0.9
@@ -125,6 +136,19 @@ class PretrainConfig:
             raise PCLSegError(f"temperature must be positive, got {self.temperature}")
         if self.epochs < 1:
             raise PCLSegError(f"epochs must be at least 1, got {self.epochs}")
+        if self.decoder_epochs < 0:
+            raise PCLSegError(f"decoder epochs must be 0 or more, got {self.decoder_epochs}")
+        if self.decoder_grid < 1:
+            raise PCLSegError(f"decoder grid must be at least 1, got {self.decoder_grid}")
+        if not self.decoder_temperature > 0:
+            raise PCLSegError(
+                f"decoder temperature must be positive, got {self.decoder_temperature}"
+            )
+        if not 0 <= self.decoder_encoder_lr <= 1:
+            raise PCLSegError(
+                f"decoder encoder lr must be in [0, 1] (a fraction of lr), "
+                f"got {self.decoder_encoder_lr}"
+            )
         if self.batch_size < 2:
             raise PCLSegError(f"batch size must be at least 2, got {self.batch_size}")
         if self.lr <= 0:

@@ -1,7 +1,9 @@
-"""Contrastive losses: supervised-contrastive (SupCon) and the three methods built on it.
+"""Contrastive losses: supervised-contrastive (SupCon) and the three methods built on it, and
+the local loss of the dense (decoder) stage.
 
 All three methods (PCL, SimCLR, GCL) are the same loss with a different positive mask; see
-:mod:`pclseg.positions` for the rules that build the masks.
+:mod:`pclseg.positions` for the rules that build the masks. :class:`LocalContrastiveLoss`
+contrasts regions of one slice's feature maps (:mod:`pclseg.dense`).
 """
 
 from __future__ import annotations
@@ -177,6 +179,58 @@ class GCLLoss(ContrastiveLoss):
         self, positions: torch.Tensor, units: torch.Tensor | None = None
     ) -> torch.Tensor:
         return gcl_positive_mask(positions, self.partitions)
+
+
+class LocalContrastiveLoss(nn.Module):
+    """Local contrastive loss over regions of a feature map (Chaitanya et al., NeurIPS 2020,
+    ``L_l``): for the decoder, which sees pixels, not whole slices.
+
+    Each of the ``B`` slices comes as two views that differ in intensity only, so region ``r``
+    of one view covers the same pixels as region ``r`` of the other. Per slice ``b`` the ``2R``
+    region embeddings ``z = [u1_b; u2_b]`` (L2-normalised, ``(2R, D)``) give cosines over a
+    temperature, ``s_ij = z_i . z_j / t``; the positive of region ``i`` is the same region in
+    the other view, ``p(i) = (i + R) mod 2R``, and every other region of both views is a
+    negative::
+
+        L = 1/(2BR) sum_b sum_i  -log( exp(s_ip(i)) / sum_{a != i} exp(s_ia) )
+
+    which is SimCLR's NT-Xent with the regions of one slice as the batch (negatives never come
+    from other slices: another slice's region at the same place may show the same anatomy).
+
+    Shapes:
+        u1, u2: ``(B, R, D)`` region embeddings of the two views (any scale; normalised here).
+        Returns a scalar, in at least float32.
+
+    Example:
+        >>> loss = LocalContrastiveLoss(temperature=0.1)
+        >>> u = torch.randn(2, 4, 8)
+        >>> float(loss(u, u)) < float(loss(u, torch.randn(2, 4, 8)))
+        True
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+
+    def forward(self, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+        if u1.ndim != 3 or u1.shape != u2.shape:
+            raise ValueError(
+                "u1 and u2 must both have shape (B, R, D), "
+                f"got {tuple(u1.shape)} and {tuple(u2.shape)}"
+            )
+        regions = u1.shape[1]
+        if regions < 1:
+            raise ValueError("u1 and u2 need at least one region")
+        dtype = torch.promote_types(u1.dtype, torch.float32)
+        z = F.normalize(torch.cat([u1, u2], dim=1).to(dtype), dim=2)  # (B, 2R, D)
+        logits = z @ z.transpose(1, 2) / self.temperature  # (B, 2R, 2R)
+        n = 2 * regions
+        self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        log_prob = logits - torch.logsumexp(logits, dim=2, keepdim=True)
+        partner = (torch.arange(n, device=z.device) + regions) % n  # p(i)
+        index = partner.view(1, n, 1).expand(z.shape[0], n, 1)
+        return -log_prob.gather(2, index).mean()
 
 
 def make_contrastive_loss(cfg: PretrainConfig) -> ContrastiveLoss:

@@ -159,6 +159,18 @@ def test_two_view_dataset_items(slices: np.ndarray) -> None:
     assert not torch.equal(view1, view2)
 
 
+def test_two_view_dataset_items_carry_units_when_given(slices: np.ndarray) -> None:
+    units = np.full(6, 1 / 6)
+    dataset = TwoViewSliceDataset(slices, np.linspace(1 / 6, 1.0, 6), pretrain_augment(SIZE),
+                                  seed=0, units=units)
+    view1, view2, position, unit = dataset[2]
+    assert unit.dtype == torch.float32 and float(unit) == pytest.approx(1 / 6)
+    batch = next(iter(DataLoader(dataset, batch_size=4)))
+    assert [tuple(t.shape) for t in batch[2:]] == [(4,), (4,)]
+    with pytest.raises(ValueError, match="units"):
+        TwoViewSliceDataset(slices, np.ones(6), pretrain_augment(SIZE), units=np.ones(5))
+
+
 def test_two_view_dataset_is_seeded_per_item_and_epoch(slices: np.ndarray) -> None:
     dataset = TwoViewSliceDataset(slices, np.ones(6), pretrain_augment(SIZE), seed=5)
     forward = [dataset[i][0] for i in range(6)]

@@ -71,6 +71,20 @@ def test_a_cache_holds_every_slice_with_its_volume_and_position(a_cache, an_imag
     assert len({v.count for v in a_cache.volumes}) > 1  # the sample varies its slice counts
 
 
+def test_slice_units_are_one_slice_or_one_millimetre_of_each_volume(a_cache, an_image_folder):
+    per_slice, per_mm = a_cache.slice_units("slice"), a_cache.slice_units("mm")
+    assert per_slice.shape == per_mm.shape == (len(a_cache),) and per_mm.dtype == np.float32
+    for entry, path in zip(a_cache.volumes, sorted(an_image_folder.glob("*.nii.gz")), strict=True):
+        rows = slice(entry.first, entry.first + entry.count)
+        slice_spacing = read_volume(path).spacing[0]  # canonical (slice, row, column)
+        np.testing.assert_allclose(per_slice[rows], 1 / entry.count, rtol=1e-6)
+        np.testing.assert_allclose(per_mm[rows], 1 / (entry.count * slice_spacing), rtol=1e-6)
+    # The sample's volumes span about 180-240 mm whatever their slice count.
+    assert 1 / 250 < per_mm.min() and per_mm.max() < 1 / 170
+    with pytest.raises(ValueError, match="unit"):
+        a_cache.slice_units("cm")
+
+
 def test_a_build_leaves_only_the_cache_behind(a_cache):
     assert sorted(p.name for p in a_cache.cache_dir.iterdir()) == ["index.json", "slices.npy"]
     assert [p.name for p in a_cache.cache_dir.parent.iterdir()] == ["cache"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pclseg import checkpoint
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig, to_dict
+from pclseg.dense import DenseContrastiveNet
 from pclseg.errors import PCLSegError
 from pclseg.finetune import (
     build_model,
@@ -35,7 +36,7 @@ from pclseg.labels import (
     read_dataset_labels,
     resolve_labels,
 )
-from pclseg.model import ContrastiveNet, encoder_state_dict
+from pclseg.model import FIRST_CONV, ContrastiveNet, encoder_state_dict, pretrained_state_dict
 from pclseg.progress import Progress
 from pclseg.trainer import Trainer, make_loss
 from pclseg.training_slices import SliceDraws, TrainingSlices, annotated_slices
@@ -69,6 +70,53 @@ def an_encoder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "method": {"name": "pcl", "threshold": 0.1}, "epoch": 1,
     })
     return run
+
+
+@pytest.fixture(scope="module")
+def a_unet_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as a dense stage leaves it: ``encoder.*`` and ``unet.*`` (features 4)."""
+    run = tmp_path_factory.mktemp("unet-run")
+    pre = PretrainConfig(decoder_epochs=1, model=ModelConfig(features=4),
+                         preprocess=PreprocessConfig(size=32))
+    torch.manual_seed(7)
+    dense = DenseContrastiveNet(pre.model)
+    meta = {"config": to_dict(pre), "method": {"name": "pcl"}, "stage": "decoder", "epoch": 2}
+    checkpoint.save_pair(run / "unet", pretrained_state_dict(dense),
+                         {"format": "pclseg-unet", **meta})
+    checkpoint.save_pair(run / "encoder", encoder_state_dict(dense),
+                         {"format": "pclseg-encoder", **meta})
+    return run
+
+
+def test_a_run_with_a_decoder_initialises_the_whole_unet(a_unet_run: Path) -> None:
+    weights, info = init_source(a_unet_run)
+    assert info["kind"] == "unet" and info["epoch"] == 2
+    cfg = with_encoder_config(TINY, info["meta"], a_unet_run / "encoder")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=3))
+    unet = build_model(cfg, weights)
+    state = unet.state_dict()
+    for name, tensor in weights.items():
+        if name == f"encoder.{FIRST_CONV}":  # widened for the prior channels, image part kept
+            torch.testing.assert_close(state[name][:, :1], tensor)
+            assert not state[name][:, 1:].any()
+        else:
+            torch.testing.assert_close(state[name], tensor)
+    assert "decoder.classifier.weight" not in weights
+    # Asking for the encoder file loads the encoder alone.
+    encoder, info = init_source(a_unet_run / "encoder.json")
+    assert info["kind"] == "encoder" and not any(k.startswith("decoder.") for k in encoder)
+
+
+def test_a_pretrained_unet_that_does_not_fit_or_a_wrong_file_is_a_clear_error(
+    a_unet_run: Path, tmp_path: Path
+) -> None:
+    weights, _ = init_source(a_unet_run)
+    wider = dataclasses.replace(TINY, model=ModelConfig(features=8))
+    with pytest.raises(PCLSegError, match="runs/x: pretrained encoder does not fit"):
+        build_model(wider, weights, "runs/x")
+    checkpoint.save_pair(tmp_path / "model", {"w": torch.zeros(1)}, {"format": "pclseg-model"})
+    with pytest.raises(PCLSegError, match="not a pretrained encoder or U-Net"):
+        init_source(tmp_path / "model.json")
 
 
 # --- annotated slices and pairing ------------------------------------------------------------
@@ -165,17 +213,19 @@ def test_an_encoder_that_does_not_fit_is_a_clear_error(an_encoder_run: Path) -> 
         init_source(an_encoder_run / "missing")
 
 
+@pytest.mark.parametrize(("decoder_epochs", "kind"), [(0, "encoder"), (1, "unet")])
 def test_finetune_from_a_real_pretraining_run(
-    a_sample_folder: Path, one_pair: tuple[Path, Path], tmp_path: Path
+    a_sample_folder: Path, one_pair: tuple[Path, Path], tmp_path: Path, decoder_epochs: int,
+    kind: str,
 ) -> None:
     from pclseg.pretrain import pretrain
 
     pre = PretrainConfig(epochs=1, batch_size=8, model=ModelConfig(features=4),
-                         preprocess=PreprocessConfig(size=32))
+                         preprocess=PreprocessConfig(size=32), decoder_epochs=decoder_epochs)
     pretrain(a_sample_folder / "imagesTr", tmp_path / "run", pre)
     result = finetune(*one_pair, tmp_path / "model", TINY, init=tmp_path / "run")
     meta = json.loads((result.model_dir / "model.json").read_text())
-    assert meta["init"]["kind"] == "encoder"
+    assert meta["init"]["kind"] == kind
     assert meta["init"]["path"] == str(tmp_path / "run")
 
 

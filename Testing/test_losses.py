@@ -9,7 +9,14 @@ import torch
 
 from pclseg.config import PretrainConfig
 from pclseg.errors import PCLSegError
-from pclseg.losses import GCLLoss, PCLLoss, SimCLRLoss, SupConLoss, make_contrastive_loss
+from pclseg.losses import (
+    GCLLoss,
+    LocalContrastiveLoss,
+    PCLLoss,
+    SimCLRLoss,
+    SupConLoss,
+    make_contrastive_loss,
+)
 from pclseg.positions import gcl_positive_mask, pcl_positive_mask
 
 
@@ -69,6 +76,35 @@ def test_method_losses_equal_the_naive_loop_with_their_masks(
     for loss_fn, mask in cases:
         expected = naive_supcon(z1, z2, mask, temperature)
         assert float(loss_fn(z1, z2, positions)) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("batch", [3, 9])
+@pytest.mark.parametrize("reach", [1.5, 3.0])
+def test_pcl_with_a_reach_equals_the_naive_loop_with_the_scaled_mask(
+    generator: torch.Generator, batch: int, reach: float
+) -> None:
+    z1 = torch.randn(batch, 8, generator=generator, dtype=torch.float64)
+    z2 = torch.randn(batch, 8, generator=generator, dtype=torch.float64)
+    counts = torch.randint(4, 40, (batch,), generator=generator)
+    positions = (torch.rand(batch, generator=generator, dtype=torch.float64) * counts).ceil()
+    positions, units = positions / counts, 1.0 / counts.double()
+    mask = pcl_positive_mask(positions, 0.1, units, reach)
+    loss = PCLLoss(0.1, 0.1, reach=reach)(z1, z2, positions, units)
+    assert float(loss) == pytest.approx(naive_supcon(z1, z2, mask, 0.1), abs=1e-5)
+    with pytest.raises(ValueError, match="units"):
+        PCLLoss(0.1, 0.1, reach=reach)(z1, z2, positions)
+
+
+def test_a_reach_makes_ten_slice_neighbours_positives() -> None:
+    # Slices 3 and 4 of a 10-slice volume (0.4, 0.5): not positives at 0.1, positives with a
+    # reach of two slices, which gives the closed form of two orthogonal positive slices.
+    z = torch.eye(2, dtype=torch.float64)
+    positions, units = torch.tensor([0.4, 0.5]), torch.tensor([0.1, 0.1])
+    denominator = math.exp(1 / 0.1) + 2
+    fixed = PCLLoss(0.1, 0.1)(z, z, positions, units)
+    reaching = PCLLoss(0.1, 0.1, reach=2)(z, z, positions, units)
+    assert float(fixed) == pytest.approx(math.log(denominator) - 1 / 0.1, abs=1e-10)
+    assert float(reaching) == pytest.approx(math.log(denominator) - 1 / (3 * 0.1), abs=1e-10)
 
 
 @pytest.mark.parametrize("temperature", [0.07, 0.1, 0.5])
@@ -162,6 +198,8 @@ def test_rejects_bad_method_arguments() -> None:
         PCLLoss(threshold=0.0)
     with pytest.raises(PCLSegError, match="partitions"):
         GCLLoss(partitions=0)
+    with pytest.raises(PCLSegError, match="reach"):
+        PCLLoss(reach=-1.0)
 
 
 def test_rejects_mismatched_shapes() -> None:
@@ -187,6 +225,113 @@ def test_factory_builds_the_configured_loss(method: str, loss_type: type) -> Non
     assert type(loss) is loss_type
     assert loss.supcon.temperature == 0.2
     if method == "pcl":
-        assert loss.threshold == 0.35
+        assert loss.threshold == 0.35 and loss.reach is None
     if method == "gcl":
         assert loss.partitions == 3
+
+
+@pytest.mark.parametrize(
+    ("settings", "reach", "unit"),
+    [({"threshold_slices": 2.0}, 2.0, "slice"), ({"threshold_mm": 15.0}, 15.0, "mm")],
+)
+def test_factory_passes_the_reach_of_a_scaled_threshold(settings, reach, unit) -> None:
+    cfg = PretrainConfig(**settings)
+    assert (cfg.positional_reach, cfg.position_unit) == (reach, unit)
+    assert make_contrastive_loss(cfg).reach == reach
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"threshold_slices": 2.0, "threshold_mm": 10.0}, "not both"),
+        ({"threshold_slices": 0.0}, "threshold_slices must be positive"),
+        ({"threshold_mm": -5.0}, "threshold_mm must be positive"),
+        ({"method": "simclr", "threshold_slices": 2.0}, "pcl method"),
+    ],
+)
+def test_config_refuses_bad_scaled_thresholds(settings, message) -> None:
+    with pytest.raises(PCLSegError, match=message):
+        PretrainConfig(**settings)
+
+
+# --- the local loss of the dense stage -------------------------------------------------------
+
+
+def naive_local(u1: torch.Tensor, u2: torch.Tensor, temperature: float) -> float:
+    """Per slice, region i's positive is region i of the other view and every other region of
+    both views is in the denominator; mean over slices and anchors, term by term."""
+    total, count = 0.0, 0
+    for b in range(u1.shape[0]):
+        views = [v / v.norm() for v in list(u1[b]) + list(u2[b])]
+        regions, n = u1.shape[1], 2 * u1.shape[1]
+        for i in range(n):
+            partner = i + regions if i < regions else i - regions
+            denominator = sum(
+                math.exp(float(views[i] @ views[a]) / temperature) for a in range(n) if a != i
+            )
+            total += -math.log(math.exp(float(views[i] @ views[partner]) / temperature)
+                               / denominator)
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 6), (3, 9, 5), (2, 16, 8)])
+@pytest.mark.parametrize("temperature", [0.07, 0.1, 0.5])
+def test_local_loss_equals_the_naive_loop(
+    generator: torch.Generator, shape: tuple[int, int, int], temperature: float
+) -> None:
+    u1 = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    u2 = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    loss = LocalContrastiveLoss(temperature)(u1, u2)
+    assert loss.dtype == torch.float64
+    assert float(loss) == pytest.approx(naive_local(u1, u2, temperature), abs=1e-6)
+    # It is SimCLR with one slice's regions as the batch, averaged over slices.
+    per_slice = [SupConLoss(temperature)(u1[b], u2[b], torch.eye(shape[1], dtype=torch.bool))
+                 for b in range(shape[0])]
+    assert float(loss) == pytest.approx(float(torch.stack(per_slice).mean()), abs=1e-9)
+
+
+@pytest.mark.parametrize("regions", [1, 4, 9])
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_local_loss_closed_form_for_orthogonal_regions(regions: int, temperature: float) -> None:
+    # Regions along orthogonal axes, both views identical: the partner scores 1/t, the other
+    # 2R - 2 regions 0. One region per view has nothing to contrast with: loss 0.
+    u = torch.eye(regions, 16, dtype=torch.float64)[None].repeat(2, 1, 1)
+    expected = math.log(math.exp(1 / temperature) + 2 * regions - 2) - 1 / temperature
+    loss = LocalContrastiveLoss(temperature)(u, u.clone())
+    assert float(loss) == pytest.approx(expected, abs=1e-10)
+    if regions == 1:
+        assert float(loss) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_local_loss_of_identical_regions_is_log_of_2r_minus_1() -> None:
+    u = torch.ones(2, 5, 3)
+    assert float(LocalContrastiveLoss(0.1)(u, u.clone())) == pytest.approx(math.log(9), abs=1e-5)
+
+
+def test_local_loss_never_contrasts_two_slices(generator: torch.Generator) -> None:
+    # Changing slice 1 leaves slice 0's terms alone: the loss is a mean of per-slice losses.
+    u1 = torch.randn(2, 4, 8, generator=generator)
+    u2 = torch.randn(2, 4, 8, generator=generator)
+    loss = LocalContrastiveLoss(0.1)
+    first = float(loss(u1[:1], u2[:1]))
+    changed = u1.clone()
+    changed[1] = torch.randn(4, 8, generator=generator)
+    assert 2 * float(loss(changed, u2)) - float(loss(changed[1:], u2[1:])) == pytest.approx(
+        first, abs=1e-5
+    )
+
+
+def test_local_loss_gradients_half_precision_and_shapes(generator: torch.Generator) -> None:
+    u1 = torch.randn(2, 4, 8, generator=generator, requires_grad=True)
+    u2 = torch.randn(2, 4, 8, generator=generator, requires_grad=True)
+    LocalContrastiveLoss(0.1)(u1, u2).backward()
+    assert all(g is not None and g.abs().sum() > 0 for g in (u1.grad, u2.grad))
+    half = LocalContrastiveLoss(0.1)(u1.detach().bfloat16(), u2.detach().bfloat16())
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    with pytest.raises(ValueError, match="u1 and u2"):
+        LocalContrastiveLoss()(torch.randn(2, 4, 8), torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="u1 and u2"):
+        LocalContrastiveLoss()(torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(PCLSegError, match="temperature"):
+        LocalContrastiveLoss(0.0)

@@ -1,4 +1,4 @@
-"""The 2D U-Net, the projection head and strict encoder transfer."""
+"""The 2D U-Net, the projection head and strict encoder (and decoder) transfer."""
 
 from __future__ import annotations
 
@@ -9,14 +9,20 @@ import torch
 import torch.distributed as dist
 
 from pclseg.config import ModelConfig
+from pclseg.dense import DenseContrastiveNet
 from pclseg.errors import PCLSegError
 from pclseg.model import (
     FIRST_CONV,
     ContrastiveNet,
     ProjectionHead,
     UNet,
+    UNetDecoder,
+    decoder_state_dict,
     encoder_state_dict,
+    load_decoder,
     load_encoder,
+    load_pretrained,
+    pretrained_state_dict,
     widen_input,
 )
 
@@ -187,3 +193,76 @@ def test_a_widened_encoder_computes_what_the_pretrained_one_did() -> None:
     torch.testing.assert_close(wider.encoder(with_priors)[-1], pretrained.encoder(image)[-1])
     same = encoder_state_dict(wider)
     assert widen_input(same, 3)[FIRST_CONV] is same[FIRST_CONV]  # already wide: unchanged
+
+
+# --- the decoder and the whole pretrained U-Net ----------------------------------------------
+
+
+def test_decoder_levels_go_from_the_bottleneck_up(a_small_config: ModelConfig) -> None:
+    unet = UNet(a_small_config)
+    features = unet.encoder(torch.randn(2, 1, 64, 64))
+    levels = unet.decoder.levels(features)
+    assert [tuple(t.shape) for t in levels] == [
+        (2, 32, 8, 8), (2, 16, 16, 16), (2, 8, 32, 32), (2, 4, 64, 64)
+    ]
+    assert unet.decoder.channels == [32, 16, 8, 4]
+    torch.testing.assert_close(unet.decoder(features), unet.decoder.classifier(levels[-1]))
+    # Without classes there is no classifier: the decoder gives the last level's features.
+    bare = UNetDecoder(4, num_classes=None)
+    assert bare.classifier is None and bare(features).shape == (2, 4, 64, 64)
+    assert not [k for k in bare.state_dict() if k.startswith("classifier")]
+
+
+def test_unet_keys_are_unchanged_so_saved_models_still_load(a_small_config) -> None:
+    keys = UNet(a_small_config).state_dict()
+    assert "decoder.classifier.weight" in keys and "decoder.ups.0.upsample.deconv.weight" in keys
+
+
+def test_a_pretrained_unet_state_holds_encoder_and_decoder_levels(a_small_config) -> None:
+    state = pretrained_state_dict(DenseContrastiveNet(a_small_config))
+    unet_keys = {k for k in UNet(a_small_config).state_dict() if "classifier" not in k}
+    assert set(state) == unet_keys
+    assert set(decoder_state_dict(UNet(a_small_config))) == {
+        k[len("decoder."):] for k in unet_keys if k.startswith("decoder.")
+    }
+
+
+def test_a_pretrained_unet_loads_whole_and_widens_for_prior_channels() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(features=4, num_classes=3)
+    dense = DenseContrastiveNet(cfg, freeze_encoder=False)
+    dense.train()
+    dense(torch.randn(4, 1, 32, 32))  # batch-norm statistics off their defaults
+    dense.eval()
+    torch.manual_seed(1)
+    wider = UNet(ModelConfig(features=4, num_classes=3, in_channels=3))
+    classifier = wider.decoder.classifier.weight.clone()
+    assert load_pretrained(wider, pretrained_state_dict(dense), in_channels=3) is True
+    wider.eval()
+    image = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        ours = wider.decoder.levels(wider.encoder(torch.cat([image, torch.rand(2, 2, 32, 32)], 1)))
+        theirs = dense.decoder.levels(dense.encoder(image))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(wider.decoder.classifier.weight, classifier)  # never pretrained
+    # An encoder alone loads as before and leaves the decoder alone.
+    fresh = UNet(cfg)
+    decoder_before = {k: v.clone() for k, v in fresh.decoder.state_dict().items()}
+    assert load_pretrained(fresh, encoder_state_dict(dense)) is False
+    assert all(torch.equal(v, fresh.decoder.state_dict()[k]) for k, v in decoder_before.items())
+
+
+def test_a_pretrained_decoder_that_does_not_fit_is_one_clear_error(a_small_config) -> None:
+    other = pretrained_state_dict(DenseContrastiveNet(ModelConfig(features=8)))
+    with pytest.raises(PCLSegError, match="does not fit this network"):
+        load_pretrained(UNet(a_small_config), other)
+    state = decoder_state_dict(DenseContrastiveNet(a_small_config))
+    del state["ups.3.convs.conv_1.conv.weight"]
+    with pytest.raises(PCLSegError, match=r"pretrained decoder .*missing ups\.3"):
+        load_decoder(UNet(a_small_config), state)
+    state = pretrained_state_dict(DenseContrastiveNet(a_small_config))
+    with pytest.raises(PCLSegError, match="unexpected classifier.weight"):
+        load_pretrained(UNet(a_small_config), state | {"decoder.classifier.weight": torch.zeros(1)})
+    with pytest.raises(PCLSegError, match="neither encoder nor decoder: heads.0"):
+        load_pretrained(UNet(a_small_config), state | {"heads.0.weight": torch.zeros(1)})

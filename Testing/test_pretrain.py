@@ -157,6 +157,76 @@ def test_baseline_methods_train_with_the_same_loop(a_sample_folder, tmp_path, me
     assert meta["method"]["name"] == method and np.isfinite(result.final_loss)
 
 
+# --- the dense (decoder) stage -----------------------------------------------------------------
+
+
+def test_a_decoder_stage_leaves_a_whole_unet_and_keeps_a_frozen_encoder(a_sample_folder, tmp_path):
+    run = tmp_path / "run"
+    encoder_after_stage_one = {}
+    seen = []
+
+    def watch(event: dict) -> None:
+        seen.append(event)
+        if event["event"] == "checkpoint" and event["stage"] == "encoder":
+            encoder_after_stage_one.update(checkpoint.load_pair(run / "encoder")[0])
+
+    result = pretrain(a_sample_folder / "imagesTr", run, tiny_config(epochs=1, decoder_epochs=1),
+                      progress=Progress("none", callback=watch))
+    assert not result.stopped and result.epochs_done == 2 and np.isfinite(result.final_loss)
+    epochs = [(e["stage"], e["epoch"], e["epochs"]) for e in seen if e["event"] == "epoch"]
+    assert epochs == [("encoder", 1, 2), ("decoder", 2, 2)]
+    started = next(e for e in seen if e["event"] == "started")
+    steps = [e for e in seen if e["event"] == "step"]
+    assert started["total_steps"] == len(steps) and started["decoder_epochs"] == 1
+    assert seen[-1]["event"] == "done" and seen[-1]["unet"] == str(run / "unet.safetensors")
+
+    unet, meta = checkpoint.load_pair(run / "unet", expect_format="pclseg-unet")
+    assert (meta["stage"], meta["epoch"], meta["config"]["decoder_epochs"]) == ("decoder", 2, 1)
+    encoder, _ = checkpoint.load_pair(run / "encoder", expect_format="pclseg-encoder")
+    for name, tensor in encoder_after_stage_one.items():  # frozen: weights and statistics
+        assert torch.equal(encoder[name], tensor) and torch.equal(unet[f"encoder.{name}"], tensor)
+    fresh = UNet(ModelConfig(features=4))
+    changed = [k for k, v in fresh.decoder.state_dict().items()
+               if "classifier" not in k and "num_batches" not in k
+               and not torch.equal(v, unet[f"decoder.{k}"])]
+    assert changed, "the decoder was not trained"
+    assert not [k for k in unet if "classifier" in k]
+    _, state = checkpoint.load_pair(run / "checkpoint")
+    assert state["stage"] == "decoder"
+
+
+def test_a_decoder_stage_resumes_where_an_uninterrupted_one_ends(a_sample_folder, tmp_path):
+    images = a_sample_folder / "imagesTr"
+    cfg = tiny_config(epochs=1, decoder_epochs=2)
+    pretrain(images, tmp_path / "straight", cfg)
+
+    def interrupt_in_the_decoder_stage(event: dict) -> None:
+        if event["event"] == "epoch" and event["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = pretrain(images, tmp_path / "split", cfg,
+                       progress=Progress("none", callback=interrupt_in_the_decoder_stage))
+    assert stopped.stopped
+    _, meta = checkpoint.load_pair(tmp_path / "split" / "checkpoint")
+    assert (meta["stage"], meta["epoch"], meta["step"]) == ("decoder", 2, 1)
+    with pytest.raises(PCLSegError, match="raise --decoder-epochs instead"):
+        pretrain(images, tmp_path / "split", tiny_config(epochs=3), resume=True)
+    pretrain(images, tmp_path / "split", tiny_config(epochs=1), resume=True)
+
+    # A finished encoder-only run gains a decoder stage when resumed with decoder epochs.
+    pretrain(images, tmp_path / "added", tiny_config(epochs=1))
+    assert not (tmp_path / "added" / "unet.json").exists()
+    added = pretrain(images, tmp_path / "added", tiny_config(epochs=1, decoder_epochs=2),
+                     resume=True)
+    assert added.epochs_done == 3
+    a, _ = checkpoint.load_pair(tmp_path / "straight" / "unet")
+    for other in ("split", "added"):
+        b, _ = checkpoint.load_pair(tmp_path / other / "unet")
+        assert set(a) == set(b)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
 # --- the command line -------------------------------------------------------------------------
 
 
@@ -172,6 +242,43 @@ def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path, flips):
     assert (out / "encoder.safetensors").exists() and (out / "log.jsonl").exists()
     # Flips are off unless asked for (they hurt lateral labels), and the run records which.
     assert json.loads((out / "encoder.json").read_text())["config"]["flips"] is flips
+
+
+def test_cli_threshold_slices_trains_and_is_stored_with_the_encoder(a_sample_folder, tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
+                         "--threshold-slices", "2.5")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["config"]["threshold_slices"] == 2.5 and meta["config"]["threshold_mm"] is None
+    assert meta["method"]["threshold_slices"] == 2.5 and np.isfinite(meta["loss"])
+
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "both",
+                                  "--threshold-slices", "2", "--threshold-mm", "20"))
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "gcl",
+                                  "--method", "gcl", "--threshold-mm", "20"))
+    assert proc.returncode == 2 and "apply to the pcl method" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "gcl").exists()
+
+
+def test_cli_decoder_epochs_adds_the_dense_stage(a_sample_folder, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
+                                  "--decoder-epochs", "1", "--decoder-grid", "4",
+                                  "--decoder-encoder-lr", "0.1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "encoder and decoder written to" in proc.stderr
+    stages = [e["stage"] for e in events(proc.stdout) if e["event"] == "epoch"]
+    assert stages == ["encoder", "decoder"]
+    for stem in ("encoder", "unet"):
+        config = json.loads((out / f"{stem}.json").read_text())["config"]
+        assert (config["decoder_epochs"], config["decoder_grid"]) == (1, 4)
+        assert config["decoder_encoder_lr"] == 0.1
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "bad",
+                                  "--decoder-epochs", "-1"))
+    assert proc.returncode == 2 and "decoder epochs must be 0 or more" in proc.stderr
 
 
 def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):
@@ -284,7 +391,7 @@ def test_bad_arguments_are_one_clear_line(a_sample_folder, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_torchrun_trains_with_two_processes(a_sample_folder, tmp_path):
+def test_torchrun_trains_both_stages_with_two_processes(a_sample_folder, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [
@@ -295,7 +402,8 @@ def test_torchrun_trains_with_two_processes(a_sample_folder, tmp_path):
             "--nproc_per_node=2",
             "-m",
             "pclseg",
-            *pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1"),
+            *pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
+                           "--decoder-epochs", "1"),
         ],
         capture_output=True,
         text=True,
@@ -304,6 +412,10 @@ def test_torchrun_trains_with_two_processes(a_sample_folder, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, meta = checkpoint.load_pair(out / "encoder", expect_format="pclseg-encoder")
-    assert meta["data"]["world_size"] == 2 and meta["epoch"] == 1
+    assert meta["data"]["world_size"] == 2 and meta["epoch"] == 2
+    _, meta = checkpoint.load_pair(out / "unet", expect_format="pclseg-unet")
+    assert meta["data"]["world_size"] == 2 and meta["stage"] == "decoder"
     starts = [e for e in events(proc.stdout) if e["event"] == "started"]
     assert len(starts) == 1, "only rank 0 reports"
+    stages = [e["stage"] for e in events(proc.stdout) if e["event"] == "epoch"]
+    assert stages == ["encoder", "decoder"], "both stages ran under DDP"

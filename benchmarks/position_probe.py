@@ -7,8 +7,10 @@ embeddings by k-nearest neighbours (cosine) and by ridge regression. A random-in
 the floor. Lower mean absolute error (MAE, in units of the volume's extent) is better.
 
     python benchmarks/position_probe.py --data ../shared/data/chaos-t2/imagesTr --epochs 20
+    python benchmarks/position_probe.py --data ... --out runs/probe-k2 --threshold-slices 2
 
-Prints a Markdown table and writes JSON next to the runs.
+Prints a Markdown table and writes JSON next to the runs. A run already in ``--out`` is resumed
+with its own settings, so other pretraining settings need another ``--out``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flips", action="store_true", help="pretrain with random flips")
+    parser.add_argument("--threshold", type=float, default=0.1, help="PCL threshold")
+    reach = parser.add_mutually_exclusive_group()
+    reach.add_argument("--threshold-slices", type=float, default=None, metavar="K",
+                       help="PCL: slices fewer than K apart are positives too")
+    reach.add_argument("--threshold-mm", type=float, default=None, metavar="MM",
+                       help="PCL: slices fewer than MM mm apart are positives too")
+    parser.add_argument("--decoder-epochs", type=int, default=0, metavar="N",
+                        help="then pretrain the decoder N epochs (the probe reads the encoder; "
+                        "the runs can be fine-tuned from)")
     args = parser.parse_args()
 
     volumes = discover_volumes(args.data)
@@ -84,8 +95,13 @@ def main() -> None:
     losses: dict[str, list[float]] = {}
     for method in args.methods:
         run = args.out / method
+        positional = method == "pcl"  # the scaled thresholds are PCL's
         cfg = PretrainConfig(
             method=method,
+            threshold=args.threshold,
+            threshold_slices=args.threshold_slices if positional else None,
+            threshold_mm=args.threshold_mm if positional else None,
+            decoder_epochs=args.decoder_epochs,
             flips=args.flips,
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -99,7 +115,8 @@ def main() -> None:
         with Progress(
             "bar",
             callback=lambda e, acc=epoch_losses: (
-                acc.append(e["loss"]) if e["event"] == "epoch" else None
+                acc.append(e["loss"]) if e["event"] == "epoch" and e["stage"] == "encoder"
+                else None
             ),
         ) as progress:
             result = pretrain(

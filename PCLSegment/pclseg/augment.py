@@ -189,7 +189,9 @@ def two_views(
 class TwoViewSliceDataset(Dataset):
     """Slices with their positions, each returned as two augmented views for contrastive learning.
 
-    ``dataset[i]`` is ``(view1 (1, H, W), view2 (1, H, W), position ())``, float32 tensors.
+    ``dataset[i]`` is ``(view1 (1, H, W), view2 (1, H, W), position ())``, float32 tensors,
+    followed by ``unit ()`` when ``units`` are given (what a PCL threshold that follows the
+    volume needs: :meth:`pclseg.cache.SliceCache.slice_units`).
 
     The augmentation of item ``i`` is seeded from ``(seed, epoch, i)``, so the views depend
     neither on the number of DataLoader workers nor on which worker draws the item, and a run
@@ -201,20 +203,28 @@ class TwoViewSliceDataset(Dataset):
         positions: ``(N,)`` slice positions in ``(0, 1]``.
         transform: a seedable MONAI transform such as :func:`pretrain_augment`'s.
         seed: base seed of the augmentation.
+        units: ``(N,)`` length of one slice (or mm) in each slice's positions, or ``None``.
     """
 
     def __init__(
-        self, slices: np.ndarray, positions: np.ndarray, transform: Compose, seed: int = 0
+        self,
+        slices: np.ndarray,
+        positions: np.ndarray,
+        transform: Compose,
+        seed: int = 0,
+        units: np.ndarray | None = None,
     ) -> None:
         if slices.ndim != 3:
             raise ValueError(f"slices must have shape (N, H, W), got {tuple(slices.shape)}")
         positions = np.asarray(positions, dtype=np.float32)
-        if positions.shape != (slices.shape[0],):
-            raise ValueError(
-                f"positions must have shape ({slices.shape[0]},), got {tuple(positions.shape)}"
-            )
+        for name, values in (("positions", positions), ("units", units)):
+            if values is not None and np.shape(values) != (slices.shape[0],):
+                raise ValueError(
+                    f"{name} must have shape ({slices.shape[0]},), got {tuple(np.shape(values))}"
+                )
         self.slices = slices
         self.positions = positions
+        self.units = None if units is None else np.asarray(units, dtype=np.float32)
         self.transform = transform
         self.seed = int(seed)
         self.epoch = 0
@@ -226,10 +236,11 @@ class TwoViewSliceDataset(Dataset):
     def __len__(self) -> int:
         return self.slices.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         item_seed = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)
         self.transform.set_random_state(seed=int(item_seed[0]))
         image = torch.from_numpy(np.asarray(self.slices[index], dtype=np.float32)[None].copy())
         view1 = self.transform(image)
         view2 = self.transform(image)
-        return view1, view2, torch.tensor(self.positions[index])
+        item = (view1, view2, torch.tensor(self.positions[index]))
+        return item if self.units is None else (*item, torch.tensor(self.units[index]))

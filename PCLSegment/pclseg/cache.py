@@ -16,7 +16,9 @@ were used, such as masked non-finite voxels) and ``files`` (what the key was mad
 slice written is finite: a volume whose prepared slices are not (float16 overflow) is skipped.
 Per slice, the
 volume id and the position ``(i + 1) / S`` follow from ``volumes`` (see
-:attr:`SliceCache.positions`).
+:attr:`SliceCache.positions`), and so does the length of one slice or one millimetre in those
+positions (:meth:`SliceCache.slice_units`; ``spacing`` is in the canonical ``(slice, row,
+column)`` order, so the slice spacing is its first value).
 
 The ``key`` is a SHA-256 of the preprocessing config and each candidate's path, size and
 modification time: building again with the same key reuses the cache without reading a volume;
@@ -41,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -151,6 +153,21 @@ class SliceCache:
             [(np.arange(c, dtype=np.float64) + 1) / c for c in counts] or [np.zeros(0)]
         ).astype(np.float32)
         self._slices: np.ndarray | None = None
+
+    def slice_units(self, unit: Literal["slice", "mm"] = "slice") -> np.ndarray:
+        """The length of one ``unit`` in each slice's relative positions, float32 ``(N,)``.
+
+        One slice step is ``1 / S`` for a volume of ``S`` slices; one millimetre along the slice
+        axis is ``1 / (S * slice spacing)``, the inverse of the volume's extent. PCL thresholds
+        that follow the volume multiply these (:func:`pclseg.positions.pair_thresholds`).
+        """
+        if unit not in ("slice", "mm"):
+            raise ValueError(f"unit must be slice or mm, got {unit!r}")
+        counts = np.array([v.count for v in self.volumes], dtype=np.int64)
+        lengths = counts.astype(np.float64)
+        if unit == "mm":
+            lengths *= np.array([v.spacing[0] for v in self.volumes], dtype=np.float64)
+        return np.repeat(1.0 / lengths, counts).astype(np.float32)
 
     @property
     def slices(self) -> np.ndarray:

@@ -97,10 +97,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(
         method=args.method,
         threshold=args.threshold,
+        threshold_slices=args.threshold_slices,
+        threshold_mm=args.threshold_mm,
         temperature=args.temperature,
         flips=args.flips,
         # Resuming keeps the run's own epochs unless --epochs asks for more.
         epochs=args.epochs or (1 if args.resume else DEFAULT_PRETRAIN_EPOCHS),
+        decoder_epochs=args.decoder_epochs,
+        decoder_grid=args.decoder_grid,
+        decoder_temperature=args.decoder_temperature,
+        decoder_encoder_lr=args.decoder_encoder_lr,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
@@ -121,6 +127,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         )
         return EXIT_INTERRUPTED
     print(f"encoder written to {out / 'encoder.safetensors'}", file=sys.stderr)
+    if (out / "unet.safetensors").exists():
+        print(f"encoder and decoder written to {out / 'unet.safetensors'}", file=sys.stderr)
     return 0
 
 
@@ -253,6 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="PCL: slices closer than this in relative position are positives",
     )
+    reach = p.add_mutually_exclusive_group()
+    reach.add_argument(
+        "--threshold-slices",
+        type=float,
+        default=None,
+        metavar="K",
+        help="PCL: also count slices fewer than K slices apart (in the shorter volume of a "
+        "pair) as positives, for volumes with few slices (default: off)",
+    )
+    reach.add_argument(
+        "--threshold-mm",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="PCL: also count slices fewer than MM millimetres apart along the slice axis "
+        "(in the shorter volume of a pair) as positives (default: off)",
+    )
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument(
         "--flips",
@@ -264,6 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"epochs (default {DEFAULT_PRETRAIN_EPOCHS}; with --resume: the run's own)",
+    )
+    p.add_argument(
+        "--decoder-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then pretrain the decoder for N epochs with a local contrastive loss, so that "
+        "fine-tuning starts from the whole U-Net (default 0: the encoder only, as the paper)",
+    )
+    p.add_argument(
+        "--decoder-grid",
+        type=int,
+        default=8,
+        metavar="K",
+        help="decoder stage: each feature map is pooled into K x K regions to contrast",
+    )
+    p.add_argument("--decoder-temperature", type=float, default=0.1, metavar="T")
+    p.add_argument(
+        "--decoder-encoder-lr",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="decoder stage: train the encoder at F x --lr (default 0: frozen)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)

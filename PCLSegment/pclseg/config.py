@@ -79,14 +79,33 @@ class PretrainConfig:
     and its mirror image are the same slice transfers badly to lateral labels: fine-tuned from
     it on a few slices, the network labels the left kidney and the spleen as the right kidney
     and the liver (``docs/decisions.md``).
+
+    ``threshold_slices`` or ``threshold_mm`` (PCL only, one of them) lets the positive threshold
+    follow each volume: a pair is positive when ``|pos_a - pos_b| < max(threshold, K * u)``,
+    with ``u = 1 / min(N_a, N_b)`` for ``K = threshold_slices`` (slices fewer than ``K`` apart in
+    the shorter volume) or ``u = 1 / min(extent_a, extent_b)`` for ``K = threshold_mm``, the
+    extent being ``N * slice spacing`` in mm (:func:`pclseg.positions.pair_thresholds`).
+
+    ``decoder_epochs`` > 0 adds a dense stage after the ``epochs`` of the contrastive stage: the
+    decoder's levels learn a local contrastive loss over a ``decoder_grid`` x ``decoder_grid``
+    grid of regions at temperature ``decoder_temperature`` (:mod:`pclseg.dense`), with the
+    encoder frozen, or trained at ``decoder_encoder_lr`` times ``lr`` when that is above 0.
+    Fine-tuning then starts from the whole U-Net but its classifier. 0, the default, is the
+    paper's encoder-only pretraining.
     """
 
     method: Method = "pcl"
     threshold: float = 0.1
+    threshold_slices: float | None = None
+    threshold_mm: float | None = None
     temperature: float = 0.1
     gcl_partitions: int = 4
     flips: bool = False
     epochs: int = 50
+    decoder_epochs: int = 0
+    decoder_grid: int = 8
+    decoder_temperature: float = 0.1
+    decoder_encoder_lr: float = 0.0
     batch_size: int = 32
     lr: float = 0.1
     momentum: float = 0.9
@@ -103,14 +122,47 @@ class PretrainConfig:
             raise PCLSegError(f"method must be pcl, simclr or gcl, got {self.method!r}")
         if not 0 < self.threshold <= 1:
             raise PCLSegError(f"threshold must be in (0, 1], got {self.threshold}")
+        for name in ("threshold_slices", "threshold_mm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise PCLSegError(f"{name} must be positive, got {value}")
+        if self.threshold_slices is not None and self.threshold_mm is not None:
+            raise PCLSegError("give threshold_slices or threshold_mm, not both")
+        if self.positional_reach is not None and self.method != "pcl":
+            raise PCLSegError(
+                f"threshold_slices and threshold_mm apply to the pcl method, not {self.method}"
+            )
         if self.temperature <= 0:
             raise PCLSegError(f"temperature must be positive, got {self.temperature}")
         if self.epochs < 1:
             raise PCLSegError(f"epochs must be at least 1, got {self.epochs}")
+        if self.decoder_epochs < 0:
+            raise PCLSegError(f"decoder epochs must be 0 or more, got {self.decoder_epochs}")
+        if self.decoder_grid < 1:
+            raise PCLSegError(f"decoder grid must be at least 1, got {self.decoder_grid}")
+        if not self.decoder_temperature > 0:
+            raise PCLSegError(
+                f"decoder temperature must be positive, got {self.decoder_temperature}"
+            )
+        if not 0 <= self.decoder_encoder_lr <= 1:
+            raise PCLSegError(
+                f"decoder encoder lr must be in [0, 1] (a fraction of lr), "
+                f"got {self.decoder_encoder_lr}"
+            )
         if self.batch_size < 2:
             raise PCLSegError(f"batch size must be at least 2, got {self.batch_size}")
         if self.lr <= 0:
             raise PCLSegError(f"learning rate must be positive, got {self.lr}")
+
+    @property
+    def positional_reach(self) -> float | None:
+        """How many slices or millimetres apart PCL positives may be (``None``: fixed)."""
+        return self.threshold_slices if self.threshold_slices is not None else self.threshold_mm
+
+    @property
+    def position_unit(self) -> Literal["slice", "mm"]:
+        """What :attr:`positional_reach` counts: slices, or millimetres along the slice axis."""
+        return "mm" if self.threshold_mm is not None else "slice"
 
 
 @dataclass

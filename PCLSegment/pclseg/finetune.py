@@ -57,7 +57,7 @@ from .labels import (
     read_dataset_labels,
     resolve_labels,
 )
-from .model import UNet, load_encoder, widen_input
+from .model import UNet, load_pretrained
 from .predict import MODEL, MODEL_FORMAT
 from .preprocess import prepare_volume
 from .pretrain import get_lr
@@ -70,6 +70,9 @@ from .training_slices import TrainingSlices, annotated_slices, prepared_annotati
 CHECKPOINT = "checkpoint"
 CHECKPOINT_FORMAT = "pclseg-finetune"
 ENCODER = "encoder"
+UNET = "unet"
+#: The pretraining pairs fine-tuning starts from: format -> ``init["kind"]``.
+PRETRAINED_KINDS = {"pclseg-encoder": "encoder", "pclseg-unet": "unet"}
 
 
 def pair_files(images: Path | str, labels: Path | str) -> list[tuple[Path, Path]]:
@@ -146,13 +149,23 @@ def with_encoder_config(
 
 
 def init_source(init: Path | str | None) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """Encoder weights and a description of where they came from (``None`` for random init)."""
+    """Pretrained weights and a description of where they came from (``None`` for random init):
+    a run folder's whole U-Net (``unet.*``) when it has one, else its encoder; a path to either
+    pair's file loads that pair."""
     if init is None or str(init).lower() == "none":
         return None, {"kind": "random"}
     stem = encoder_stem(init)
-    tensors, meta = checkpoint.load_pair(stem, expect_format="pclseg-encoder")
+    if Path(init).is_dir() and (stem.parent / f"{UNET}.json").is_file():
+        stem = stem.parent / UNET
+    tensors, meta = checkpoint.load_pair(stem)
+    kind = PRETRAINED_KINDS.get(meta.get("format"))
+    if kind is None:
+        raise PCLSegError(
+            f"{stem}.json: holds {meta.get('format')!r}, not a pretrained encoder or U-Net; "
+            "pass a pretraining run folder"
+        )
     return tensors, {
-        "kind": "encoder",
+        "kind": kind,
         "path": str(stem.parent),
         "method": meta.get("method", {}).get("name"),
         "epoch": meta.get("epoch"),
@@ -164,7 +177,8 @@ def init_source(init: Path | str | None) -> tuple[dict[str, torch.Tensor] | None
 def build_model(
     cfg: FinetuneConfig, encoder: dict[str, torch.Tensor] | None, where: str = "encoder"
 ) -> UNet:
-    """A U-Net for ``cfg.model``, its encoder loaded strictly from ``encoder`` when given.
+    """A U-Net for ``cfg.model``, its encoder (and decoder levels, when ``encoder`` is a whole
+    pretrained U-Net from :func:`init_source`) loaded strictly from ``encoder`` when given.
 
     The prior channels start with zero weights, from an encoder pretrained on the image alone
     and from random init: the network starts as if it had no prior and learns how far to trust
@@ -176,7 +190,7 @@ def build_model(
         unet.encoder.levels[0].conv_0.conv.weight[:, 1:] = 0
     if encoder is not None:
         try:
-            load_encoder(unet, widen_input(encoder, cfg.model.in_channels))
+            load_pretrained(unet, encoder, cfg.model.in_channels)
         except PCLSegError as exc:
             raise PCLSegError(f"{where}: {exc}") from exc
     return unet

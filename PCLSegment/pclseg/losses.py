@@ -1,7 +1,9 @@
-"""Contrastive losses: supervised-contrastive (SupCon) and the three methods built on it.
+"""Contrastive losses: supervised-contrastive (SupCon) and the three methods built on it, and
+the local loss of the dense (decoder) stage.
 
 All three methods (PCL, SimCLR, GCL) are the same loss with a different positive mask; see
-:mod:`pclseg.positions` for the rules that build the masks.
+:mod:`pclseg.positions` for the rules that build the masks. :class:`LocalContrastiveLoss`
+contrasts regions of one slice's feature maps (:mod:`pclseg.dense`).
 """
 
 from __future__ import annotations
@@ -90,48 +92,74 @@ class SupConLoss(nn.Module):
 class ContrastiveLoss(nn.Module):
     """A SupCon loss whose positive mask comes from slice positions; subclasses give the rule.
 
-    Shapes: ``forward(z1 (B, D), z2 (B, D), positions (B,)) -> scalar``.
+    Shapes: ``forward(z1 (B, D), z2 (B, D), positions (B,), units (B,) or None) -> scalar``;
+    ``units`` is the length of one slice (or millimetre) in each slice's relative positions,
+    for rules that scale with the volume (:func:`pclseg.positions.pair_thresholds`).
     """
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
         self.supcon = SupConLoss(temperature)
 
-    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+    def positive_mask(
+        self, positions: torch.Tensor, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(B, B)`` bool: which slices of the batch are positives of each other."""
         raise NotImplementedError
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if positions.shape != z1.shape[:1]:
-            raise ValueError(
-                f"positions must have shape ({z1.shape[0]},), got {tuple(positions.shape)}"
-            )
-        return self.supcon(z1, z2, self.positive_mask(positions.to(z1.device)))
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        positions: torch.Tensor,
+        units: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        for name, values in (("positions", positions), ("units", units)):
+            if values is not None and values.shape != z1.shape[:1]:
+                raise ValueError(
+                    f"{name} must have shape ({z1.shape[0]},), got {tuple(values.shape)}"
+                )
+        if units is not None:
+            units = units.to(z1.device)
+        return self.supcon(z1, z2, self.positive_mask(positions.to(z1.device), units))
 
 
 class PCLLoss(ContrastiveLoss):
     """Positional contrastive loss (Zeng et al., MICCAI 2021, arXiv 2106.09157).
 
-    SupCon with positives ``|pos_a - pos_b| < threshold`` across all volumes of the batch.
+    SupCon with positives ``|pos_a - pos_b| < threshold`` across all volumes of the batch. With
+    a ``reach`` (in slices or millimetres, whatever ``units`` measure), the threshold of a pair
+    grows to ``max(threshold, reach * max(u_a, u_b))`` so that short volumes keep neighbouring
+    slices as positives (:func:`pclseg.positions.pair_thresholds`); ``forward`` then needs the
+    ``units``.
     """
 
-    def __init__(self, threshold: float = 0.1, temperature: float = 0.1) -> None:
+    def __init__(
+        self, threshold: float = 0.1, temperature: float = 0.1, reach: float | None = None
+    ) -> None:
         super().__init__(temperature)
         if not 0 < threshold <= 1:
             raise PCLSegError(f"PCL threshold must be in (0, 1], got {threshold}")
+        if reach is not None and not reach > 0:
+            raise PCLSegError(f"PCL reach must be positive, got {reach}")
         self.threshold = float(threshold)
+        self.reach = None if reach is None else float(reach)
 
-    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        return pcl_positive_mask(positions, self.threshold)
+    def positive_mask(
+        self, positions: torch.Tensor, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return pcl_positive_mask(positions, self.threshold, units, self.reach)
 
 
 class SimCLRLoss(ContrastiveLoss):
     """SimCLR's NT-Xent (Chen et al., ICML 2020): the only positive is the slice's other view.
 
-    Positions are accepted for a uniform interface and ignored.
+    Positions (and units) are accepted for a uniform interface and ignored.
     """
 
-    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+    def positive_mask(
+        self, positions: torch.Tensor, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return simclr_positive_mask(positions.shape[0], device=positions.device)
 
 
@@ -147,14 +175,68 @@ class GCLLoss(ContrastiveLoss):
             raise PCLSegError(f"GCL partitions must be at least 1, got {partitions}")
         self.partitions = int(partitions)
 
-    def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
+    def positive_mask(
+        self, positions: torch.Tensor, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return gcl_positive_mask(positions, self.partitions)
+
+
+class LocalContrastiveLoss(nn.Module):
+    """Local contrastive loss over regions of a feature map (Chaitanya et al., NeurIPS 2020,
+    ``L_l``): for the decoder, which sees pixels, not whole slices.
+
+    Each of the ``B`` slices comes as two views that differ in intensity only, so region ``r``
+    of one view covers the same pixels as region ``r`` of the other. Per slice ``b`` the ``2R``
+    region embeddings ``z = [u1_b; u2_b]`` (L2-normalised, ``(2R, D)``) give cosines over a
+    temperature, ``s_ij = z_i . z_j / t``; the positive of region ``i`` is the same region in
+    the other view, ``p(i) = (i + R) mod 2R``, and every other region of both views is a
+    negative::
+
+        L = 1/(2BR) sum_b sum_i  -log( exp(s_ip(i)) / sum_{a != i} exp(s_ia) )
+
+    which is SimCLR's NT-Xent with the regions of one slice as the batch (negatives never come
+    from other slices: another slice's region at the same place may show the same anatomy).
+
+    Shapes:
+        u1, u2: ``(B, R, D)`` region embeddings of the two views (any scale; normalised here).
+        Returns a scalar, in at least float32.
+
+    Example:
+        >>> loss = LocalContrastiveLoss(temperature=0.1)
+        >>> u = torch.randn(2, 4, 8)
+        >>> float(loss(u, u)) < float(loss(u, torch.randn(2, 4, 8)))
+        True
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+
+    def forward(self, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+        if u1.ndim != 3 or u1.shape != u2.shape:
+            raise ValueError(
+                "u1 and u2 must both have shape (B, R, D), "
+                f"got {tuple(u1.shape)} and {tuple(u2.shape)}"
+            )
+        regions = u1.shape[1]
+        if regions < 1:
+            raise ValueError("u1 and u2 need at least one region")
+        dtype = torch.promote_types(u1.dtype, torch.float32)
+        z = F.normalize(torch.cat([u1, u2], dim=1).to(dtype), dim=2)  # (B, 2R, D)
+        logits = z @ z.transpose(1, 2) / self.temperature  # (B, 2R, 2R)
+        n = 2 * regions
+        self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        log_prob = logits - torch.logsumexp(logits, dim=2, keepdim=True)
+        partner = (torch.arange(n, device=z.device) + regions) % n  # p(i)
+        index = partner.view(1, n, 1).expand(z.shape[0], n, 1)
+        return -log_prob.gather(2, index).mean()
 
 
 def make_contrastive_loss(cfg: PretrainConfig) -> ContrastiveLoss:
     """The loss of ``cfg.method`` (``pcl``, ``simclr`` or ``gcl``) with its settings."""
     if cfg.method == "pcl":
-        return PCLLoss(cfg.threshold, cfg.temperature)
+        return PCLLoss(cfg.threshold, cfg.temperature, cfg.positional_reach)
     if cfg.method == "simclr":
         return SimCLRLoss(cfg.temperature)
     if cfg.method == "gcl":

@@ -8,8 +8,10 @@ Architecture (Zeng et al., MICCAI 2021, after Chaitanya et al., 2020), with ``f`
               two conv blocks; a final 1x1 conv to the classes           (B, num_classes, H, W)
     head:     global average pool, Linear(16f, 16f), ReLU, Linear(16f, projection_dim)
 
-Only the encoder (with its bottleneck) moves from pretraining to fine-tuning; the decoder starts
-fresh. The blocks are MONAI's ``TwoConv``/``Down``/``UpCat``, which have exactly this structure.
+The paper moves only the encoder (with its bottleneck) from pretraining to fine-tuning; a run
+with a dense stage (:mod:`pclseg.dense`) also brings the decoder's levels, never the final 1x1
+classifier, whose classes pretraining cannot know (:func:`load_pretrained`). The blocks are
+MONAI's ``TwoConv``/``Down``/``UpCat``, which have exactly this structure.
 Convolutions followed by batch norm carry no bias (batch norm's shift makes it redundant).
 """
 
@@ -61,26 +63,44 @@ class UNetEncoder(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """Expanding path: the encoder's five outputs -> logits ``(B, num_classes, H, W)``."""
+    """Expanding path: the encoder's five outputs -> logits ``(B, num_classes, H, W)``.
 
-    def __init__(self, features: int = 32, num_classes: int = 2) -> None:
+    With ``num_classes=None`` there is no classifier and ``forward`` returns the last level's
+    features ``(B, f, H, W)`` (the dense pretraining stage trains the levels only).
+    """
+
+    def __init__(self, features: int = 32, num_classes: int | None = 2) -> None:
         super().__init__()
         channels = level_channels(features)
+        #: Output channels of the levels, from the bottleneck up: ``[8f, 4f, 2f, f]``.
+        self.channels = channels[-2::-1]
         # From the bottleneck up: upsample c_in -> c_in / 2, concat the skip (c_skip), convs.
         self.ups = nn.ModuleList(
             UpCat(2, c_in, c_skip, c_skip, ACTIVATION, NORM, False, upsample="deconv")
             for c_in, c_skip in zip(channels[:0:-1], channels[-2::-1], strict=True)
         )
-        self.classifier = nn.Conv2d(channels[0], num_classes, kernel_size=1)
+        self.classifier = (
+            nn.Conv2d(channels[0], num_classes, kernel_size=1) if num_classes else None
+        )
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def levels(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each level's output, from the bottleneck up: ``(B, 8f, H/8, W/8)``, ...,
+        ``(B, f, H, W)``."""
         *skips, x = features
+        outputs = []
         for up, skip in zip(self.ups, reversed(skips), strict=True):
             x = up(x, skip)
-        return self.classifier(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = self.levels(features)[-1]
+        return x if self.classifier is None else self.classifier(x)
 
 
-def _check_input(x: torch.Tensor) -> None:
+def check_input(x: torch.Tensor) -> None:
+    """Refuse what the four 2x2 max-pools cannot take: not ``(B, C, H, W)``, or a side that is
+    not a multiple of 16."""
     if x.ndim != 4 or x.shape[-1] % SIZE_MULTIPLE or x.shape[-2] % SIZE_MULTIPLE:
         raise ValueError(
             f"input must be (B, C, H, W) with H and W multiples of {SIZE_MULTIPLE}, "
@@ -101,7 +121,7 @@ class UNet(nn.Module):
         self.decoder = UNetDecoder(cfg.features, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x)
+        check_input(x)
         return self.decoder(self.encoder(x))
 
 
@@ -136,7 +156,7 @@ class ContrastiveNet(nn.Module):
         self.head = ProjectionHead(bottleneck, bottleneck, cfg.projection_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x)
+        check_input(x)
         return self.head(self.encoder(x)[-1])
 
 
@@ -213,17 +233,9 @@ def widen_input(state: Mapping[str, torch.Tensor], in_channels: int) -> dict[str
     return {**state, FIRST_CONV: torch.cat([weight, extra], dim=1)}
 
 
-def load_encoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load encoder weights into ``model.encoder`` strictly.
-
-    Every key the encoder has must be present, none may be extra, and every shape must match;
-    otherwise a :class:`PCLSegError` names the offending keys (an encoder pretrained with other
-    ``features`` or ``in_channels`` is the usual cause). DDP/compile prefixes in ``state`` are
-    ignored.
-    """
-    encoder = _find_encoder(model)
-    state = {strip_wrapper_prefixes(name): tensor for name, tensor in state.items()}
-    expected = encoder.state_dict()
+def _problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps ``state`` from loading strictly where ``expected`` is: missing, unexpected and
+    mismatched keys (empty when it fits)."""
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
     problems = []
@@ -242,6 +254,20 @@ def load_encoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             f"shape mismatch in {_list_names(mismatched)} "
             f"({name}: {tuple(state[name].shape)} vs {tuple(expected[name].shape)})"
         )
+    return problems
+
+
+def load_encoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load encoder weights into ``model.encoder`` strictly.
+
+    Every key the encoder has must be present, none may be extra, and every shape must match;
+    otherwise a :class:`PCLSegError` names the offending keys (an encoder pretrained with other
+    ``features`` or ``in_channels`` is the usual cause). DDP/compile prefixes in ``state`` are
+    ignored.
+    """
+    encoder = _find_encoder(model)
+    state = {strip_wrapper_prefixes(name): tensor for name, tensor in state.items()}
+    problems = _problems(encoder.state_dict(), state)
     if problems:
         raise PCLSegError(
             "pretrained encoder does not fit this network ("
@@ -249,3 +275,89 @@ def load_encoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             + "); pretrain again with the same features and input channels"
         )
     encoder.load_state_dict(state, strict=True)
+
+
+# --- the decoder, and the whole pretrained U-Net ----------------------------------------------
+
+#: Key prefixes of a pretrained U-Net's state (``unet.safetensors``, :func:`pretrained_state_dict`).
+ENCODER_PREFIX, DECODER_PREFIX = "encoder.", "decoder."
+#: The decoder's final 1x1 convolution: its classes are the user's, so it is never pretrained.
+CLASSIFIER_PREFIX = "classifier."
+
+
+def _find_decoder(module: nn.Module) -> UNetDecoder:
+    module = _unwrap(module)
+    inner = getattr(module, "decoder", None)
+    if not isinstance(module, UNetDecoder) and isinstance(inner, nn.Module):
+        module = _unwrap(inner)
+    if not isinstance(module, UNetDecoder):
+        raise TypeError(f"expected a network with a UNetDecoder, got {type(module).__name__}")
+    return module
+
+
+def decoder_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the decoder's levels (weights and batch-norm statistics), keys relative to
+    the decoder, the classifier left out; ``module`` as for :func:`encoder_state_dict`."""
+    state = _find_decoder(module).state_dict()
+    return {
+        strip_wrapper_prefixes(name): tensor.detach().to("cpu", copy=True)
+        for name, tensor in state.items()
+        if not strip_wrapper_prefixes(name).startswith(CLASSIFIER_PREFIX)
+    }
+
+
+def pretrained_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Encoder and decoder levels of ``module`` in one state, keys ``encoder.*`` and
+    ``decoder.*`` (the classifier left out): what fine-tuning loads to start from a whole
+    pretrained U-Net."""
+    return {f"{ENCODER_PREFIX}{k}": v for k, v in encoder_state_dict(module).items()} | {
+        f"{DECODER_PREFIX}{k}": v for k, v in decoder_state_dict(module).items()
+    }
+
+
+def load_decoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load pretrained decoder levels into ``model.decoder`` strictly, the classifier excepted
+    (it keeps its own initialisation). Errors as :func:`load_encoder`'s."""
+    decoder = _find_decoder(model)
+    state = {strip_wrapper_prefixes(name): tensor for name, tensor in state.items()}
+    expected = {
+        name: tensor
+        for name, tensor in decoder.state_dict().items()
+        if not name.startswith(CLASSIFIER_PREFIX)
+    }
+    problems = _problems(expected, state)
+    if problems:
+        raise PCLSegError(
+            "pretrained decoder does not fit this network ("
+            + "; ".join(problems)
+            + "); pretrain again with the same features"
+        )
+    decoder.load_state_dict(state, strict=False)
+
+
+def load_pretrained(
+    model: nn.Module, state: Mapping[str, torch.Tensor], in_channels: int | None = None
+) -> bool:
+    """Load what pretraining gives: an encoder alone (``encoder.safetensors``, keys relative to
+    the encoder) or a whole U-Net (``unet.safetensors``, :func:`pretrained_state_dict`).
+
+    The encoder is widened to ``in_channels`` first (:func:`widen_input`); the decoder does not
+    depend on the input channels. Returns whether a decoder was loaded.
+    """
+    state = {strip_wrapper_prefixes(name): tensor for name, tensor in state.items()}
+    decoder: dict[str, torch.Tensor] | None = None
+    if any(name.startswith(DECODER_PREFIX) for name in state):
+        other = {n for n in state if not n.startswith((ENCODER_PREFIX, DECODER_PREFIX))}
+        if other:
+            raise PCLSegError(
+                f"pretrained network holds keys of neither encoder nor decoder: "
+                f"{_list_names(other)}"
+            )
+        decoder = {n[len(DECODER_PREFIX) :]: t for n, t in state.items()
+                   if n.startswith(DECODER_PREFIX)}
+        state = {n[len(ENCODER_PREFIX) :]: t for n, t in state.items()
+                 if n.startswith(ENCODER_PREFIX)}
+    load_encoder(model, widen_input(state, in_channels) if in_channels else state)
+    if decoder is not None:
+        load_decoder(model, decoder)
+    return decoder is not None

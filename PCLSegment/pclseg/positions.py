@@ -9,6 +9,12 @@ Learning for Volumetric Medical Image Segmentation", MICCAI 2021):
 
 - **PCL**: slices ``a`` and ``b`` (from any volumes) are positives when
   ``|pos_a - pos_b| < threshold`` (strict; 0.1 for CT and 0.35 for cardiac MRI in the paper).
+  A fixed fraction means one thing for a 100-slice CT and another for a 10-slice cardiac MRI
+  (there 0.1 leaves only slices at the same index as positives), so the threshold may grow with
+  the volume: with a *reach* ``r`` in *units* (slices or millimetres) and ``u_a`` the length of
+  one unit in ``a``'s relative positions (``1 / N_a`` per slice, ``1 / (N_a * spacing_a)`` per
+  mm), the pair's threshold is ``max(threshold, r * max(u_a, u_b))``: slices of the coarser of
+  the two volumes that are fewer than ``r`` units apart are positives.
 - **SimCLR** (Chen et al., 2020): only a slice itself (its other augmented view) is positive.
 - **GCL** (Chaitanya et al., NeurIPS 2020): each volume is cut into ``S`` equal partitions along
   the axis; slices in the same partition index (of any volume) are positives.
@@ -48,22 +54,72 @@ def _as_float(positions: torch.Tensor) -> torch.Tensor:
     return positions.detach().to(torch.promote_types(positions.dtype, torch.float32))
 
 
-def pcl_positive_mask(positions: torch.Tensor, threshold: float) -> torch.Tensor:
-    """PCL positives: ``mask[a, b] = |pos_a - pos_b| < threshold``, across volumes.
+def _check_threshold(threshold: float) -> None:
+    if not 0 < threshold <= 1:
+        raise PCLSegError(f"PCL threshold must be in (0, 1], got {threshold}")
+
+
+def _check_reach(reach: float) -> None:
+    if not reach > 0:
+        raise PCLSegError(f"PCL reach must be positive, got {reach}")
+
+
+def pair_thresholds(
+    units: torch.Tensor, threshold: float, reach: float
+) -> torch.Tensor:
+    """Each pair's PCL threshold when it follows the volumes: ``max(threshold, r * max(u_a, u_b))``.
+
+    Args:
+        units: ``(B,)`` length of one unit (a slice, a millimetre) in each slice's relative
+            positions, ``u = 1 / N`` or ``1 / (N * slice spacing)`` for a volume of ``N`` slices.
+        threshold: the fixed threshold, the least any pair gets, in ``(0, 1]``.
+        reach: ``r``, in units: slices fewer than ``r`` units apart (in the coarser volume of
+            the pair) are positives.
+
+    Returns:
+        ``(B, B)`` float thresholds, symmetric.
+    """
+    _check_positions(units)
+    _check_threshold(threshold)
+    _check_reach(reach)
+    u = _as_float(units)
+    coarser = torch.maximum(u[:, None], u[None, :])
+    return (reach * coarser).clamp_min(threshold)
+
+
+def pcl_positive_mask(
+    positions: torch.Tensor,
+    threshold: float,
+    units: torch.Tensor | None = None,
+    reach: float | None = None,
+) -> torch.Tensor:
+    """PCL positives: ``mask[a, b] = |pos_a - pos_b| < t_ab``, across volumes.
+
+    ``t_ab`` is ``threshold`` (the paper), or with ``units`` and ``reach`` the pair's
+    :func:`pair_thresholds`, ``max(threshold, reach * max(u_a, u_b))``.
 
     Args:
         positions: ``(B,)`` slice positions in ``(0, 1]``.
         threshold: the positional distance below which two slices are positives, in ``(0, 1]``.
+        units: ``(B,)`` length of one slice (or millimetre) in each slice's relative positions.
+        reach: how many units apart positives may be; ``None`` keeps the fixed threshold.
 
     Returns:
-        ``(B, B)`` bool mask; a distance of exactly ``threshold`` is *not* positive.
+        ``(B, B)`` bool mask; a distance of exactly the threshold is *not* positive.
     """
     _check_positions(positions)
-    if not 0 < threshold <= 1:
-        raise PCLSegError(f"PCL threshold must be in (0, 1], got {threshold}")
+    _check_threshold(threshold)
     pos = _as_float(positions)
     distance = (pos[:, None] - pos[None, :]).abs()
-    return distance < threshold - POSITION_TOLERANCE
+    if reach is None:
+        return distance < threshold - POSITION_TOLERANCE
+    if units is None or units.shape != positions.shape:
+        raise ValueError(
+            f"units must have shape {tuple(positions.shape)} with a reach, got "
+            f"{None if units is None else tuple(units.shape)}"
+        )
+    limit = pair_thresholds(units.to(pos.device), threshold, reach)
+    return distance < limit - POSITION_TOLERANCE
 
 
 def simclr_positive_mask(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:

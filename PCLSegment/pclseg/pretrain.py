@@ -1,26 +1,26 @@
-"""Contrastive pretraining of the U-Net encoder on a folder of unlabeled volumes.
+"""Contrastive pretraining of the U-Net on a folder of unlabeled volumes.
 
 One loop, read top to bottom: prepare the slices once (:mod:`pclseg.cache`), draw two augmented
 views of each slice, embed them with encoder + projection head, and minimise the contrastive loss
-of the chosen method (PCL, SimCLR or GCL; :mod:`pclseg.losses`). The same code runs in one
-process or under ``torchrun`` (DistributedDataParallel; every rank gathers the embeddings of all
+of the chosen method (PCL, SimCLR or GCL; :mod:`pclseg.losses`). With ``decoder_epochs`` the same
+loop runs a second, dense stage that pretrains the decoder too (:mod:`pclseg.pretrain_stages`,
+:mod:`pclseg.dense`). The same code runs in one process or under ``torchrun``
+(DistributedDataParallel; in the contrastive stage every rank gathers the embeddings of all
 ranks so the loss sees the global batch, exactly as on one device).
 
 A run folder holds the encoder (``encoder.safetensors`` + ``encoder.json``, what fine-tuning
-loads), the full training state (``checkpoint.*``, for ``--resume``), the prepared slices
-(``cache/``) and the event log (``log.jsonl``). The state is written atomically after every
-epoch and when SIGINT or SIGTERM arrives, so a killed run loses at most one epoch and a stopped
-one loses nothing.
+loads), after a dense stage the whole U-Net but its classifier (``unet.*``, what fine-tuning
+then loads instead), the full training state (``checkpoint.*``, for ``--resume``, with the
+stage it belongs to), the prepared slices (``cache/``) and the event log (``log.jsonl``). The
+state is written atomically after every epoch and when SIGINT or SIGTERM arrives, so a killed
+run loses at most one epoch and a stopped one loses nothing. Epochs count across the stages.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,28 +28,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import checkpoint
-from .augment import FLIP_PARAMS, NO_FLIP_PARAMS, TwoViewSliceDataset, pretrain_augment
 from .cache import SliceCache
 from .config import PretrainConfig, from_dict, to_dict
-from .device import (
-    autocast,
-    channels_last,
-    grad_scaler,
-    network_input,
-    precision_name,
-    resolve_device,
-)
+from .device import channels_last, grad_scaler, precision_name, resolve_device
 from .errors import PCLSegError
-from .losses import make_contrastive_loss
-from .model import ContrastiveNet, encoder_state_dict
+from .model import encoder_state_dict
+from .pretrain_stages import ENCODER, UNET, Stage, StageName, decoder_stage, encoder_stage
 from .progress import Progress
+from .run_control import Distributed, StopFlag, any_rank, finish, gather
 
-ENCODER = "encoder"
 CHECKPOINT = "checkpoint"
+#: The settings of the dense stage: taken from the caller when a resumed run adds that stage.
+DECODER_SETTINGS = ("decoder_grid", "decoder_temperature", "decoder_encoder_lr")
 
 
 @dataclass
@@ -83,76 +78,33 @@ def epoch_batches(
     return [order[s * per_step + rank : (s + 1) * per_step : world] for s in range(steps)]
 
 
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (then saves and
-    leaves), instead of dying mid-write."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    @contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
-        def handler(signum: int, _frame: Any) -> None:
-            self.signal = signum
-
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: the caller stops us another way
-            pass
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-
-@dataclass
-class _Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> _Distributed:
-        """Read torchrun's environment; a plain ``python -m pclseg`` is one process."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _gather(t: torch.Tensor, ddp: _Distributed) -> torch.Tensor:
-    """All ranks' rows of ``t``, keeping the gradient of this rank's rows."""
-    if ddp.world == 1:
-        return t
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(t), dim=0)
-
-
-def _any_rank(flag: bool, ddp: _Distributed, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any (so all ranks stop at the same step)."""
-    if ddp.world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def _load_resume_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     stem = run_dir / CHECKPOINT
     if not stem.with_suffix(".json").exists():
         raise PCLSegError(f"{run_dir}: no checkpoint to resume from (start without --resume)")
     return checkpoint.load_pair(stem, expect_format="pclseg-checkpoint")
+
+
+def resumed_config(
+    saved: PretrainConfig, asked: PretrainConfig, stage: StageName
+) -> PretrainConfig:
+    """The configuration a resumed run continues with: the run's own, except that ``epochs``
+    and ``decoder_epochs`` may be raised (to train longer, or to add a dense stage to a run
+    that had none, with the caller's dense settings) and the device is the caller's (to
+    continue on another machine).
+    """
+    if stage == "decoder" and asked.epochs > saved.epochs:
+        raise PCLSegError(
+            f"this run's contrastive stage ended after {saved.epochs} epochs and its decoder "
+            "stage has begun; raise --decoder-epochs instead of --epochs"
+        )
+    if saved.decoder_epochs == 0 and asked.decoder_epochs > 0:
+        for name in DECODER_SETTINGS:
+            setattr(saved, name, getattr(asked, name))
+    saved.epochs = max(saved.epochs, asked.epochs)
+    saved.decoder_epochs = max(saved.decoder_epochs, asked.decoder_epochs)
+    saved.device = asked.device
+    return saved
 
 
 def pretrain(
@@ -163,13 +115,14 @@ def pretrain(
     resume: bool = False,
     progress: Progress | None = None,
 ) -> PretrainResult:
-    """Pretrain an encoder on every usable volume under ``folder``; write it to ``run_dir``.
+    """Pretrain an encoder (and with ``cfg.decoder_epochs`` the decoder) on every usable volume
+    under ``folder``; write it to ``run_dir``.
 
     With ``resume`` the run continues from ``run_dir``'s last checkpoint with the configuration
-    stored there (only ``epochs`` may be raised, to train longer).
+    stored there (see :func:`resumed_config` for what the caller may still change).
     """
     run_dir = Path(run_dir)
-    ddp = _Distributed.from_env()
+    ddp = Distributed.from_env()
     if not ddp.main:
         return _pretrain(folder, run_dir, cfg, resume, progress, ddp)
     with checkpoint.exclusive(run_dir, "pretraining"):
@@ -182,21 +135,18 @@ def _pretrain(
     cfg: PretrainConfig | None,
     resume: bool,
     progress: Progress | None,
-    ddp: _Distributed,
+    ddp: Distributed,
 ) -> PretrainResult:
     progress = progress or Progress.null()
     cfg = cfg or PretrainConfig()
 
     state: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
+    saved_stage: StageName = "encoder"
     if resume:
         state, meta = _load_resume_state(run_dir)
-        # The run's own settings win; only more epochs (to train longer) and the device (to
-        # continue on another machine) come from the caller.
-        saved = from_dict(PretrainConfig, meta["config"])
-        saved.epochs = max(saved.epochs, cfg.epochs)
-        saved.device = cfg.device
-        cfg = saved
+        saved_stage = meta.get("stage", "encoder")
+        cfg = resumed_config(from_dict(PretrainConfig, meta["config"]), cfg, saved_stage)
     elif (run_dir / f"{CHECKPOINT}.json").exists():
         raise PCLSegError(
             f"{run_dir} already holds a pretraining run: pass --resume to continue it, "
@@ -223,35 +173,34 @@ def _pretrain(
             f"{folder}: {len(cache)} slices are too few for contrastive pretraining "
             f"on {ddp.world} process(es); add volumes"
         )
-    augment = pretrain_augment(
-        cfg.preprocess.size, params=FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS
-    )
-    dataset = TwoViewSliceDataset(cache.slices, cache.positions, augment, seed=cfg.seed)
 
-    # 2. Model, loss, optimiser; restored from the checkpoint when resuming.
-    model = channels_last(ContrastiveNet(cfg.model), device)
-    if ddp.world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    criterion = make_contrastive_loss(cfg)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    start_epoch, start_step = 0, 0
-    if resume:
-        model.load_state_dict(
+    # 2. The stages (:mod:`pclseg.pretrain_stages`), built one after the other: the dense stage
+    # starts from the encoder the contrastive stage ends with.
+    def place(model: nn.Module) -> nn.Module:
+        model = channels_last(model, device)
+        if ddp.world > 1 and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def stages() -> Iterator[Stage]:
+        encoder = None
+        if saved_stage == "encoder":
+            stage = encoder_stage(cfg, cache, device, place, lambda t: gather(t, ddp))
+            yield stage
+            encoder = encoder_state_dict(stage.model)
+        if cfg.decoder_epochs:
+            yield decoder_stage(cfg, cache, device, place, encoder)
+
+    def restore(stage: Stage) -> None:
+        stage.model.load_state_dict(
             {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         )
-        checkpoint.optimizer_from_tensors(optimizer, state, meta["optimizer"])
-        start_epoch, start_step = meta["epoch"], meta["step"]
-    net: torch.nn.Module = model
-    if ddp.world > 1:
-        net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    scaler = grad_scaler(device, cfg.amp)
+        checkpoint.optimizer_from_tensors(stage.optimizer, state, meta["optimizer"])
 
+    start_epoch, start_step = (meta["epoch"], meta["step"]) if resume else (0, 0)
+    scaler = grad_scaler(device, cfg.amp)
     steps_per_epoch = len(epoch_batches(len(cache), batch_size, 0, cfg.seed, 0, ddp.world))
-    total_steps = steps_per_epoch * cfg.epochs
+    all_epochs = cfg.epochs + cfg.decoder_epochs
     data_summary = {
         "volumes": len(cache.volumes),
         "slices": len(cache),
@@ -260,34 +209,36 @@ def _pretrain(
         "world_size": ddp.world,
     }
 
-    def save(epoch: int, step: int, loss: float) -> None:
-        """Encoder for fine-tuning + full state for resuming, each pair atomic."""
+    def save(stage: Stage, epoch: int, step: int, loss: float) -> None:
+        """Full state for resuming, then the stage's weights for fine-tuning, each pair atomic."""
         common = {
             "config": to_dict(cfg),
             "method": {
                 "name": cfg.method,
                 "threshold": cfg.threshold,
+                "threshold_slices": cfg.threshold_slices,
+                "threshold_mm": cfg.threshold_mm,
                 "temperature": cfg.temperature,
                 "gcl_partitions": cfg.gcl_partitions,
             },
             "data": data_summary,
+            "stage": stage.name,
             "epoch": epoch,
             "step": step,
             "loss": loss,
         }
-        opt_tensors, opt_meta = checkpoint.optimizer_to_tensors(optimizer)
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | opt_tensors
+        opt_tensors, opt_meta = checkpoint.optimizer_to_tensors(stage.optimizer)
+        tensors = {f"model.{k}": v for k, v in stage.model.state_dict().items()} | opt_tensors
         checkpoint.save_pair(
             run_dir / CHECKPOINT,
             tensors,
             {"format": "pclseg-checkpoint", "optimizer": opt_meta, **common},
         )
-        checkpoint.save_pair(
-            run_dir / ENCODER,
-            encoder_state_dict(model.encoder),
-            {"format": "pclseg-encoder", **common},
-        )
-        progress.event("checkpoint", path=run_dir / ENCODER, epoch=epoch, step=step)
+        outputs = stage.outputs()
+        for stem, (weights, kind) in outputs.items():
+            checkpoint.save_pair(run_dir / stem, weights, {"format": kind, **common})
+        progress.event("checkpoint", path=run_dir / next(iter(outputs)), epoch=epoch, step=step,
+                       stage=stage.name)
 
     if ddp.main:
         progress.event(
@@ -297,111 +248,122 @@ def _pretrain(
             precision=precision_name(device, cfg.amp),
             threads=torch.get_num_threads(),
             method=cfg.method,
-            total_steps=total_steps,
+            total_steps=steps_per_epoch * all_epochs,
             done_steps=start_epoch * steps_per_epoch + start_step,
-            epochs=cfg.epochs,
+            epochs=all_epochs,
+            decoder_epochs=cfg.decoder_epochs,
             desc=f"{cfg.method} pretraining",
             **data_summary,
         )
 
-    # 3. The loop.
-    stop = _StopFlag()
+    # 3. The loop, over the stages' epochs.
+    stop = StopFlag()
     loss_value, epoch, step = float(meta.get("loss", math.nan)), start_epoch, start_step
     run_start = time.monotonic()
     slices_seen = 0
     with stop.installed():
-        for epoch in range(start_epoch, cfg.epochs):
-            net.train()
-            batches = epoch_batches(len(cache), batch_size, epoch, cfg.seed, ddp.rank, ddp.world)
-            epoch_loss, epoch_steps = 0.0, 0
-            epoch_start = time.monotonic()
-            first = start_step if epoch == start_epoch else 0
-            dataset.set_epoch(epoch)  # augmentation is a function of (seed, epoch, slice)
-            loader = DataLoader(
-                dataset,
-                batch_sampler=batches[first:],
-                num_workers=cfg.num_workers,
-                pin_memory=device.type == "cuda",
-            )
-            for step, (view1, view2, positions) in enumerate(loader, start=first):
-                views = network_input(torch.cat([view1, view2]), device)
-                positions = positions.to(device)
-                lr = get_lr(epoch * steps_per_epoch + step, total_steps, cfg.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast(device, cfg.amp):
-                    z = net(views)
-                z1, z2 = z.float().chunk(2)
-                loss = criterion(_gather(z1, ddp), _gather(z2, ddp), _gather(positions, ddp))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise PCLSegError(
-                        f"the loss became {loss_value} at epoch {epoch + 1}; lower --lr "
-                        "or turn mixed precision off"
-                    )
-                epoch_loss += loss_value
-                epoch_steps += 1
-                slices_seen += len(batches[step]) * ddp.world
-                rate = slices_seen / max(1e-9, time.monotonic() - run_start)
-                if ddp.main:
-                    progress.event(
-                        "step",
-                        epoch=epoch + 1,
-                        epochs=cfg.epochs,
-                        step=step + 1,
-                        steps=len(batches),
-                        loss=loss_value,
-                        lr=lr,
-                        slices_per_s=rate,
-                    )
-                if _any_rank(bool(stop), ddp, device):
-                    if ddp.main:
-                        save(epoch, step + 1, loss_value)
-                        progress.event(
-                            "stopped",
-                            epoch=epoch + 1,
-                            step=step + 1,
-                            signal=stop.signal or 0,
-                            run_dir=run_dir,
-                        )
-                    _finish(ddp)
-                    return PretrainResult(run_dir, epoch, loss_value, stopped=True)
-
-            mean_loss = epoch_loss / max(1, epoch_steps)
-            if ddp.main:
-                elapsed = time.monotonic() - epoch_start
-                remaining = (cfg.epochs - epoch - 1) * elapsed
-                progress.event(
-                    "epoch",
-                    epoch=epoch + 1,
-                    epochs=cfg.epochs,
-                    loss=mean_loss,
-                    seconds=elapsed,
-                    slices_per_s=epoch_steps * batch_size * ddp.world / max(1e-9, elapsed),
-                    eta_s=remaining,
+        for stage in stages():
+            if resume and stage.name == saved_stage:
+                restore(stage)
+            net: nn.Module = stage.model
+            if ddp.world > 1:
+                net = DistributedDataParallel(
+                    stage.model, device_ids=[device.index] if device.type == "cuda" else None
                 )
-                save(epoch + 1, 0, mean_loss)
-            loss_value = mean_loss
+            stage_steps = steps_per_epoch * (stage.end - stage.start)
+            if ddp.main and stage.name == "decoder" and start_epoch < stage.end:
+                frozen = "frozen" if cfg.decoder_encoder_lr == 0 else \
+                    f"at {cfg.decoder_encoder_lr:g} x lr"
+                progress.message(
+                    f"decoder stage: {cfg.decoder_epochs} epoch(s) of local contrastive "
+                    f"pretraining, encoder {frozen}"
+                )
+            for epoch in range(max(start_epoch, stage.start), stage.end):
+                net.train()
+                batches = epoch_batches(len(cache), batch_size, epoch, cfg.seed, ddp.rank,
+                                        ddp.world)
+                epoch_loss, epoch_steps = 0.0, 0
+                epoch_start = time.monotonic()
+                first = start_step if epoch == start_epoch else 0
+                stage.dataset.set_epoch(epoch)  # augmentation is a function of (seed, epoch, slice)
+                loader = DataLoader(
+                    stage.dataset,
+                    batch_sampler=batches[first:],
+                    num_workers=cfg.num_workers,
+                    pin_memory=device.type == "cuda",
+                )
+                for step, batch in enumerate(loader, start=first):
+                    lr = get_lr((epoch - stage.start) * steps_per_epoch + step, stage_steps, cfg.lr)
+                    for group in stage.optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                    loss = stage.loss(net, batch)
+                    stage.optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(stage.optimizer)
+                    scaler.update()
+
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise PCLSegError(
+                            f"the loss became {loss_value} at epoch {epoch + 1}; lower --lr "
+                            "or turn mixed precision off"
+                        )
+                    epoch_loss += loss_value
+                    epoch_steps += 1
+                    slices_seen += len(batches[step]) * ddp.world
+                    rate = slices_seen / max(1e-9, time.monotonic() - run_start)
+                    if ddp.main:
+                        progress.event(
+                            "step",
+                            epoch=epoch + 1,
+                            epochs=all_epochs,
+                            step=step + 1,
+                            steps=len(batches),
+                            loss=loss_value,
+                            lr=lr,
+                            slices_per_s=rate,
+                            stage=stage.name,
+                        )
+                    if any_rank(bool(stop), ddp, device):
+                        if ddp.main:
+                            save(stage, epoch, step + 1, loss_value)
+                            progress.event(
+                                "stopped",
+                                epoch=epoch + 1,
+                                step=step + 1,
+                                signal=stop.signal or 0,
+                                run_dir=run_dir,
+                            )
+                        finish(ddp)
+                        return PretrainResult(run_dir, epoch, loss_value, stopped=True)
+
+                mean_loss = epoch_loss / max(1, epoch_steps)
+                if ddp.main:
+                    elapsed = time.monotonic() - epoch_start
+                    progress.event(
+                        "epoch",
+                        epoch=epoch + 1,
+                        epochs=all_epochs,
+                        loss=mean_loss,
+                        seconds=elapsed,
+                        slices_per_s=epoch_steps * batch_size * ddp.world / max(1e-9, elapsed),
+                        eta_s=(all_epochs - epoch - 1) * elapsed,
+                        stage=stage.name,
+                    )
+                    save(stage, epoch + 1, 0, mean_loss)
+                loss_value = mean_loss
 
     if ddp.main:
+        weights = {"encoder": run_dir / f"{ENCODER}.safetensors"}
+        if cfg.decoder_epochs:
+            weights["unet"] = run_dir / f"{UNET}.safetensors"
         progress.event(
             "done",
             run_dir=run_dir,
-            encoder=run_dir / f"{ENCODER}.safetensors",
-            epochs=cfg.epochs,
+            epochs=all_epochs,
             loss=loss_value,
             seconds=time.monotonic() - run_start,
+            **weights,
         )
-    _finish(ddp)
-    return PretrainResult(run_dir, cfg.epochs, loss_value, stopped=False)
-
-
-def _finish(ddp: _Distributed) -> None:
-    if ddp.world > 1 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(ddp)
+    return PretrainResult(run_dir, all_epochs, loss_value, stopped=False)

@@ -1,0 +1,171 @@
+"""The dense stage of pretraining: the decoder learns from unlabeled slices too.
+
+The paper pretrains the encoder only; with two to eight annotated slices a randomly initialised
+decoder is most of what fine-tuning must learn. After the contrastive (encoder) stage, a second
+stage trains the decoder's levels with the local contrastive loss of Chaitanya et al. (NeurIPS
+2020; :class:`~pclseg.losses.LocalContrastiveLoss`):
+
+- **Views.** A slice gets one random spatial transform (the pretraining augmentation), then two
+  independent random intensity transforms (contrast, bias field, scale, shift, noise): the two
+  views differ in intensity only, so a pixel is at the same place in both
+  (:class:`AlignedViewsDataset`).
+- **Regions.** Each decoder level's output is average-pooled into a ``K x K`` grid of cells
+  (fewer where the map is smaller) and each cell is projected by a small head, two 1x1
+  convolutions (:class:`LocalProjectionHead`). A cell's positive is the same cell of the other
+  view; the other cells of both views are its negatives.
+- **Levels.** The loss is the mean over the four decoder levels, so every level gets a signal of
+  its own rather than only through the levels above it.
+- **Encoder.** Frozen (weights and batch-norm statistics) by default, or trained at a fraction
+  of the learning rate.
+
+The final 1x1 classifier is not part of this network: the classes are the user's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureType,
+    RandAdjustContrast,
+    RandBiasField,
+    RandGaussianNoise,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from .config import ModelConfig
+from .errors import PCLSegError
+from .model import UNetDecoder, UNetEncoder, check_input
+
+#: Output size of the local projection head (Chaitanya et al. project to 128 as well).
+LOCAL_PROJECTION_DIM = 128
+
+
+def _check_grid(grid: int) -> int:
+    if grid < 1:
+        raise PCLSegError(f"the decoder stage's grid must be at least 1 cell a side, got {grid}")
+    return int(grid)
+
+
+def region_grid(grid: int, height: int, width: int) -> tuple[int, int]:
+    """Cells per side for a ``height x width`` map: ``grid``, or fewer on a smaller map (a cell
+    never averages less than one pixel, so no two cells are copies of one pixel)."""
+    return min(grid, height), min(grid, width)
+
+
+class LocalProjectionHead(nn.Module):
+    """Regions of a feature map as embeddings: ``(B, C, h, w)`` -> ``(B, R, out_dim)``.
+
+    Average-pools the map into ``R = gh x gw`` cells (:func:`region_grid`, row-major), then
+    projects each cell with Conv1x1(C, C), ReLU, Conv1x1(C, out_dim).
+    """
+
+    def __init__(self, in_channels: int, grid: int, out_dim: int = LOCAL_PROJECTION_DIM) -> None:
+        super().__init__()
+        self.grid = _check_grid(grid)
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_dim, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cells = F.adaptive_avg_pool2d(x, region_grid(self.grid, *x.shape[-2:]))
+        return self.layers(cells).flatten(2).transpose(1, 2)  # (B, R, out_dim)
+
+
+class DenseContrastiveNet(nn.Module):
+    """Encoder + decoder levels + one local head per level, for the dense stage.
+
+    ``(B, C, H, W)`` -> four ``(B, R_l, LOCAL_PROJECTION_DIM)`` region embeddings, from the
+    bottleneck up. With ``freeze_encoder`` the encoder runs without gradients and stays in eval
+    mode (its batch-norm statistics are those of the contrastive stage) even under
+    ``train()``. Parameter names match :class:`~pclseg.model.UNet`'s (``encoder.*``,
+    ``decoder.ups.*``), so its state transfers by name.
+    """
+
+    def __init__(self, cfg: ModelConfig, grid: int = 8, freeze_encoder: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = UNetEncoder(cfg.in_channels, cfg.features)
+        self.decoder = UNetDecoder(cfg.features, num_classes=None)
+        self.heads = nn.ModuleList(LocalProjectionHead(c, grid) for c in self.decoder.channels)
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> DenseContrastiveNet:
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        check_input(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            features = self.encoder(x)
+        levels = self.decoder.levels(features)
+        return [head(level) for head, level in zip(self.heads, levels, strict=True)]
+
+
+def view_intensity_augment(seed: int = 0) -> Compose:
+    """A random intensity transform of one slice ``(C, H, W)``, geometry untouched: gamma,
+    bias field, scale, shift and noise, each likely enough that two draws rarely agree."""
+    compose = Compose([
+        RandAdjustContrast(prob=0.8, gamma=(0.7, 1.5)),
+        RandBiasField(prob=0.5, coeff_range=(0.0, 0.2)),
+        RandScaleIntensity(factors=0.2, prob=0.8),
+        RandShiftIntensity(offsets=0.2, prob=0.8),
+        RandGaussianNoise(prob=0.5, std=0.05),
+        EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
+    ])
+    compose.set_random_state(seed=seed)
+    return compose
+
+
+class AlignedViewsDataset(Dataset):
+    """Slices as two views that differ in intensity only: ``dataset[i]`` is
+    ``(view1 (1, H, W), view2 (1, H, W))``, float32.
+
+    One ``spatial`` draw per item, then two ``intensity`` draws, all seeded from
+    ``(seed, epoch, i)`` as in :class:`~pclseg.augment.TwoViewSliceDataset`, so a resumed run
+    and any number of DataLoader workers see the same views. Call :meth:`set_epoch` each epoch.
+    """
+
+    def __init__(
+        self,
+        slices: np.ndarray,
+        spatial: Callable[[torch.Tensor], torch.Tensor],
+        intensity: Callable[[torch.Tensor], torch.Tensor],
+        seed: int = 0,
+    ) -> None:
+        if slices.ndim != 3:
+            raise ValueError(f"slices must have shape (N, H, W), got {tuple(slices.shape)}")
+        self.slices = slices
+        self.spatial = spatial
+        self.intensity = intensity
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's augmentations (call once per epoch, before iterating)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.slices.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seeds = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
+        for transform, seed in ((self.spatial, seeds[0]), (self.intensity, seeds[1])):
+            transform.set_random_state(seed=int(seed))  # type: ignore[attr-defined]
+        image = torch.from_numpy(np.asarray(self.slices[index], dtype=np.float32)[None].copy())
+        placed = self.spatial(image)
+        return self.intensity(placed), self.intensity(placed)

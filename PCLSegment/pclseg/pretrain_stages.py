@@ -1,0 +1,158 @@
+"""The two stages of a pretraining run, each as what trains, on which views, under which loss,
+and what it leaves in the run folder; :mod:`pclseg.pretrain` runs them in one loop.
+
+1. **Contrastive** (``"encoder"``, the paper): encoder + projection head, two spatially
+   augmented views per slice, the method's SupCon loss over the gathered global batch. Leaves
+   ``encoder.*``.
+2. **Dense** (``"decoder"``, with ``decoder_epochs``): encoder + decoder levels + local heads
+   (:class:`~pclseg.dense.DenseContrastiveNet`), two views that differ in intensity only, the
+   local contrastive loss averaged over the decoder levels (per slice, so nothing is gathered
+   across processes). Leaves ``unet.*`` (encoder and decoder levels in one pair, so they always
+   come from one save) and ``encoder.*``.
+
+Epochs count across stages: the contrastive stage covers epochs ``[0, epochs)``, the dense
+stage ``[epochs, epochs + decoder_epochs)``; each has its own cosine schedule and optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .augment import FLIP_PARAMS, NO_FLIP_PARAMS, TwoViewSliceDataset, pretrain_augment
+from .cache import SliceCache
+from .config import PretrainConfig
+from .dense import AlignedViewsDataset, DenseContrastiveNet, view_intensity_augment
+from .device import autocast, network_input
+from .losses import LocalContrastiveLoss, make_contrastive_loss
+from .model import ContrastiveNet, encoder_state_dict, load_encoder, pretrained_state_dict
+
+ENCODER = "encoder"
+UNET = "unet"
+ENCODER_FORMAT = "pclseg-encoder"
+UNET_FORMAT = "pclseg-unet"
+
+StageName = Literal["encoder", "decoder"]
+#: ``loss(net, batch)``: the forward pass (under autocast) and the stage's loss, a scalar.
+StageLoss = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Stage:
+    """One stage of a run, ready to train.
+
+    ``model`` is what is saved (never a DDP wrapper); ``optimizer`` holds its trainable
+    parameters, each group with an ``lr_scale`` applied to the schedule's learning rate.
+    ``outputs()`` gives the weight files the stage writes besides the checkpoint: stem ->
+    (tensors, format).
+    """
+
+    name: StageName
+    start: int
+    end: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    dataset: TwoViewSliceDataset | AlignedViewsDataset
+    loss: StageLoss
+    outputs: Callable[[], dict[str, tuple[dict[str, torch.Tensor], str]]]
+
+
+def _sgd(groups: list[dict], cfg: PretrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def _spatial_augment(cfg: PretrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    return pretrain_augment(
+        cfg.preprocess.size, params=FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS
+    )
+
+
+def encoder_stage(
+    cfg: PretrainConfig,
+    cache: SliceCache,
+    device: torch.device,
+    place: Callable[[nn.Module], nn.Module],
+    gather: Gather,
+) -> Stage:
+    """The paper's contrastive stage. ``place`` moves a new model to the device (layout, sync
+    batch norm); ``gather`` collects a tensor's rows from every process."""
+    dataset = TwoViewSliceDataset(
+        cache.slices, cache.positions, _spatial_augment(cfg), seed=cfg.seed,
+        units=cache.slice_units(cfg.position_unit),
+    )
+    model = place(ContrastiveNet(cfg.model))
+    criterion = make_contrastive_loss(cfg)
+
+    def loss(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        view1, view2, positions, units = batch
+        views = network_input(torch.cat([view1, view2]), device)
+        with autocast(device, cfg.amp):
+            z = net(views)
+        z1, z2 = z.float().chunk(2)
+        positions, units = positions.to(device), units.to(device)
+        return criterion(gather(z1), gather(z2), gather(positions), gather(units))
+
+    return Stage(
+        name="encoder",
+        start=0,
+        end=cfg.epochs,
+        model=model,
+        optimizer=_sgd([{"params": list(model.parameters()), "lr_scale": 1.0}], cfg),
+        dataset=dataset,
+        loss=loss,
+        outputs=lambda: {ENCODER: (encoder_state_dict(model), ENCODER_FORMAT)},
+    )
+
+
+def decoder_stage(
+    cfg: PretrainConfig,
+    cache: SliceCache,
+    device: torch.device,
+    place: Callable[[nn.Module], nn.Module],
+    encoder: Mapping[str, torch.Tensor] | None,
+) -> Stage:
+    """The dense stage, its encoder loaded from ``encoder`` (the contrastive stage's; ``None``
+    when a checkpoint of this stage will be restored over it)."""
+    dataset = AlignedViewsDataset(
+        cache.slices, _spatial_augment(cfg), view_intensity_augment(), seed=cfg.seed
+    )
+    frozen = cfg.decoder_encoder_lr == 0
+    torch.manual_seed(cfg.seed)  # the same decoder whether the run was resumed or not
+    net = DenseContrastiveNet(cfg.model, cfg.decoder_grid, freeze_encoder=frozen)
+    if encoder is not None:
+        load_encoder(net, encoder)
+    model = place(net)
+    rest = [p for name, p in model.named_parameters() if not name.startswith("encoder.")]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if not frozen:
+        encoder_params = list(model.encoder.parameters())  # type: ignore[union-attr]
+        groups.append({"params": encoder_params, "lr_scale": cfg.decoder_encoder_lr})
+    criterion = LocalContrastiveLoss(cfg.decoder_temperature)
+
+    def loss(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        view1, view2 = batch
+        views = network_input(torch.cat([view1, view2]), device)
+        with autocast(device, cfg.amp):
+            levels = net(views)
+        return torch.stack([criterion(*u.float().chunk(2)) for u in levels]).mean()
+
+    return Stage(
+        name="decoder",
+        start=cfg.epochs,
+        end=cfg.epochs + cfg.decoder_epochs,
+        model=model,
+        optimizer=_sgd(groups, cfg),
+        dataset=dataset,
+        loss=loss,
+        outputs=lambda: {
+            UNET: (pretrained_state_dict(model), UNET_FORMAT),
+            ENCODER: (encoder_state_dict(model), ENCODER_FORMAT),
+        },
+    )

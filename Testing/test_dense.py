@@ -1,0 +1,155 @@
+"""The dense stage's pieces: region heads, the network with its frozen encoder, aligned views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pclseg.augment import pretrain_augment
+from pclseg.config import ModelConfig
+from pclseg.dense import (
+    LOCAL_PROJECTION_DIM,
+    AlignedViewsDataset,
+    DenseContrastiveNet,
+    LocalProjectionHead,
+    region_grid,
+    view_intensity_augment,
+)
+from pclseg.errors import PCLSegError
+from pclseg.losses import LocalContrastiveLoss
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def a_config() -> ModelConfig:
+    return ModelConfig(features=4)
+
+
+@pytest.fixture
+def slices() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(-1, 1, SIZE, dtype=np.float32)
+    return (ramp[None, :, None] + 0.1 * rng.normal(size=(6, SIZE, SIZE))).astype(np.float32)
+
+
+def test_region_grid_never_exceeds_the_map() -> None:
+    assert region_grid(8, 32, 32) == (8, 8)
+    assert region_grid(8, 4, 6) == (4, 6)
+    with pytest.raises(PCLSegError, match="grid"):
+        LocalProjectionHead(4, grid=0)
+
+
+def test_projection_head_gives_one_embedding_per_cell() -> None:
+    head = LocalProjectionHead(6, grid=4, out_dim=10)
+    x = torch.randn(2, 6, 16, 16)
+    regions = head(x)
+    assert regions.shape == (2, 16, 10)
+    # Cell (row 1, col 2) is the mean of its 4 x 4 pixels, projected: row-major order.
+    cell = x[:, :, 4:8, 8:12].mean(dim=(2, 3))[:, :, None, None]
+    torch.testing.assert_close(regions[:, 1 * 4 + 2], head.layers(cell)[:, :, 0, 0])
+    assert head(torch.randn(2, 6, 2, 2)).shape == (2, 4, 10)  # a small map: fewer cells
+
+
+def test_dense_net_gives_regions_at_every_decoder_level(a_config: ModelConfig) -> None:
+    net = DenseContrastiveNet(a_config, grid=8)
+    regions = net(torch.randn(3, 1, SIZE, SIZE))
+    # Levels of 4, 8, 16 and 32 pixels a side: 4 x 4 cells, then 8 x 8.
+    assert [tuple(r.shape) for r in regions] == [
+        (3, 16, LOCAL_PROJECTION_DIM), *[(3, 64, LOCAL_PROJECTION_DIM)] * 3
+    ]
+    assert not [k for k in net.state_dict() if "classifier" in k]
+
+
+def one_step(net: DenseContrastiveNet) -> None:
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    net.train()
+    views = torch.randn(4, 1, SIZE, SIZE)
+    loss = torch.stack([LocalContrastiveLoss()(*u.chunk(2)) for u in net(views)]).mean()
+    loss.backward()
+    optimizer.step()
+
+
+def test_a_frozen_encoder_keeps_weights_and_statistics(a_config: ModelConfig) -> None:
+    torch.manual_seed(0)
+    net = DenseContrastiveNet(a_config, freeze_encoder=True)
+    encoder = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in net.decoder.state_dict().items()}
+    one_step(net)
+    assert not net.encoder.training and net.decoder.training
+    assert all(torch.equal(v, net.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert not all(torch.equal(v, net.decoder.state_dict()[k]) for k, v in decoder.items())
+    assert not any(p.requires_grad for p in net.encoder.parameters())
+
+
+def test_an_unfrozen_encoder_learns_too(a_config: ModelConfig) -> None:
+    torch.manual_seed(0)
+    net = DenseContrastiveNet(a_config, freeze_encoder=False)
+    weight = net.encoder.levels[0].conv_0.conv.weight.clone()
+    one_step(net)
+    assert net.encoder.training
+    assert not torch.equal(weight, net.encoder.levels[0].conv_0.conv.weight)
+
+
+class Counting:
+    """A seedable transform that counts its calls."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def set_random_state(self, seed: int) -> None:
+        self.inner.set_random_state(seed=seed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_aligned_views_share_one_spatial_draw(slices: np.ndarray) -> None:
+    spatial = Counting(pretrain_augment(SIZE))
+    intensity = Counting(view_intensity_augment())
+    dataset = AlignedViewsDataset(slices, spatial, intensity, seed=3)
+    view1, view2 = dataset[1]
+    assert (spatial.calls, intensity.calls) == (1, 2)
+    assert view1.shape == view2.shape == (1, SIZE, SIZE) and view1.dtype == torch.float32
+    assert not torch.equal(view1, view2)
+    # Without an intensity change the two views are the same pixels, placed by the spatial draw.
+    placed = AlignedViewsDataset(slices, pretrain_augment(SIZE), Unchanged(), seed=3)
+    pairs = [placed[i] for i in range(len(slices))]
+    assert all(torch.equal(a, b) for a, b in pairs)
+    moved = [not torch.allclose(a[0], torch.from_numpy(s))
+             for (a, _), s in zip(pairs, slices, strict=True)]
+    assert any(moved)
+
+
+class Unchanged:
+    """The identity, seedable."""
+
+    def set_random_state(self, seed: int) -> None:
+        pass
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_aligned_views_are_seeded_per_item_and_epoch(slices: np.ndarray) -> None:
+    dataset = AlignedViewsDataset(slices, pretrain_augment(SIZE), view_intensity_augment(), 5)
+    forward = [dataset[i] for i in range(6)]
+    backward = [dataset[i] for i in reversed(range(6))][::-1]
+    for a, b in zip(forward, backward, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0][0], forward[0][0])
+    single = list(DataLoader(dataset, batch_size=3, num_workers=0))
+    parallel = list(DataLoader(dataset, batch_size=3, num_workers=2))
+    for ours, theirs in zip(single, parallel, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        AlignedViewsDataset(slices[0], pretrain_augment(SIZE), view_intensity_augment())

@@ -246,7 +246,7 @@ def an_app(a_sample_folder, tmp_path_factory):
     from pclseg.app.app import PCLApp
 
     settings = AppSettings(folder=a_sample_folder, workdir=tmp_path_factory.mktemp("work"),
-                           refine_steps=30, pretrain_epochs=1, size=32, features=4, device="cpu")
+                           refine_steps=0, pretrain_epochs=1, size=32, features=4, device="cpu")
     app = PCLApp(get_server(f"test-app-{uuid.uuid4()}", client_type="vue3"), settings)
     yield app
     app.logic.close()

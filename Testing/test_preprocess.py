@@ -167,7 +167,7 @@ def test_prepare_label_matches_its_image(a_volume):
 
 def test_a_crop_is_fitted_and_put_back_in_place():
     labels = np.zeros((2, 40, 60), np.int64)
-    labels[:, 12:20, 30:44] = 3
+    labels[:, 10:20, 30:49] = 3  # touches the crop's top and right edges: nothing is cut
     geometry = plan_fit((40, 60), 32, crop=(10, 25, 16, 24))
     assert geometry.cropped_shape == (16, 24) and geometry.shape == (40, 60)
     fitted, _ = fit_slices(labels, geometry, order=0)

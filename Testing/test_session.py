@@ -18,7 +18,7 @@ from pclseg.config import (
     StopRule,
 )
 from pclseg.errors import PCLSegError
-from pclseg.io import read_label, read_volume
+from pclseg.io import Volume, read_label, read_volume
 from pclseg.predict import predict, slice_probabilities
 from pclseg.progress import Progress
 from pclseg.session import RefineSession
@@ -234,3 +234,33 @@ def test_the_network_sees_fill_between_slices(
     np.testing.assert_array_equal(inputs[liver[-1] + 1 :, 1:],
                                   np.broadcast_to(inputs[liver[-1], 1:],
                                                   inputs[liver[-1] + 1 :, 1:].shape))
+
+
+@pytest.mark.slow
+def test_where_the_image_contradicts_interpolation_the_default_beats_it() -> None:
+    """A disk that swings out and back between annotated slices, where it sits at the same place:
+    Fill between slices puts it there on every slice between; the network follows the image."""
+    slices, side = 21, 48
+    rows, cols = np.mgrid[:side, :side]
+    truth = np.zeros((slices, side, side), np.int64)
+    for z in range(slices):
+        truth[z][((rows - 24) / 16) ** 2 + ((cols - 13) / 8) ** 2 <= 1] = 1  # a still "organ"
+        row = 24 + 9 * np.sin(2 * np.pi * (z - 2) / 8)  # at row 24 on slices 2, 10 and 18
+        truth[z][(rows - row) ** 2 + (cols - 34) ** 2 <= 16] = 2
+    noise = np.random.default_rng(0).normal(0, 0.3, truth.shape)
+    image = sitk.GetImageFromArray((noise + truth).astype(np.float32))
+    image.SetSpacing((1.0, 1.0, 3.0))
+    annotated = [2, 10, 18]
+    torch.manual_seed(0)
+    rule = StopRule(min_steps=60, steps_per_slice=40, max_steps=200)
+    cfg = dataclasses.replace(TINY, batch_size=8, lr=1e-3, model=ModelConfig(features=8),
+                              stop=rule)
+    volume = Volume.from_image(image, "swinging disk")
+    session = RefineSession.from_encoder(volume, None, cfg, ["organ", "disk"])
+    session.set_annotations(truth, annotated)
+    session.refine()
+    between = [z for z in range(2, 19) if z not in annotated]
+    disk = truth[between] == 2
+    dice = {name: 2 * (disk & (pred[between] == 2)).sum() / (disk.sum() + (pred[between] == 2).sum())
+            for name, pred in (("network", session.predict()), ("fill", session.interpolation()))}
+    assert dice["fill"] < 0.4 and dice["network"] > dice["fill"] + 0.3, dice

@@ -29,8 +29,9 @@ whole folder). Arms that share a network ("default, no post" with "default", "fu
 
 Dice is the mean over the foreground classes present in the truth, on the scored slices taken
 together as one volume. Every run is appended to ``--out``/runs.jsonl as it finishes (a long
-benchmark can be stopped and started again: finished runs are skipped); the tables are printed
-at the end and written to ``--out``/summary.md.
+benchmark can be stopped and started again: finished runs are skipped); the tables (each arm
+against Fill between slices, each pretrained arm against random init, paired) are printed at the
+end and written to ``--out``/summary.md, with the Dice-vs-k plot ``--out``/dice_vs_k.png.
 """
 
 from __future__ import annotations
@@ -141,6 +142,58 @@ def table(rows: list[dict], key: str, names: list[str], title: str) -> str:
     return "\n".join(lines)
 
 
+def paired_to_random(rows: list[dict], names: list[str]) -> str:
+    """Each encoder arm against random init with the same arm, run by run: the mean paired
+    difference, its standard deviation and in how many runs the encoder is ahead."""
+    pairs = [(n, "random " + n.split(" ", 1)[1]) for n in names
+             if n != FILL and not n.startswith("random ")]
+    pairs = [(a, b) for a, b in pairs if b in names]
+    if not pairs:
+        return ""
+    lines = ["Pretrained against random init, paired (same volume, k, seed and arm): mean "
+             "difference ± std, runs ahead", "", "| k | " + " | ".join(a for a, _ in pairs) + " |",
+             "|---|" + "---|" * len(pairs)]
+    for value in sorted({r["k"] for r in rows}):
+        cells = []
+        for name, random_name in pairs:
+            diff = np.array([r["dice"][name] - r["dice"][random_name] for r in rows
+                             if r["k"] == value and name in r["dice"] and random_name in r["dice"]])
+            cells.append(f"{diff.mean():+.3f} ± {diff.std():.3f}, {int((diff > 0).sum())}/"
+                         f"{len(diff)}" if len(diff) else "")
+        lines.append(f"| {value} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], names: list[str], path: Path) -> None:
+    """Dice against k, mean ± std over volumes x seeds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({r["k"] for r in rows})
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for name in names:
+        means, stds, xs = [], [], []
+        for k in ks:
+            scores = [r["dice"][name] for r in rows if r["k"] == k and name in r["dice"]]
+            if scores:
+                xs.append(k)
+                means.append(np.mean(scores))
+                stds.append(np.std(scores))
+        if xs:
+            axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
+    axes.set_xlabel("annotated slices k")
+    axes.set_ylabel("Dice on the unannotated slices")
+    axes.set_xticks(ks)
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def timing(rows: list[dict], names: list[str]) -> str:
     cells = []
     for name in names:
@@ -241,10 +294,12 @@ def main() -> None:
               f"Dice on the unannotated slices ({len({r['volume'] for r in rows})} volumes; "
               "mean ± std over volumes x seeds; in brackets: mean paired difference to Fill "
               "between slices, runs ahead of it)"),
+        paired_to_random(rows, arm_names),
         timing(rows, arm_names[1:]),
         f"({machine}; size {args.size}, features {args.features})",
     ])
     (args.out / "summary.md").write_text(report + "\n")
+    plot(rows, arm_names, args.out / "dice_vs_k.png")
     print(report)
 
 

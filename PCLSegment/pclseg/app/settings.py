@@ -1,7 +1,7 @@
 """How the app is served and how much work each button does.
 
-The defaults suit a workstation or a GPU server; tests pass tiny values (``refine_steps=40``,
-``size=32``, ``features=4``, one pretraining epoch) so the whole loop runs in a minute on a CPU.
+The defaults suit a workstation or a GPU server; tests pass tiny values (``size=32``,
+``features=4``, one pretraining epoch) so the whole loop runs in a minute on a CPU.
 """
 
 from __future__ import annotations

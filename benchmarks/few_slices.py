@@ -194,6 +194,47 @@ def plot(rows: list[dict], names: list[str], path: Path) -> None:
     plt.close(figure)
 
 
+def figure(image: np.ndarray, truth: np.ndarray, predictions: dict[str, np.ndarray],
+           chosen: list[int], names: list[str], title: str, path: Path) -> None:
+    """Four unannotated slices (columns) of the truth and of each arm's mask (rows), coloured
+    per structure with a legend: what a reader of the numbers should see."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    holding = np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1))
+    candidates = [i for i in range(holding[0], holding[-1] + 1) if i not in chosen]
+    shown = [candidates[int(round(q * (len(candidates) - 1)))] for q in (0.15, 0.4, 0.65, 0.9)]
+    colors = plt.get_cmap("tab10").colors
+    rows = {"truth": truth, **predictions}
+    fig, axes = plt.subplots(len(rows), len(shown), figsize=(2.6 * len(shown), 2.6 * len(rows)),
+                             dpi=110, squeeze=False)
+    for r, (name, labels) in enumerate(rows.items()):
+        for c, index in enumerate(shown):
+            grey = image[index]
+            lo, hi = np.percentile(grey, (1, 99))
+            rgb = np.repeat(np.clip((grey - lo) / max(hi - lo, 1e-6), 0, 1)[..., None], 3, -1)
+            for value in range(1, len(names) + 1):
+                mask = labels[index] == value
+                rgb[mask] = 0.5 * rgb[mask] + 0.5 * np.asarray(colors[value - 1])
+            ax = axes[r, c]
+            ax.imshow(rgb, origin="upper")  # anterior up, the patient's right on the left
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=9)
+            if r == 0:
+                ax.set_title(f"slice {index}", fontsize=9)
+    fig.legend(handles=[Patch(color=colors[v], label=n) for v, n in enumerate(names)],
+               loc="lower center", ncol=len(names), fontsize=9, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def timing(rows: list[dict], names: list[str]) -> str:
     cells = []
     for name in names:
@@ -222,6 +263,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--fuse-weight", type=float, default=0.3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--figure", metavar="VOLUME:K", default=None,
+                        help="draw the masks of this volume and k (seed 0) to --out/VOLUME_kK.png")
     args = parser.parse_args()
 
     threads = use_all_cores()
@@ -263,7 +306,8 @@ def main() -> None:
             def score(pred: np.ndarray, others=others, truth=truth, classes=classes) -> float:
                 return mean_foreground_dice(pred[others], truth[others], classes)
 
-            fill = score(fill_between_slices(truth, chosen))
+            fill_mask = fill_between_slices(truth, chosen)
+            fill = score(fill_mask)
             for seed in args.seeds:
                 if (volume.name, k, seed) in done:
                     continue
@@ -272,6 +316,7 @@ def main() -> None:
                                       model=ModelConfig(features=args.features))
                 row = {"volume": volume.name, "k": k, "seed": seed, "slices": chosen,
                        "dice": {FILL: fill}, "seconds": {}, "steps": {}}
+                masks = {FILL: fill_mask}
                 for init_name, init in inits.items():
                     results = run_arms(volume, truth, chosen, init, arm_lists[init_name], base,
                                        args, names)
@@ -280,6 +325,12 @@ def main() -> None:
                         row["dice"][key] = score(pred)
                         row["seconds"][key] = seconds
                         row["steps"][key] = steps
+                        masks[key] = pred
+                if args.figure == f"{volume.name}:{k}" and seed == 0:
+                    title = (f"{volume.name}, {k} annotated slices {chosen}: " + ", ".join(
+                        f"{n} {row['dice'][n]:.2f}" for n in masks))
+                    figure(volume.array, truth, masks, chosen, names, title,
+                           args.out / f"{volume.name}_k{k}.png")
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 done[(volume.name, k, seed)] = row

@@ -186,17 +186,46 @@ def two_views(
     return first, second
 
 
-class TwoViewSliceDataset(Dataset):
+class EpochSeededSlices(Dataset):
+    """Slices whose augmentation is seeded from ``(seed, epoch, index)``: the draws depend
+    neither on the number of DataLoader workers nor on which worker draws an item, and a run
+    resumed at an epoch sees the same draws as an uninterrupted one. Call :meth:`set_epoch` at
+    the start of every epoch (before iterating the DataLoader, whose workers copy the dataset).
+    """
+
+    def __init__(self, slices: np.ndarray, seed: int = 0) -> None:
+        if slices.ndim != 3:
+            raise ValueError(f"slices must have shape (N, H, W), got {tuple(slices.shape)}")
+        self.slices = slices
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's augmentations (call once per epoch, before iterating)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.slices.shape[0]
+
+    def item_seeds(self, index: int, count: int) -> list[int]:
+        """``count`` seeds for item ``index`` of this epoch."""
+        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(count)
+        return [int(seed) for seed in state]
+
+    def image(self, index: int) -> torch.Tensor:
+        """Slice ``index`` as a float32 ``(1, H, W)`` tensor (a memory map is read here)."""
+        return torch.from_numpy(np.asarray(self.slices[index], dtype=np.float32)[None].copy())
+
+
+class TwoViewSliceDataset(EpochSeededSlices):
     """Slices with their positions, each returned as two augmented views for contrastive learning.
 
     ``dataset[i]`` is ``(view1 (1, H, W), view2 (1, H, W), position ())``, float32 tensors,
     followed by ``unit ()`` when ``units`` are given (what a PCL threshold that follows the
     volume needs: :meth:`pclseg.cache.SliceCache.slice_units`).
 
-    The augmentation of item ``i`` is seeded from ``(seed, epoch, i)``, so the views depend
-    neither on the number of DataLoader workers nor on which worker draws the item, and a run
-    resumed at an epoch sees the same views as an uninterrupted one. Call :meth:`set_epoch` at the
-    start of every epoch (before iterating the DataLoader, whose workers copy the dataset).
+    Both views of item ``i`` come from one seed drawn from ``(seed, epoch, i)``
+    (:class:`EpochSeededSlices`): call :meth:`set_epoch` at the start of every epoch.
 
     Args:
         slices: ``(N, H, W)`` array (a memory map is read one slice at a time).
@@ -214,32 +243,21 @@ class TwoViewSliceDataset(Dataset):
         seed: int = 0,
         units: np.ndarray | None = None,
     ) -> None:
-        if slices.ndim != 3:
-            raise ValueError(f"slices must have shape (N, H, W), got {tuple(slices.shape)}")
+        super().__init__(slices, seed)
         positions = np.asarray(positions, dtype=np.float32)
         for name, values in (("positions", positions), ("units", units)):
             if values is not None and np.shape(values) != (slices.shape[0],):
                 raise ValueError(
                     f"{name} must have shape ({slices.shape[0]},), got {tuple(np.shape(values))}"
                 )
-        self.slices = slices
         self.positions = positions
         self.units = None if units is None else np.asarray(units, dtype=np.float32)
         self.transform = transform
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw this epoch's augmentations (call once per epoch, before iterating)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.slices.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        item_seed = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)
-        self.transform.set_random_state(seed=int(item_seed[0]))
-        image = torch.from_numpy(np.asarray(self.slices[index], dtype=np.float32)[None].copy())
+        (seed,) = self.item_seeds(index, 1)
+        self.transform.set_random_state(seed=seed)
+        image = self.image(index)
         view1 = self.transform(image)
         view2 = self.transform(image)
         item = (view1, view2, torch.tensor(self.positions[index]))

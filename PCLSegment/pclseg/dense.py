@@ -38,8 +38,8 @@ from monai.transforms import (
 )
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
+from .augment import EpochSeededSlices
 from .config import ModelConfig
 from .errors import PCLSegError
 from .model import UNetDecoder, UNetEncoder, check_input
@@ -131,7 +131,7 @@ def view_intensity_augment(seed: int = 0) -> Compose:
     return compose
 
 
-class AlignedViewsDataset(Dataset):
+class AlignedViewsDataset(EpochSeededSlices):
     """Slices as two views that differ in intensity only: ``dataset[i]`` is
     ``(view1 (1, H, W), view2 (1, H, W))``, float32.
 
@@ -147,25 +147,13 @@ class AlignedViewsDataset(Dataset):
         intensity: Callable[[torch.Tensor], torch.Tensor],
         seed: int = 0,
     ) -> None:
-        if slices.ndim != 3:
-            raise ValueError(f"slices must have shape (N, H, W), got {tuple(slices.shape)}")
-        self.slices = slices
+        super().__init__(slices, seed)
         self.spatial = spatial
         self.intensity = intensity
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw this epoch's augmentations (call once per epoch, before iterating)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.slices.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seeds = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
-        for transform, seed in ((self.spatial, seeds[0]), (self.intensity, seeds[1])):
-            transform.set_random_state(seed=int(seed))  # type: ignore[attr-defined]
-        image = torch.from_numpy(np.asarray(self.slices[index], dtype=np.float32)[None].copy())
-        placed = self.spatial(image)
+        for transform, seed in zip((self.spatial, self.intensity), self.item_seeds(index, 2),
+                                   strict=True):
+            transform.set_random_state(seed=seed)  # type: ignore[attr-defined]
+        placed = self.spatial(self.image(index))
         return self.intensity(placed), self.intensity(placed)

@@ -233,6 +233,19 @@ def widen_input(state: Mapping[str, torch.Tensor], in_channels: int) -> dict[str
     return {**state, FIRST_CONV: torch.cat([weight, extra], dim=1)}
 
 
+def _require_fit(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], part: str,
+    advice: str,
+) -> None:
+    """A one-line error naming what differs when ``state`` does not fit ``expected``."""
+    problems = _problems(expected, state)
+    if problems:
+        raise PCLSegError(
+            f"pretrained {part} does not fit this network ({'; '.join(problems)}); pretrain again "
+            f"with {advice}"
+        )
+
+
 def _problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
     """What keeps ``state`` from loading strictly where ``expected`` is: missing, unexpected and
     mismatched keys (empty when it fits)."""
@@ -267,13 +280,7 @@ def load_encoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """
     encoder = _find_encoder(model)
     state = {strip_wrapper_prefixes(name): tensor for name, tensor in state.items()}
-    problems = _problems(encoder.state_dict(), state)
-    if problems:
-        raise PCLSegError(
-            "pretrained encoder does not fit this network ("
-            + "; ".join(problems)
-            + "); pretrain again with the same features and input channels"
-        )
+    _require_fit(encoder.state_dict(), state, "encoder", "the same features and input channels")
     encoder.load_state_dict(state, strict=True)
 
 
@@ -325,13 +332,7 @@ def load_decoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         for name, tensor in decoder.state_dict().items()
         if not name.startswith(CLASSIFIER_PREFIX)
     }
-    problems = _problems(expected, state)
-    if problems:
-        raise PCLSegError(
-            "pretrained decoder does not fit this network ("
-            + "; ".join(problems)
-            + "); pretrain again with the same features"
-        )
+    _require_fit(expected, state, "decoder", "the same features")
     decoder.load_state_dict(state, strict=False)
 
 

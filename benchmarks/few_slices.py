@@ -327,9 +327,9 @@ def main() -> None:
                         row["steps"][key] = steps
                         masks[key] = pred
                 if args.figure == f"{volume.name}:{k}" and seed == 0:
-                    title = (f"{volume.name}, {k} annotated slices {chosen}: " + ", ".join(
-                        f"{n} {row['dice'][n]:.2f}" for n in masks))
-                    figure(volume.array, truth, masks, chosen, names, title,
+                    scored = {f"{n}\nDice {row['dice'][n]:.2f}": m for n, m in masks.items()}
+                    figure(volume.array, truth, scored, chosen, names,
+                           f"{volume.name}, {k} annotated slices {chosen}",
                            args.out / f"{volume.name}_k{k}.png")
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -45,12 +45,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dataset_runs import chosen_images, finished_runs, structure_names
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.device import use_all_cores
 from pclseg.evaluate import mean_foreground_dice
 from pclseg.interpolate import fill_between_slices
-from pclseg.io import discover_volumes, read_label, read_volume
+from pclseg.io import read_label, read_volume
 from pclseg.session import RefineSession
 from pclseg.suggest import spread_over_extent
 
@@ -272,17 +273,11 @@ def main() -> None:
     for item in args.encoder:
         name, _, run = item.partition("=")
         inits[name] = Path(run)
-    images = discover_volumes(args.data / "imagesTr")
-    if args.volumes:
-        images = [p for p in images if any(p.name.startswith(v) for v in args.volumes)]
-    images = images[: args.first] if args.first else images
-    labels = json.loads((args.data / "dataset.json").read_text())["labels"]
-    names = [labels[k] for k in sorted(labels, key=int) if int(k) > 0]
+    images = chosen_images(args.data, args.volumes, args.first)
+    names = structure_names(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
-    done = {(r["volume"], r["k"], r["seed"]): r for r in
-            (json.loads(line) for line in log.read_text().splitlines() if line.strip())} \
-        if log.exists() else {}
+    done = {(r["volume"], r["k"], r["seed"]): r for r in finished_runs(log)}
     machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
                else f"{platform.machine()} CPU, {threads} threads")
     print(f"{machine}; size {args.size}, features {args.features}; {len(images)} volumes, "

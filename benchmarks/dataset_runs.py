@@ -1,0 +1,31 @@
+"""What the benchmarks share: the volumes of an imagesTr + labelsTr folder, its structure names,
+and the runs a resumable benchmark has already appended to its runs.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pclseg.io import discover_volumes
+
+
+def chosen_images(data: Path, volumes: list[str] | None, first: int | None) -> list[Path]:
+    """The images of ``data/imagesTr`` whose names start with one of ``volumes`` (all when
+    none), the first ``first`` of them (all when None)."""
+    images = discover_volumes(data / "imagesTr")
+    if volumes:
+        images = [p for p in images if any(p.name.startswith(v) for v in volumes)]
+    return images[:first] if first else images
+
+
+def structure_names(data: Path) -> list[str]:
+    """The foreground label names of ``data/dataset.json``, in label-value order."""
+    labels = json.loads((data / "dataset.json").read_text())["labels"]
+    return [labels[k] for k in sorted(labels, key=int) if int(k) > 0]
+
+
+def finished_runs(log: Path) -> list[dict]:
+    """The runs ``log`` (JSON lines) holds; none when it does not exist yet."""
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]

@@ -337,11 +337,11 @@ class PCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.jump_to(ras)
             total = self.logic.session.volume.shape[0]
             self.ui.statusLabel.setText(
-                f"Slice {index + 1} of {total}: the model is least sure here. Correct the "
-                "prediction (Edit prediction), then Accept prediction on this slice."
+                f"Slice {index + 1} of {total}: the middle of the largest unannotated gap. "
+                "Correct the prediction (Edit prediction), then Accept prediction on this slice."
             )
 
-        self.runJob("Finding the least certain slice", lambda: self.logic.start_suggest(1), done)
+        self.runJob("Finding the slice to check next", lambda: self.logic.start_suggest(1), done)
 
     def onAcceptSlice(self) -> None:
         p = self._parameterNode

@@ -269,7 +269,7 @@ def test_pretrain_paint_fine_tune_suggest_and_see_the_prediction(
     assert shown > baseline + 100, f"no prediction colour on the slice view ({shown} pixels)"
 
     a_page.click("#pcl-suggest")
-    wait_for_message(a_page, "least sure")
+    wait_for_message(a_page, "largest unannotated gap")
     suggested = int(a_page.inner_text("#pcl-suggestion").split(":")[0].split()[-1])
     assert suggested not in annotated
 

@@ -22,6 +22,7 @@ from pclseg.io import Volume, read_label, read_volume
 from pclseg.predict import predict, slice_probabilities
 from pclseg.progress import Progress
 from pclseg.session import RefineSession
+from pclseg.suggest import largest_gap_middles, structure_range
 
 TINY = FinetuneConfig(
     batch_size=2, lr=3e-3, model=ModelConfig(features=4), preprocess=PreprocessConfig(size=32)
@@ -135,8 +136,21 @@ def test_refine_stops_when_asked(a_session: RefineSession) -> None:
     assert result.stopped and result.steps == 1
 
 
+def test_suggest_asks_for_the_middles_of_the_largest_gaps_by_default(
+    a_refined_session: RefineSession,
+) -> None:
+    session = a_refined_session
+    extent = structure_range(session.annotation, session.predict())
+    assert session.suggest(k=2) == largest_gap_middles(session.annotated, extent, 2)
+    # Once every slice of the structures' range is annotated, the model's doubt fills in.
+    everything = list(range(extent[0], extent[1] + 1))
+    session.set_annotations(session.annotation, sorted({*session.annotated, *everything}))
+    (picked,) = session.suggest(k=1)
+    assert picked not in session.annotated
+
+
 def test_suggest_picks_unannotated_slices_spread_apart(a_refined_session: RefineSession) -> None:
-    picked = a_refined_session.suggest(k=3, min_gap=2)
+    picked = a_refined_session.suggest(k=3, min_gap=2, rule="uncertainty")
     assert len(picked) == 3 and len(set(picked)) == 3
     assert not set(picked) & set(ANNOTATED)
     assert all(abs(a - b) >= 2 for a in picked for b in picked if a != b)

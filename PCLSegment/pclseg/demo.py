@@ -5,7 +5,7 @@
 3. Take one volume, "annotate" a few slices from its label map (the centres of equal parts of
    the organs' extent, as a user would spread them).
 4. Fine-tune from the encoder and predict; score Dice on the slices nobody annotated.
-5. Ask for the slice the model is least sure of, annotate it, refine once, and score again.
+5. Ask for the slice to check next, annotate it, refine once, and score again.
 6. Write the prediction in the volume's geometry, the model, and an overlay picture.
 """
 
@@ -116,7 +116,7 @@ def run_demo(
     before = session.predict()
 
     suggested = session.suggest(k=1)[0]
-    progress.message(f"4/5 the model is least sure of slice {suggested}: annotating it, refining")
+    progress.message(f"4/5 the slice to check next is {suggested}: annotating it, refining")
     session.add_annotation(suggested, truth[suggested])
     session.refine(refine_steps, progress=progress)
     after = session.predict()

@@ -18,7 +18,7 @@ Example (Slicer's Python console)::
     volume = slicer.util.getNode("MRHead")
     annotation = slicer.util.getNode("Annotation")      # a few painted slices
     prediction = logic.fine_tune_and_predict(volume, annotation, init="~/runs/pcl")
-    index, ras = logic.suggest()[0]                     # where the model is least sure
+    index, ras = logic.suggest()[0]                     # the slice to check next
 """
 
 from __future__ import annotations
@@ -380,7 +380,7 @@ class SegmentLogic:
 
     # -- suggest, accept --------------------------------------------------------------------
     def start_suggest(self, count: int = 1) -> ThreadJob:
-        """Start asking the worker for the ``count`` slices it is least sure of; the job's
+        """Start asking the worker for the ``count`` slices to check next; the job's
         result is ``[(canonical index, (r, a, s) centre), ...]``."""
         session = self._require_session()
 
@@ -394,7 +394,7 @@ class SegmentLogic:
         return ThreadJob(work, on_done=finish)
 
     def suggest(self, count: int = 1) -> list[tuple[int, tuple[float, float, float]]]:
-        """The slices the model is least sure of, with their RAS centres (blocking)."""
+        """The slices to check next, with their RAS centres (blocking)."""
         return self.start_suggest(count).wait()
 
     def jump_to(self, ras: tuple[float, float, float]) -> None:

@@ -264,9 +264,9 @@ class PCLAppLogic:
     @reports_errors
     async def suggest(self) -> None:
         if not self.data.has_prediction:
-            raise PCLSegError("fine-tune first: suggestions come from the model's uncertainty")
+            raise PCLSegError("fine-tune first: suggestions come from the model's prediction")
         job = await self.jobs.run(
-            JobKind.SUGGEST, "Finding the least certain slice",
+            JobKind.SUGGEST, "Finding the slice to check next",
             lambda: self.segment.start_suggest(SUGGESTIONS),
         )
         if not job.ok:
@@ -279,7 +279,8 @@ class PCLAppLogic:
         self.segment.jump_to(ras)
         with self.server.state:
             self.data.current_suggestion = index
-        self.tell(f"slice {index + 1} is where the model is least sure: correct it or accept it")
+        self.tell(f"slice {index + 1} is the middle of the largest unannotated gap: correct it "
+                  "or accept it")
 
     @reports_errors
     async def accept(self) -> None:

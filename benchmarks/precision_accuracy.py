@@ -12,7 +12,7 @@ voxel by voxel with its fp32 prediction.
 
 On a CPU without bf16 instructions (AVX2), bf16 autocast is emulated: oneDNN rounds the
 convolutions' inputs and outputs to bf16 and accumulates in fp32, as the bf16 instructions do,
-so the numbers mean the same and only the time differs (about 4x slower here). Every pretraining
+so the numbers mean the same and only the time differs (9-13x slower here). Every pretraining
 and fine-tuning run is appended to ``--out``/runs.jsonl as it finishes (finished runs are
 skipped when the command is run again); the tables go to ``--out``/summary.md.
 """
@@ -34,7 +34,7 @@ import pclseg.device
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig
 from pclseg.device import use_all_cores
 from pclseg.evaluate import dice_per_class, mean_foreground_dice
-from pclseg.io import discover_volumes, read_label, read_volume
+from pclseg.io import read_label, read_volume
 from pclseg.pretrain import pretrain
 from pclseg.session import RefineSession
 from pclseg.suggest import spread_over_extent
@@ -188,7 +188,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = {run_key(r): r for r in finished_runs(log)}
-    pretrain_images = discover_volumes(args.data / "imagesTr")[: args.pretrain_first]
+    pretrain_images = chosen_images(args.data, None, args.pretrain_first)
     names = structure_names(args.data)
     images = chosen_images(args.data, args.volumes, None)
     for seed in [] if args.report_only else args.seeds:

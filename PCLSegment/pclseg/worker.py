@@ -126,8 +126,7 @@ class Worker:
 
     def suggest(self, request: Message) -> Message:
         session = self._session()
-        slices = session.suggest(int(request.get("k", 1)), request.get("min_gap"),
-                                 request.get("rule", "gap"))
+        slices = session.suggest(int(request.get("k", 1)), request.get("min_gap"))
         return {"slices": slices, "points": [list(p) for p in session.slice_centers(slices)]}
 
     def save(self, request: Message) -> Message:

@@ -14,7 +14,9 @@ from pclseg.augment import (
     NO_FLIP_PARAMS,
     TwoViewSliceDataset,
     finetune_augment,
+    plain_tensors,
     pretrain_augment,
+    reseed,
     two_views,
 )
 from pclseg.errors import PCLSegError
@@ -70,6 +72,42 @@ def test_same_seed_same_augmentations(a_slice: np.ndarray) -> None:
     assert not all(torch.equal(x, z) for x, z in zip(a, c, strict=True))
     first.set_random_state(seed=3)
     assert torch.equal(first(a_slice), a[0])
+
+
+def test_reseed_repeats_a_draw_and_seeds_differ(a_slice: np.ndarray, a_label: np.ndarray) -> None:
+    transform = finetune_augment(SIZE, intensity=True)
+
+    def draws(seed: int) -> list[torch.Tensor]:
+        out = []
+        for n in range(4):  # several items, as a dataset reseeds before each
+            reseed(transform, seed + 100 * n)
+            item = transform({"image": a_slice, "label": a_label})
+            out += [item["image"], item["label"]]
+        return out
+
+    first, again, other = draws(1), draws(1), draws(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, c) for a, c in zip(first, other, strict=True))
+
+
+def test_plain_tensors_gives_the_same_pixels_and_restores_monai_metadata(
+    a_slice: np.ndarray, a_label: np.ndarray
+) -> None:
+    from monai.data import get_track_meta
+
+    transform = finetune_augment(SIZE, intensity=True)
+    reseed(transform, 7)
+    tracked = transform({"image": a_slice, "label": a_label})
+    reseed(transform, 7)
+    with plain_tensors():
+        assert not get_track_meta()
+        plain = transform({"image": a_slice, "label": a_label})
+    assert get_track_meta()
+    assert torch.equal(tracked["image"], plain["image"])
+    assert torch.equal(tracked["label"], plain["label"])
+    with pytest.raises(RuntimeError), plain_tensors():
+        raise RuntimeError("a failing draw")
+    assert get_track_meta()
 
 
 def test_finetune_augment_keeps_label_values(a_slice: np.ndarray, a_label: np.ndarray) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.transforms import Randomizable
 from torch.utils.data import DataLoader
 
 from pclseg.augment import pretrain_augment
@@ -98,14 +99,15 @@ def test_an_unfrozen_encoder_learns_too(a_config: ModelConfig) -> None:
     assert not torch.equal(weight, net.encoder.levels[0].conv_0.conv.weight)
 
 
-class Counting:
+class Counting(Randomizable):
     """A seedable transform that counts its calls."""
 
     def __init__(self, inner) -> None:
         self.inner, self.calls = inner, 0
 
-    def set_random_state(self, seed: int) -> None:
-        self.inner.set_random_state(seed=seed)
+    def set_random_state(self, seed=None, state=None) -> Counting:
+        self.inner.set_random_state(seed=seed, state=state)
+        return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
@@ -129,11 +131,8 @@ def test_aligned_views_share_one_spatial_draw(slices: np.ndarray) -> None:
     assert any(moved)
 
 
-class Unchanged:
+class Unchanged(Randomizable):
     """The identity, seedable."""
-
-    def set_random_state(self, seed: int) -> None:
-        pass
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -15,11 +15,13 @@ grid, and the costlier elastic deformation is applied to a fraction of the slice
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
     EnsureType,
@@ -36,6 +38,7 @@ from monai.transforms import (
     RandFlipd,
     RandGaussianNoise,
     RandGaussianNoised,
+    Randomizable,
     RandScaleIntensity,
     RandScaleIntensityd,
 )
@@ -73,6 +76,39 @@ FLIP_PARAMS = AugmentParams()
 #: labels are lateral: a flip turns a left kidney into a right one (fine-tuning would teach a
 #: wrong label; pretraining would teach features that cannot tell the two apart).
 NO_FLIP_PARAMS = replace(AugmentParams(), flip_prob=0.0)
+
+
+def reseed(transform: Callable, seed: int) -> None:
+    """Seed every random transform in ``transform`` (a MONAI ``Compose``, nested or not, or one
+    transform) from one new generator shared by all of them.
+
+    MONAI's ``Compose.set_random_state`` builds a generator per transform, which costs more
+    than the transforms: with :func:`plain_tensors`, one fine-tuning draw takes 8 ms this way
+    against 13 ms (21 ms with MONAI's metadata), measured on a 2-core CPU. The draws are as
+    random, and as repeatable from ``seed``.
+    """
+    _share_state(transform, np.random.RandomState(seed))
+
+
+def _share_state(transform: Callable, state: np.random.RandomState) -> None:
+    if isinstance(transform, Compose):
+        for inner in transform.transforms:
+            _share_state(inner, state)
+    elif isinstance(transform, Randomizable):
+        transform.set_random_state(state=state)
+
+
+@contextmanager
+def plain_tensors() -> Iterator[None]:
+    """MONAI transforms inside return plain tensors, without its metadata bookkeeping (a third
+    of a draw's time, and nothing here reads it). MONAI keeps the switch process-wide, so it is
+    restored on exit for any other MONAI user in the process (Slicer's Python is shared)."""
+    tracked = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(tracked)
 
 
 def _check_size(size: int) -> None:
@@ -256,9 +292,10 @@ class TwoViewSliceDataset(EpochSeededSlices):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         (seed,) = self.item_seeds(index, 1)
-        self.transform.set_random_state(seed=seed)
+        reseed(self.transform, seed)
         image = self.image(index)
-        view1 = self.transform(image)
-        view2 = self.transform(image)
+        with plain_tensors():
+            view1 = self.transform(image)
+            view2 = self.transform(image)
         item = (view1, view2, torch.tensor(self.positions[index]))
         return item if self.units is None else (*item, torch.tensor(self.units[index]))

@@ -39,7 +39,7 @@ from monai.transforms import (
 from torch import nn
 from torch.nn import functional as F
 
-from .augment import EpochSeededSlices
+from .augment import EpochSeededSlices, plain_tensors, reseed
 from .config import ModelConfig
 from .errors import PCLSegError
 from .model import UNetDecoder, UNetEncoder, check_input
@@ -154,6 +154,7 @@ class AlignedViewsDataset(EpochSeededSlices):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         for transform, seed in zip((self.spatial, self.intensity), self.item_seeds(index, 2),
                                    strict=True):
-            transform.set_random_state(seed=seed)  # type: ignore[attr-defined]
-        placed = self.spatial(self.image(index))
-        return self.intensity(placed), self.intensity(placed)
+            reseed(transform, seed)
+        with plain_tensors():
+            placed = self.spatial(self.image(index))
+            return self.intensity(placed), self.intensity(placed)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .augment import plain_tensors, reseed
 from .config import FinetuneConfig
 from .errors import PCLSegError
 from .interpolate import leave_one_out_priors, prior_channels
@@ -178,8 +179,9 @@ class SliceDraws(Dataset):
             item["prior"] = prior_channels(prior, self.num_classes)
         if self.augment is not None:
             state = np.random.SeedSequence([*self.seed, k]).generate_state(1)
-            self.augment.set_random_state(seed=int(state[0]))
-            item = self.augment(item)
+            reseed(self.augment, int(state[0]))
+            with plain_tensors():
+                item = self.augment(item)
         channels = [torch.as_tensor(item["image"], dtype=torch.float32)]
         if "prior" in item:
             channels.append(torch.as_tensor(item["prior"], dtype=torch.float32))

@@ -1,13 +1,21 @@
-"""Draw the extension's icons and render the module panels' screenshots.
+"""Draw the extension's icons and render the README's screenshots.
 
-Run from the repository root (``python Resources/render.py``); it writes
+Run from the repository root::
+
+    python Resources/render.py --data DATA      # DATA: imagesTr/, labelsTr/, dataset.json
+
+It writes
 
 - ``Resources/PCLSegment.png`` (extension icon) and each module's ``Resources/Icons/*.png``,
-  drawn with Qt's painter;
+  drawn with Qt's painter (``--icons-only``: nothing else);
 - ``Resources/Screenshots/PCLPretrain.png`` and ``PCLSegment.png``: the real ``.ui`` files and
   module widgets, loaded on PyQt5 offscreen with the test shims (``Testing/slicer_shim.py``),
-  after a tiny pretraining run and a fine-tune round on generated data, so the progress bar,
-  status and loss curve show real values.
+  after a real pretraining on ``DATA`` and a fine-tune round on its first volume;
+- ``Resources/Screenshots/app.png``: the browser app in headless Chromium after the same loop,
+  with a legend of the structures.
+
+The README's pictures come from the CHAOS T2 MRI folder (``--data`` pointing at it); on the
+2-core CPU the whole run takes about half an hour.
 """
 
 from __future__ import annotations
@@ -90,15 +98,32 @@ def draw_icons() -> None:
 
 
 if __name__ == "__main__":
-    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="icons and README screenshots")
+    parser.add_argument("--data", type=Path, help="imagesTr + labelsTr + dataset.json folder")
+    parser.add_argument("--icons-only", action="store_true")
+    parser.add_argument("--pictures", nargs="+", choices=("panels", "app"),
+                        default=["panels", "app"], help="which screenshots to render")
+    args = parser.parse_args()
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     draw_icons()
-    if "--icons-only" not in sys.argv:
-        from screenshots import render_screenshots
+    if not args.icons_only:
+        if args.data is None or not (args.data / "imagesTr").is_dir():
+            parser.error("--data must be a folder with imagesTr/ and labelsTr/")
+        from screenshots import render_app_screenshot, render_screenshots
 
         # a short, readable work folder: its paths show in the panels
         work = Path(tempfile.gettempdir()) / "pclseg-screenshots"
         shutil.rmtree(work, ignore_errors=True)
+        (work / "annotations").mkdir(parents=True)
+        data = work / args.data.resolve().name  # shown in the panels: a short path
+        data.symlink_to(args.data.resolve(), target_is_directory=True)
+        out = REPO / "Resources" / "Screenshots"
         try:
-            render_screenshots(work, REPO / "Resources" / "Screenshots")
+            if "panels" in args.pictures:
+                render_screenshots(data, work, out)
+            if "app" in args.pictures:
+                render_app_screenshot(data, work, out)
         finally:
             shutil.rmtree(work, ignore_errors=True)

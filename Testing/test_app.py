@@ -58,16 +58,17 @@ def test_settings_reject_bad_values_with_a_one_line_error(bad):
         AppSettings(**bad)
 
 
-def test_command_line_builds_settings():
+def test_command_line_builds_settings(tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["data", "--port", "9001", "--steps", "7", "--size", "32"])
+    args = parser.parse_args(["data", "--port", "9001", "--steps", "7", "--size", "32",
+                              "--annotations", str(tmp_path)])
     settings = settings_from_args(args)
     assert settings.folder == Path("data")
     assert (settings.port, settings.refine_steps, settings.size) == (9001, 7, 32)
-    assert settings.host == "127.0.0.1"
+    assert settings.host == "127.0.0.1" and settings.annotations == tmp_path
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -345,6 +346,58 @@ def test_errors_are_messages_and_the_app_keeps_working(an_app, a_sample_folder, 
     data.encoder = RANDOM_INIT
     asyncio.run(logic.suggest())
     assert data.message_kind == MessageKind.ERROR and "fine-tune first" in data.message
+
+
+def test_opening_loads_an_annotation_of_the_same_name(an_app, a_sample_folder, tmp_path):
+    """With ``--annotations``, a label map named like the volume becomes its annotation: its
+    labelled slices count as annotated, only the chosen structures are kept, and a value the
+    folder does not name is an error naming it (the app keeps working)."""
+    from pclseg.io import read_label, read_volume, write_image
+
+    logic, data = an_app.logic, an_app.logic.data
+    source = Path(data.volumes[0])
+    volume = read_volume(source)
+    truth = read_label(a_sample_folder / "labelsTr" / source.name, volume)
+    sparse = np.zeros_like(truth)
+    sparse[[3, 6]] = truth[[3, 6]]
+    assert len(np.unique(sparse[[3, 6]])) > 2, "the sample's slices should hold 2+ structures"
+    folder = tmp_path / "annotations"
+    write_image(volume.to_image(sparse.astype(np.uint8)), folder / "sample_00.nrrd")
+    named = [label.name for label in segment_labels(a_sample_folder)]
+    logic.settings.annotations = folder
+    try:
+        data.chosen_structures = named
+        asyncio.run(logic.open_volume())
+        assert data.message_kind == MessageKind.INFO, data.message
+        assert "sample_00.nrrd holds 2 slice(s)" in data.message
+        assert data.annotated_slices == [3, 6]
+        opened = logic.scene.require()
+        loaded = opened.volume.geometry.to_canonical(
+            mrml.annotation_array(opened.annotation, opened.node, opened_labels(opened)))
+        np.testing.assert_array_equal(loaded, sparse)
+
+        data.chosen_structures = named[:1]  # only the chosen structure is painted
+        asyncio.run(logic.open_volume())
+        opened = logic.scene.require()
+        loaded = opened.volume.geometry.to_canonical(
+            mrml.annotation_array(opened.annotation, opened.node, opened_labels(opened)))
+        np.testing.assert_array_equal(loaded, np.where(sparse == 1, 1, 0))
+
+        sparse[3, 0, 0] = 9  # a value dataset.json does not name
+        write_image(volume.to_image(sparse.astype(np.uint8)), folder / "sample_00.nrrd")
+        asyncio.run(logic.open_volume())
+        assert data.message_kind == MessageKind.ERROR and "value(s) 9" in data.message
+        (folder / "sample_00.nrrd").unlink()
+        asyncio.run(logic.open_volume())  # no file of that name: an empty annotation
+        assert data.message_kind == MessageKind.INFO and data.annotated_slices == []
+    finally:
+        logic.settings.annotations = None
+        data.chosen_structures = named[:1]
+
+
+def test_annotations_folder_must_exist(tmp_path):
+    with pytest.raises(PCLSegError, match="no such folder"):
+        AppSettings(annotations=tmp_path / "missing")
 
 
 @pytest.mark.slow

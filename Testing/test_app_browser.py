@@ -3,8 +3,8 @@ errors show as messages and the app keeps working, and the loop (paint with the 
 suggest a slice, export) puts the prediction's colour on the slice view.
 
 The app runs as ``pclseg app`` on the built-in sample with a tiny training budget; the
-browser is Debian's Chromium driven by Playwright. With ``PCLSEG_UPDATE_SCREENSHOTS=1`` the
-loop's screenshot replaces the README's (``Resources/Screenshots/app.png``).
+browser is Debian's Chromium driven by Playwright. (The README's picture of the app comes from
+``Resources/render.py``, on real data.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "Resources" / "Screenshots" / "app.png"
 VIEWPORT = {"width": 1280, "height": 800}
 #: Rendering and training on a loaded 2-core CPU take a while; generous but finite waits.
 START_TIMEOUT_S = 120
@@ -194,15 +193,6 @@ def scroll_slices(page, box: dict, clicks: int) -> None:
         page.wait_for_timeout(300)
 
 
-def save_for_readme(screenshot: Path, target: Path) -> None:
-    """A 256-colour copy of the screenshot (a third of the size, same look)."""
-    from PIL import Image  # Pillow comes with trame-slicer
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.open(screenshot).convert("RGB")
-    image.quantize(256, dither=Image.Dither.NONE).save(target, optimize=True)
-
-
 # --- tests -----------------------------------------------------------------------------------
 
 
@@ -278,9 +268,6 @@ def test_pretrain_paint_fine_tune_suggest_and_see_the_prediction(
     exports = sorted(p.name for p in (a_workdir / "exports").iterdir())
     assert any(name.endswith(".seg.nrrd") for name in exports)
     assert any(name.endswith("-labels.nii.gz") for name in exports)
-
-    if os.environ.get("PCLSEG_UPDATE_SCREENSHOTS"):
-        save_for_readme(tmp_path / "loop.png", SCREENSHOT)
 
 
 def test_a_token_keeps_out_browsers_without_it(a_browser, a_sample_folder, tmp_path):

@@ -38,7 +38,13 @@ from .layout_ui import PCLAppUI
 from .scene import VolumeScene
 from .settings import AppSettings
 from .state import NAMESPACE, RANDOM_INIT, AppState, JobKind, MessageKind
-from .workspace import Workspace, images_folder, list_volumes, segment_labels
+from .workspace import (
+    Workspace,
+    annotation_file,
+    images_folder,
+    list_volumes,
+    segment_labels,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -166,17 +172,24 @@ class PCLAppLogic:
         if not labels:
             raise PCLSegError("choose at least one structure to segment under 1. Data")
         opened = self.scene.open(source, labels, self.workspace.scratch_for(source))
+        annotated: list[int] = []
+        loaded = (annotation_file(self.settings.annotations, source)
+                  if self.settings.annotations is not None else None)
+        if loaded is not None:
+            annotated = self.scene.load_annotation(loaded, labels, segment_labels(folder))
         with self.server.state:
             self.data.opened_volume = str(source)
-            self.data.annotated_slices = []
+            self.data.annotated_slices = annotated
             self.data.current_suggestion = -1
             self.data.has_prediction = False
             self.data.refine_rounds = 0
             self.data.exported = []
+        start = (f"its annotation from {loaded.name} holds {len(annotated)} slice(s); paint more "
+                 "or fine-tune" if loaded is not None else
+                 "paint a few with the brush, then fine-tune")
         self.tell(
             f"opened {source.name}: {opened.volume.shape[0]} {opened.volume.slice_axis_name} "
-            f"slices; paint a few with the brush, then fine-tune"
-            + "".join(f". {note}" for note in opened.notes),
+            f"slices; {start}" + "".join(f". {note}" for note in opened.notes),
         )
 
     # -- 2. Encoder -------------------------------------------------------------------------

@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import slicer
 from trame_slicer.core import SlicerApp
 
 from .. import mrml
 from ..errors import PCLSegError
 from ..io import Volume, read_volumes, volume_name, write_image
-from ..labels import Label
+from ..labels import Label, check_label_values
 from ..segment_logic import SegmentLogic
 
 IMAGE_FILE = "image.nrrd"
@@ -67,6 +68,20 @@ class VolumeScene:
         self.opened = OpenedVolume(source, node, mrml.engine_volume(node), annotation, prediction,
                                    volume.notes)
         return self.opened
+
+    def load_annotation(self, path: Path, chosen: list[Label], named: list[Label]) -> list[int]:
+        """Replace the annotation with the label map ``path`` (on the volume's grid), keeping
+        the ``chosen`` structures; returns the annotated slices.
+
+        A value that ``named`` (the folder's structures) does not name is an error naming it:
+        an annotation must never be dropped without a word.
+        """
+        opened = self.require()
+        array = mrml.read_prediction(path, opened.volume)
+        check_label_values(array, named, path.name, "the folder's dataset.json")
+        kept = np.where(np.isin(array, [label.value for label in chosen]), array, 0)
+        mrml.label_array_to_segmentation(kept, opened.annotation, opened.node, chosen)
+        return self.annotated_slices()
 
     def annotated_slices(self) -> list[int]:
         """Canonical slices that are annotated: painted, or accepted from a prediction."""

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device of 'Pretrain on folder': auto, cpu, cuda or mps")
     parser.add_argument("--no-amp", action="store_true",
                         help="float32 throughout (default: bf16/fp16 where the hardware has it)")
+    parser.add_argument("--annotations", metavar="FOLDER", default=None,
+                        help="label maps to start from: opening a volume loads the one of the "
+                             "same name as its annotation")
 
 
 def settings_from_args(args: argparse.Namespace) -> AppSettings:
@@ -51,6 +54,7 @@ def settings_from_args(args: argparse.Namespace) -> AppSettings:
         features=args.features,
         device=args.device,
         amp=not args.no_amp,
+        annotations=Path(args.annotations) if args.annotations else None,
     )
 
 

@@ -35,6 +35,10 @@ class AppSettings:
             encoder's architecture; the warm worker picks its own device.
         amp: mixed precision (bf16/fp16 where the hardware computes in it) for pretraining and
             fine-tuning; False: float32 throughout.
+        annotations: a folder of label maps to start from: opening a volume loads the label
+            map of the same name (if there is one) as its annotation, so work painted
+            elsewhere, or a few slices of a reference, continue here. Its slices that hold a
+            label count as annotated.
     """
 
     folder: Path | None = None
@@ -48,10 +52,14 @@ class AppSettings:
     features: int = 32
     device: str = "auto"
     amp: bool = True
+    annotations: Path | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
         self.folder = Path(self.folder) if self.folder else None
+        self.annotations = Path(self.annotations) if self.annotations else None
+        if self.annotations is not None and not self.annotations.is_dir():
+            raise PCLSegError(f"--annotations {self.annotations}: no such folder")
         if not 0 <= self.port <= 65535:
             raise PCLSegError(f"--port must be in 0..65535, got {self.port}")
         if self.refine_steps < 0:

@@ -60,6 +60,20 @@ class Workspace:
         return self.exports / f"{name}.seg.nrrd", self.exports / f"{name}-labels.nii.gz"
 
 
+def annotation_file(folder: Path, volume: Path) -> Path | None:
+    """The label map in ``folder`` named like ``volume`` (``ct_01.nrrd`` for ``ct_01.nii.gz``),
+    or None."""
+    if not Path(folder).is_dir():
+        raise PCLSegError(f"--annotations {folder}: no such folder")
+    try:
+        candidates = discover_volumes(folder)
+    except PCLSegError:  # nothing in it (yet)
+        return None
+    name = volume_name(volume)
+    found = [path for path in candidates if volume_name(path) == name]
+    return found[0] if found else None
+
+
 def images_folder(folder: Path) -> Path:
     """``folder/imagesTr`` for a Decathlon-style folder, else ``folder``."""
     folder = Path(folder)

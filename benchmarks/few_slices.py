@@ -17,6 +17,8 @@ whole slice           the defaults without the region of interest
 fused                 "no prior"'s network, its probabilities averaged with the prior's
                       one-hot between annotated slices (weight ``--fuse-weight``)
 old default           the settings before: whole slice, no prior, 300 steps, cosine decay
+batch 4               the defaults with batches of 4 slices instead of 8 (half the work a
+                      step: with k <= 8 a batch of 8 repeats slices anyway)
 ===================== ======================================================================
 
 Each arm runs from random init and from every ``--encoder NAME=RUN_DIR`` (a pretraining run;
@@ -56,11 +58,11 @@ from pclseg.session import RefineSession
 from pclseg.suggest import spread_over_extent
 
 FILL = "Fill between slices"
-DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD = (
+DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4 = (
     "default", "default, no post", "no prior", "prior between only", "whole slice", "fused",
-    "old default",
+    "old default", "batch 4",
 )
-ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD)
+ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4)
 #: Arms scored from another arm's network, and which.
 SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR}
 OLD_STEPS = 300
@@ -74,6 +76,8 @@ def arm_config(arm: str, base: FinetuneConfig) -> tuple[FinetuneConfig, int | No
         return dataclasses.replace(base, prior_beyond=False), None
     if arm == WHOLE:
         return dataclasses.replace(base, roi=False), None
+    if arm == BATCH4:
+        return dataclasses.replace(base, batch_size=4), None
     if arm == OLD:
         return dataclasses.replace(base, roi=False, prior=False, postprocess=False), OLD_STEPS
     return base, None

@@ -167,8 +167,8 @@ class PCLAppLogic:
             raise PCLSegError("choose a volume first")
         source = Path(self.data.volume)
         folder = Path(self.data.folder) if self.data.folder else source.parent
-        labels = [label for label in segment_labels(folder)
-                  if label.name in self.data.chosen_structures]
+        named = segment_labels(folder)
+        labels = [label for label in named if label.name in self.data.chosen_structures]
         if not labels:
             raise PCLSegError("choose at least one structure to segment under 1. Data")
         opened = self.scene.open(source, labels, self.workspace.scratch_for(source))
@@ -176,7 +176,7 @@ class PCLAppLogic:
         loaded = (annotation_file(self.settings.annotations, source)
                   if self.settings.annotations is not None else None)
         if loaded is not None:
-            annotated = self.scene.load_annotation(loaded, labels, segment_labels(folder))
+            annotated = self.scene.load_annotation(loaded, labels, named)
         with self.server.state:
             self.data.opened_volume = str(source)
             self.data.annotated_slices = annotated

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import slicer
 from trame_slicer.core import SlicerApp
 
@@ -79,8 +78,8 @@ class VolumeScene:
         opened = self.require()
         array = mrml.read_prediction(path, opened.volume)
         check_label_values(array, named, path.name, "the folder's dataset.json")
-        kept = np.where(np.isin(array, [label.value for label in chosen]), array, 0)
-        mrml.label_array_to_segmentation(kept, opened.annotation, opened.node, chosen)
+        # one segment per chosen label: the values of other structures are left out
+        mrml.label_array_to_segmentation(array, opened.annotation, opened.node, chosen)
         return self.annotated_slices()
 
     def annotated_slices(self) -> list[int]:

@@ -1,0 +1,210 @@
+"""Does pretraining longer pay? Few-slice Dice against the length of PCL pretraining.
+
+For each length E of ``--epochs``, PCL pretrains for E epochs on every volume's images (no
+labels; its own cosine schedule, as a user who asks for E epochs gets; the volumes later
+annotated included, as a user pretrains on their whole folder). Then, side by side on the same
+volumes, k annotated slices and seeds, the few-slice default (``RefineSession``, what every face
+runs) is fine-tuned from random init and from each encoder, and scored on the unannotated slices
+(the slices and scoring of ``few_slices.py``).
+
+    python benchmarks/pretrain_length.py --data ../shared/data/chaos-t2 --epochs 25 50 100 200 \
+        --first 5 --ks 2 4 --out runs/pretrain_length
+
+Everything is resumable, since the whole curve takes hours on a CPU: a pretraining run that was
+stopped continues from its checkpoint, a finished one is reused, and every fine-tuning run is
+appended to ``--out``/runs.jsonl as it finishes and skipped when started again. The table (mean ±
+std per length and k, paired difference to random init, runs ahead) goes to
+``--out``/summary.md and the curve to ``--out``/dice_vs_epochs.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from dataset_runs import chosen_images, finished_runs, structure_names
+from few_slices import DEFAULT, run_arms
+
+from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig
+from pclseg.device import use_all_cores
+from pclseg.evaluate import mean_foreground_dice
+from pclseg.io import read_label, read_volume
+from pclseg.pretrain import pretrain
+from pclseg.progress import Progress
+from pclseg.suggest import spread_over_extent
+
+RANDOM = "random"
+
+
+def encoder_name(epochs: int) -> str:
+    return f"PCL {epochs} ep"
+
+
+def pretrained(data: Path, runs: Path, epochs: int, args: argparse.Namespace) -> Path:
+    """The run directory of a finished ``epochs``-epoch pretraining, trained first if needed
+    (continued when a stopped run is there); its seconds and final loss are logged."""
+    run_dir = runs / f"pcl_{epochs}"
+    log = args.out / "pretraining.jsonl"
+    if any(r["epochs"] == epochs for r in finished_runs(log)):
+        return run_dir
+    cfg = PretrainConfig(epochs=epochs, seed=args.pretrain_seed, device=args.device,
+                         preprocess=PreprocessConfig(size=args.size),
+                         model=ModelConfig(features=args.features))
+    resume = (run_dir / "checkpoint.json").exists()
+    print(f"pretraining {epochs} epochs -> {run_dir}" + (" (resumed)" if resume else ""),
+          flush=True)
+    start = time.perf_counter()
+    result = pretrain(data / "imagesTr", run_dir, cfg, resume=resume, progress=Progress("bar"))
+    if result.stopped:
+        raise SystemExit(f"pretraining {epochs} epochs was stopped; run again to continue")
+    with log.open("a") as f:
+        f.write(json.dumps({"epochs": epochs, "seconds": time.perf_counter() - start,
+                            "resumed": resume, "final_loss": result.final_loss}) + "\n")
+    return run_dir
+
+
+def summary(rows: list[dict], lengths: list[int]) -> str:
+    """Mean ± std per init and k; each encoder's paired difference to random init."""
+    inits = [RANDOM] + [encoder_name(e) for e in lengths]
+    ks = sorted({r["k"] for r in rows})
+    lines = ["| init | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for init in inits:
+        cells = []
+        for k in ks:
+            mine = {(r["volume"], r["seed"]): r["dice"] for r in rows
+                    if r["init"] == init and r["k"] == k}
+            if not mine:
+                cells.append("")
+                continue
+            scores = np.array(list(mine.values()))
+            cell = f"{scores.mean():.3f} ± {scores.std():.3f}"
+            if init != RANDOM:
+                base = {(r["volume"], r["seed"]): r["dice"] for r in rows
+                        if r["init"] == RANDOM and r["k"] == k}
+                diff = np.array([mine[key] - base[key] for key in mine if key in base])
+                if len(diff):
+                    cell += (f" ({diff.mean():+.3f} ± {diff.std():.3f}, "
+                             f"{int((diff > 0).sum())}/{len(diff)})")
+            cells.append(cell)
+        lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
+    """Dice against pretraining epochs per k (mean ± std), random init as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for index, k in enumerate(sorted({r["k"] for r in rows})):
+        color = f"C{index}"
+        xs, means, stds = [], [], []
+        for epochs in lengths:
+            scores = [r["dice"] for r in rows if r["k"] == k and r["init"] == encoder_name(epochs)]
+            if scores:
+                xs.append(epochs)
+                means.append(np.mean(scores))
+                stds.append(np.std(scores))
+        if xs:
+            axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color,
+                          label=f"PCL, k = {k}")
+        random = [r["dice"] for r in rows if r["k"] == k and r["init"] == RANDOM]
+        if random:
+            axes.axhline(np.mean(random), color=color, linestyle="--",
+                         label=f"random init, k = {k}")
+    axes.set_xscale("log")
+    axes.set_xticks(lengths)
+    axes.set_xticklabels([str(e) for e in lengths])
+    axes.set_xlabel("PCL pretraining epochs")
+    axes.set_ylabel("Dice on the unannotated slices")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="imagesTr + labelsTr folder")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="where the pretraining runs go (default: --out/pretraining)")
+    parser.add_argument("--out", type=Path, default=Path("runs/pretrain_length"))
+    parser.add_argument("--volumes", nargs="*", default=None)
+    parser.add_argument("--first", type=int, default=5, help="fine-tune on the first N volumes")
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--pretrain-seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--features", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the summary and plot from runs.jsonl, train nothing")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    lengths = sorted(args.epochs)
+
+    if not args.report_only:
+        threads = use_all_cores()
+        machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                   else f"{platform.machine()} CPU, {threads} threads")
+        print(f"{machine}; size {args.size}, features {args.features}; epochs {lengths}",
+              flush=True)
+        inits: dict[str, Path | None] = {RANDOM: None}
+        for epochs in lengths:
+            inits[encoder_name(epochs)] = pretrained(args.data, args.runs or args.out /
+                                                     "pretraining", epochs, args)
+        names = structure_names(args.data)
+        done = {(r["volume"], r["k"], r["seed"], r["init"]) for r in finished_runs(log)}
+        for image in chosen_images(args.data, args.volumes, args.first):
+            volume = read_volume(image)
+            truth = read_label(args.data / "labelsTr" / image.name, volume)
+            classes = int(truth.max()) + 1
+            for k in args.ks:
+                chosen = spread_over_extent(truth, k)
+                others = np.setdiff1d(np.arange(len(truth)), chosen)
+                for seed in args.seeds:
+                    base = FinetuneConfig(seed=seed, device=args.device,
+                                          preprocess=PreprocessConfig(size=args.size),
+                                          model=ModelConfig(features=args.features))
+                    for init_name, init in inits.items():
+                        if (volume.name, k, seed, init_name) in done:
+                            continue
+                        (pred, seconds, steps, fit), = run_arms(
+                            volume, truth, chosen, init, [DEFAULT], base, args, names
+                        ).values()
+                        dice = mean_foreground_dice(pred[others], truth[others], classes)
+                        row = {"volume": volume.name, "k": k, "seed": seed, "init": init_name,
+                               "slices": chosen, "dice": dice, "seconds": seconds,
+                               "steps": steps, "fit": fit}
+                        with log.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        print(f"{volume.name} k={k} seed {seed} {init_name}: Dice {dice:.3f} "
+                              f"({seconds:.0f} s, {steps} steps)", flush=True)
+
+    rows = finished_runs(log)
+    pretraining = finished_runs(args.out / "pretraining.jsonl")
+    lines = [f"Few-slice Dice against PCL pretraining length ({len({r['volume'] for r in rows})} "
+             f"volumes; mean ± std over volumes x seeds; in brackets: paired difference to random "
+             "init ± std, runs ahead)", "", summary(rows, lengths), "",
+             "Pretraining: " + ", ".join(f"{r['epochs']} epochs {r['seconds'] / 60:.0f} min "
+                                         f"(final loss {r['final_loss']:.3f})"
+                                         for r in sorted(pretraining, key=lambda r: r["epochs"]))]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (args.out / "summary.md").write_text(text)
+    if rows:
+        plot(rows, lengths, args.out / "dice_vs_epochs.png")
+
+
+if __name__ == "__main__":
+    main()

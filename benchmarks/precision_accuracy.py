@@ -5,7 +5,8 @@ in bf16 (autocast), then fine-tune the few-slice default (``RefineSession``: reg
 channels, until fit, post-processing) on k annotated slices of each ``--volumes`` volume from
 the encoder of the same precision, in that precision, and score Dice on the other slices. The
 fp32 model's prediction is then repeated under bf16 autocast (the same weights) and compared
-voxel by voxel with its fp32 prediction.
+voxel by voxel with its fp32 prediction. The third arm, "bf16 pretraining", fine-tunes in fp32
+from the bf16 encoder: when bf16 loses Dice, it tells whether pretraining or fine-tuning lost it.
 
     python benchmarks/precision_accuracy.py --data ../shared/data/chaos-t2 \
         --volumes chaos_01 chaos_02 --k 4 --seeds 0 1 2 --out runs/precision
@@ -39,7 +40,9 @@ from pclseg.pretrain import pretrain
 from pclseg.session import RefineSession
 from pclseg.suggest import spread_over_extent
 
-PRECISIONS = ("fp32", "bf16")
+CROSS = "bf16 pretraining"
+#: Arm -> (pretraining precision, fine-tuning precision).
+ARMS = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), CROSS: ("bf16", "fp32")}
 
 
 def pretrain_run(precision: str, seed: int, images: list[Path], args: argparse.Namespace,
@@ -64,19 +67,20 @@ def pretrain_run(precision: str, seed: int, images: list[Path], args: argparse.N
     return run_dir
 
 
-def finetune_run(precision: str, seed: int, encoder: Path, image: Path, args: argparse.Namespace,
+def finetune_run(arm: str, seed: int, encoder: Path, image: Path, args: argparse.Namespace,
                  names: list[str], log: Path, done: dict) -> None:
-    """Fine-tune on k slices of ``image`` in ``precision``; Dice on the other slices. After the
-    fp32 run, the same model predicts under bf16 autocast, compared voxel by voxel."""
+    """Fine-tune on k slices of ``image`` in the arm's fine-tuning precision; Dice on the other
+    slices. After the fp32 arm, the same model predicts under bf16 autocast, compared voxel by
+    voxel."""
     volume = read_volume(image)
-    key = ("finetune", precision, seed, volume.name)
+    key = ("finetune", arm, seed, volume.name)
     if key in done:
         return
     truth = read_label(args.data / "labelsTr" / image.name, volume)
     classes = int(truth.max()) + 1
     chosen = spread_over_extent(truth, args.k)
     others = np.setdiff1d(np.arange(len(truth)), chosen)
-    cfg = FinetuneConfig(seed=seed, device="cpu", amp=precision == "bf16",
+    cfg = FinetuneConfig(seed=seed, device="cpu", amp=ARMS[arm][1] == "bf16",
                          preprocess=PreprocessConfig(size=args.size),
                          model=ModelConfig(features=args.features))
     start = time.perf_counter()
@@ -84,11 +88,11 @@ def finetune_run(precision: str, seed: int, encoder: Path, image: Path, args: ar
     session.set_annotations(truth, chosen)
     session.refine()
     prediction = session.predict()
-    row = {"stage": "finetune", "precision": precision, "seed": seed, "volume": volume.name,
+    row = {"stage": "finetune", "precision": arm, "seed": seed, "volume": volume.name,
            "k": args.k, "slices": chosen, "steps": session.steps_done,
            "seconds": time.perf_counter() - start,
            "dice": mean_foreground_dice(prediction[others], truth[others], classes)}
-    if precision == "fp32":
+    if arm == "fp32":
         session.set_mixed_precision(True)
         in_bf16 = session.predict()
         row["bf16_predict"] = {
@@ -142,6 +146,17 @@ def summary(done: dict, machine: str, args: argparse.Namespace) -> str:
         lines.append(f"| {label} | {mean_std([a for a, _ in pairs], digits)} | "
                      f"{mean_std([b for _, b in pairs], digits)} | {mean_std(diffs, digits)} | "
                      f"{sum(d > 0 for d in diffs)}/{len(diffs)} |")
+    for field in ("dice", "steps"):
+        pairs = [(r[field], fine[(CROSS, *rest)][field]) for (p, *rest), r in fine.items()
+                 if p == "fp32" and (CROSS, *rest) in fine]
+        if pairs:
+            diffs = [b - a for a, b in pairs]
+            digits = 0 if field == "steps" else 3
+            label = {"dice": "few-slice Dice", "steps": "fine-tuning steps"}[field]
+            lines.append(f"| {label}, bf16 pretraining + fp32 fine-tuning | "
+                         f"{mean_std([a for a, _ in pairs], digits)} | "
+                         f"{mean_std([b for _, b in pairs], digits)} | {mean_std(diffs, digits)}"
+                         f" | {sum(d > 0 for d in diffs)}/{len(diffs)} |")
     repeats = [(fine[("fp32", 0, v)]["dice"], fine[("fp32", 1, v)]["dice"])
                for (p, seed, v) in fine if p == "fp32" and seed == 0 and ("fp32", 1, v) in fine]
     if repeats:
@@ -175,6 +190,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("runs/precision"))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--report-only", action="store_true",
                         help="only write the tables of the runs already in --out/runs.jsonl")
     args = parser.parse_args()
@@ -192,10 +208,10 @@ def main() -> None:
     names = structure_names(args.data)
     images = chosen_images(args.data, args.volumes, None)
     for seed in [] if args.report_only else args.seeds:
-        for precision in PRECISIONS:
-            encoder = pretrain_run(precision, seed, pretrain_images, args, log, done)
+        for arm in args.arms:
+            encoder = pretrain_run(ARMS[arm][0], seed, pretrain_images, args, log, done)
             for image in images:
-                finetune_run(precision, seed, encoder, image, args, names, log, done)
+                finetune_run(arm, seed, encoder, image, args, names, log, done)
     report = summary(done, machine, args)
     (args.out / "summary.md").write_text(report + "\n")
     print(report)

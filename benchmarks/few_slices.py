@@ -56,7 +56,7 @@ from dataset_runs import chosen_images, finished_runs, structure_names
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.device import use_all_cores
-from pclseg.evaluate import mean_foreground_dice
+from pclseg.evaluate import dice_per_class, mean_foreground_dice
 from pclseg.interpolate import fill_between_slices
 from pclseg.io import read_label, read_volume
 from pclseg.progress import Progress
@@ -324,6 +324,11 @@ def main() -> None:
             def score(pred: np.ndarray, others=others, truth=truth, classes=classes) -> float:
                 return mean_foreground_dice(pred[others], truth[others], classes)
 
+            def per_structure(pred: np.ndarray, others=others, truth=truth,
+                              classes=classes) -> dict[str, float | None]:
+                scores = dice_per_class(pred[others], truth[others], range(1, classes))
+                return {names[c - 1]: d for c, d in scores.items()}
+
             fill_mask = fill_between_slices(truth, chosen)
             fill = score(fill_mask)
             for seed in args.seeds:
@@ -333,7 +338,8 @@ def main() -> None:
                                       preprocess=PreprocessConfig(size=args.size),
                                       model=ModelConfig(features=args.features))
                 row = {"volume": volume.name, "k": k, "seed": seed, "slices": chosen,
-                       "dice": {FILL: fill}, "seconds": {}, "steps": {}, "fit": {}}
+                       "dice": {FILL: fill}, "seconds": {}, "steps": {}, "fit": {},
+                       "structures": {FILL: per_structure(fill_mask)}}
                 masks = {FILL: fill_mask}
                 for init_name, init in inits.items():
                     results = run_arms(volume, truth, chosen, init, arm_lists[init_name], base,
@@ -344,6 +350,7 @@ def main() -> None:
                         row["seconds"][key] = seconds
                         row["steps"][key] = steps
                         row["fit"][key] = fit
+                        row["structures"][key] = per_structure(pred)
                         masks[key] = pred
                 if args.figure == f"{volume.name}:{k}" and seed == 0:
                     scored = {f"{n}\nDice {row['dice'][n]:.2f}": m for n, m in masks.items()}

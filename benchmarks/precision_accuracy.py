@@ -91,7 +91,9 @@ def finetune_run(arm: str, seed: int, encoder: Path, image: Path, args: argparse
     row = {"stage": "finetune", "precision": arm, "seed": seed, "volume": volume.name,
            "k": args.k, "slices": chosen, "steps": session.steps_done,
            "seconds": time.perf_counter() - start,
-           "dice": mean_foreground_dice(prediction[others], truth[others], classes)}
+           "dice": mean_foreground_dice(prediction[others], truth[others], classes),
+           "structures": {names[c - 1]: d for c, d in dice_per_class(
+               prediction[others], truth[others], range(1, classes)).items()}}
     if arm == "fp32":
         session.set_mixed_precision(True)
         in_bf16 = session.predict()

@@ -1,11 +1,15 @@
 """What the benchmarks share: the volumes of an imagesTr + labelsTr folder, its structure names,
-and the runs a resumable benchmark has already appended to its runs.jsonl."""
+the Dice of each structure, and the runs a resumable benchmark has already appended to its
+runs.jsonl."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
+
+from pclseg.evaluate import dice_per_class
 from pclseg.io import discover_volumes
 
 
@@ -22,6 +26,14 @@ def structure_names(data: Path) -> list[str]:
     """The foreground label names of ``data/dataset.json``, in label-value order."""
     labels = json.loads((data / "dataset.json").read_text())["labels"]
     return [labels[k] for k in sorted(labels, key=int) if int(k) > 0]
+
+
+def structure_dice(pred: np.ndarray, truth: np.ndarray,
+                   names: list[str]) -> dict[str, float | None]:
+    """Dice of each structure by name (``None`` where neither map holds it): a mean that drops
+    by 0.2 is one structure lost, and a row should say which."""
+    scores = dice_per_class(pred, truth, range(1, len(names) + 1))
+    return {names[c - 1]: d for c, d in scores.items()}
 
 
 def finished_runs(log: Path) -> list[dict]:

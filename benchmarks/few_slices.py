@@ -52,11 +52,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dataset_runs import chosen_images, finished_runs, structure_names
+from dataset_runs import chosen_images, finished_runs, structure_dice, structure_names
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.device import use_all_cores
-from pclseg.evaluate import dice_per_class, mean_foreground_dice
+from pclseg.evaluate import mean_foreground_dice
 from pclseg.interpolate import fill_between_slices
 from pclseg.io import read_label, read_volume
 from pclseg.progress import Progress
@@ -114,7 +114,7 @@ def fused(session: RefineSession, weight: float) -> np.ndarray:
 def run_arms(
     volume, truth: np.ndarray, chosen: list[int], init: Path | None, arms: list[str],
     base: FinetuneConfig, args: argparse.Namespace, labels: list[str],
-) -> dict[str, tuple[np.ndarray, float, int]]:
+) -> dict[str, tuple[np.ndarray, float, int, dict]]:
     """Predictions, seconds to fine-tune + predict, steps trained and how the stop rule ended
     the run (its reason, and the training-slice Dice at every check), of every trained arm and
     of the arms that share its network."""
@@ -324,10 +324,9 @@ def main() -> None:
             def score(pred: np.ndarray, others=others, truth=truth, classes=classes) -> float:
                 return mean_foreground_dice(pred[others], truth[others], classes)
 
-            def per_structure(pred: np.ndarray, others=others, truth=truth,
-                              classes=classes) -> dict[str, float | None]:
-                scores = dice_per_class(pred[others], truth[others], range(1, classes))
-                return {names[c - 1]: d for c, d in scores.items()}
+            def per_structure(pred: np.ndarray, others=others,
+                              truth=truth) -> dict[str, float | None]:
+                return structure_dice(pred[others], truth[others], names)
 
             fill_mask = fill_between_slices(truth, chosen)
             fill = score(fill_mask)

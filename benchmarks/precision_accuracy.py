@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from dataset_runs import chosen_images, finished_runs, structure_names
+from dataset_runs import chosen_images, finished_runs, structure_dice, structure_names
 
 import pclseg.device
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig
 from pclseg.device import use_all_cores
-from pclseg.evaluate import dice_per_class, mean_foreground_dice
+from pclseg.evaluate import mean_foreground_dice
 from pclseg.io import read_label, read_volume
 from pclseg.pretrain import pretrain
 from pclseg.session import RefineSession
@@ -92,8 +92,7 @@ def finetune_run(arm: str, seed: int, encoder: Path, image: Path, args: argparse
            "k": args.k, "slices": chosen, "steps": session.steps_done,
            "seconds": time.perf_counter() - start,
            "dice": mean_foreground_dice(prediction[others], truth[others], classes),
-           "structures": {names[c - 1]: d for c, d in dice_per_class(
-               prediction[others], truth[others], range(1, classes)).items()}}
+           "structures": structure_dice(prediction[others], truth[others], names)}
     if arm == "fp32":
         session.set_mixed_precision(True)
         in_bf16 = session.predict()
@@ -101,8 +100,7 @@ def finetune_run(arm: str, seed: int, encoder: Path, image: Path, args: argparse
             "dice": mean_foreground_dice(in_bf16[others], truth[others], classes),
             "voxel_agreement": float((in_bf16 == prediction).mean()),
             "changed_voxels": int((in_bf16 != prediction).sum()),
-            "dice_to_fp32": {names[c - 1]: d for c, d in
-                             dice_per_class(in_bf16, prediction, range(1, classes)).items()},
+            "dice_to_fp32": structure_dice(in_bf16, prediction, names),
         }
     append(log, row, done, key)
 
@@ -125,6 +123,15 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
+def paired_row(label: str, pairs: list[tuple[float, float]], digits: int) -> str:
+    """A table row: fp32 and the other arm (mean ± std), their paired difference, and in how
+    many pairs the other arm is ahead."""
+    diffs = [b - a for a, b in pairs]
+    return (f"| {label} | {mean_std([a for a, _ in pairs], digits)} | "
+            f"{mean_std([b for _, b in pairs], digits)} | {mean_std(diffs, digits)} | "
+            f"{sum(d > 0 for d in diffs)}/{len(diffs)} |")
+
+
 def summary(done: dict, machine: str, args: argparse.Namespace) -> str:
     """Pretraining loss and time, downstream Dice per precision with the paired difference,
     and the fp32 models' agreement with their own bf16 prediction."""
@@ -143,22 +150,13 @@ def summary(done: dict, machine: str, args: argparse.Namespace) -> str:
                  for (p, *rest) in table if p == "fp32" and ("bf16", *rest) in table]
         if not pairs:
             continue
-        diffs = [b - a for a, b in pairs]
-        digits = 0 if field in ("seconds", "steps") else 3
-        lines.append(f"| {label} | {mean_std([a for a, _ in pairs], digits)} | "
-                     f"{mean_std([b for _, b in pairs], digits)} | {mean_std(diffs, digits)} | "
-                     f"{sum(d > 0 for d in diffs)}/{len(diffs)} |")
-    for field in ("dice", "steps"):
+        lines.append(paired_row(label, pairs, 0 if field in ("seconds", "steps") else 3))
+    for label, field in (("few-slice Dice", "dice"), ("fine-tuning steps", "steps")):
         pairs = [(r[field], fine[(CROSS, *rest)][field]) for (p, *rest), r in fine.items()
                  if p == "fp32" and (CROSS, *rest) in fine]
         if pairs:
-            diffs = [b - a for a, b in pairs]
-            digits = 0 if field == "steps" else 3
-            label = {"dice": "few-slice Dice", "steps": "fine-tuning steps"}[field]
-            lines.append(f"| {label}, bf16 pretraining + fp32 fine-tuning | "
-                         f"{mean_std([a for a, _ in pairs], digits)} | "
-                         f"{mean_std([b for _, b in pairs], digits)} | {mean_std(diffs, digits)}"
-                         f" | {sum(d > 0 for d in diffs)}/{len(diffs)} |")
+            lines.append(paired_row(f"{label}, bf16 pretraining + fp32 fine-tuning", pairs,
+                                    0 if field == "steps" else 3))
     repeats = [(fine[("fp32", 0, v)]["dice"], fine[("fp32", 1, v)]["dice"])
                for (p, seed, v) in fine if p == "fp32" and seed == 0 and ("fp32", 1, v) in fine]
     if repeats:

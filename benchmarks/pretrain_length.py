@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dataset_runs import chosen_images, finished_runs, structure_names
+from dataset_runs import chosen_images, finished_runs, structure_dice, structure_names
 from few_slices import DEFAULT, run_arms
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig
 from pclseg.device import use_all_cores
-from pclseg.evaluate import dice_per_class, mean_foreground_dice
+from pclseg.evaluate import mean_foreground_dice
 from pclseg.io import read_label, read_volume
 from pclseg.pretrain import pretrain
 from pclseg.progress import Progress
@@ -183,12 +183,10 @@ def main() -> None:
                             volume, truth, chosen, init, [DEFAULT], base, args, names
                         ).values()
                         dice = mean_foreground_dice(pred[others], truth[others], classes)
-                        structures = dice_per_class(pred[others], truth[others],
-                                                    range(1, classes))
                         row = {"volume": volume.name, "k": k, "seed": seed, "init": init_name,
                                "slices": chosen, "dice": dice, "seconds": seconds,
                                "steps": steps, "fit": fit,
-                               "structures": {names[c - 1]: d for c, d in structures.items()}}
+                               "structures": structure_dice(pred[others], truth[others], names)}
                         with log.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         print(f"{volume.name} k={k} seed {seed} {init_name}: Dice {dice:.3f} "

@@ -208,6 +208,8 @@ def test_refine_until_fit_follows_the_stop_rule(an_image: Path, a_truth: np.ndar
     result = session.refine(progress=Progress("none", callback=events.append))
     fit = session.last_fit
     assert fit is not None and fit["reason"] in ("fit", "plateau", "cap")
+    assert set(fit["unlearned"]) <= set(np.unique(a_truth[ANNOTATED]).tolist()) - {0}
+    assert fit["reason"] != "plateau" or not fit["unlearned"]
     assert result.steps == fit["fit_steps"] + fit["anneal_steps"] <= 14 + 7
     checks = [e for e in events if e["event"] == "check"]
     assert checks and all(0 <= e["train_dice"] <= 1 for e in checks)

@@ -6,18 +6,20 @@ import pytest
 
 from pclseg.config import StopRule
 from pclseg.errors import PCLSegError
-from pclseg.stopping import FitProgress
+from pclseg.stopping import FitProgress, unlearned_note
 
 RULE = StopRule(check_every=10, fit_dice=0.9, min_gain=0.01, patience=2, min_steps=30,
                 steps_per_slice=10, max_steps=200, anneal=0.5)
 
 
-def run(dices: list[float], slices: int = 4) -> FitProgress:
-    """Feed one Dice per check until the rule ends the first phase (or the Dice run out)."""
+def run(dices: list[float | dict[int, float]], slices: int = 4) -> FitProgress:
+    """Feed one Dice per check (one number: a single structure, or one per structure) until
+    the rule ends the first phase (or the Dice run out)."""
     fit = FitProgress(slices)
     for dice in dices:
+        scores = dice if isinstance(dice, dict) else {1: dice}
         fit.steps += fit.next_chunk(RULE)
-        fit.record(dice, RULE)
+        fit.record(scores, RULE, annotated=scores)
         if fit.fit_steps is not None:
             break
     return fit
@@ -42,6 +44,22 @@ def test_the_cap_ends_it() -> None:
     assert fit.reason == "cap" and fit.fit_steps == 50
 
 
+def test_an_unlearned_structure_keeps_a_plateau_from_ending_it() -> None:
+    # three structures fit, the fourth at 0: the mean stalls at 0.72 from the second check
+    stalled = [{1: 0.95, 2: 0.95, 3: 0.98, 4: 0.0}] * 5
+    fit = run(stalled + [{1: 0.95, 2: 0.95, 3: 0.98, 4: 0.6}] * 5, slices=10)
+    assert fit.reason == "plateau" and fit.fit_steps == 80 and fit.unlearned == []
+    fit = run(stalled * 3, slices=4)
+    assert fit.reason == "cap" and fit.fit_steps == RULE.cap(4) and fit.unlearned == [4]
+
+
+def test_a_structure_only_predicted_lowers_the_mean_but_is_not_unlearned() -> None:
+    fit = FitProgress(4)
+    fit.steps = 40
+    mean = fit.record({1: 0.9, 2: 0.0}, RULE, annotated=[1])
+    assert mean == pytest.approx(0.45) and fit.unlearned == []
+
+
 def test_the_learning_rate_is_constant_then_anneals_to_zero() -> None:
     fit = run([0.95, 0.96, 0.97])
     assert fit.lr(0, 1.0) == fit.lr(29, 1.0) == 1.0
@@ -63,3 +81,15 @@ def test_bad_rules_are_clear_errors() -> None:
         StopRule(check_every=0)
     with pytest.raises(PCLSegError, match="fit_dice"):
         StopRule(fit_dice=1.5)
+    with pytest.raises(PCLSegError, match="learned_dice"):
+        StopRule(learned_dice=-0.1)
+
+
+def test_a_round_names_the_structures_it_did_not_learn() -> None:
+    from pclseg.segment_logic import RoundResult
+
+    learned = RoundResult({"liver": 10, "spleen": 0}, 0.5, 300, False, [3, 9])
+    assert "not learned" not in learned.summary()
+    missed = RoundResult({"liver": 10, "spleen": 0}, 0.5, 300, False, [3, 9], ["spleen"])
+    assert "Not learned from the annotated slices yet: spleen. Annotate it" in missed.summary()
+    assert "Annotate them" in unlearned_note(["left kidney", "spleen"])

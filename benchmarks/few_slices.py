@@ -24,6 +24,8 @@ lr 2e-3, lr 3e-3      the defaults at two and three times the learning rate (on 
                       after 400 steps at 1e-3, and were after 250 at 3e-3)
 fast                  twice the learning rate and a shorter first phase: the stop rule may end
                       it after 60 steps (not 100) and after 3 checks without a gain (not 5)
+mean-only stop        the stop rule before it watched each structure: a plateau of the mean
+                      training Dice ends the run even while a structure is still unlearned
 ===================== ======================================================================
 
 Each arm runs from random init and from every ``--encoder NAME=RUN_DIR`` (a pretraining run;
@@ -64,11 +66,12 @@ from pclseg.session import RefineSession
 from pclseg.suggest import spread_over_extent
 
 FILL = "Fill between slices"
-DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST = (
+DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST, MEAN_STOP = (
     "default", "default, no post", "no prior", "prior between only", "whole slice", "fused",
-    "old default", "batch 4", "lr 2e-3", "lr 3e-3", "fast",
+    "old default", "batch 4", "lr 2e-3", "lr 3e-3", "fast", "mean-only stop",
 )
-ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST)
+ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST,
+        MEAN_STOP)
 #: Arms scored from another arm's network, and which.
 SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR}
 OLD_STEPS = 300
@@ -89,6 +92,9 @@ def arm_config(arm: str, base: FinetuneConfig) -> tuple[FinetuneConfig, int | No
     if arm == FAST:
         stop = dataclasses.replace(base.stop, min_steps=60, patience=3)
         return dataclasses.replace(base, lr=2 * base.lr, stop=stop), None
+    if arm == MEAN_STOP:  # a plateau of the mean ends the run even with a structure unlearned
+        stop = dataclasses.replace(base.stop, learned_dice=0.0)
+        return dataclasses.replace(base, stop=stop), None
     if arm == OLD:
         return dataclasses.replace(base, roi=False, prior=False, postprocess=False), OLD_STEPS
     return base, None
@@ -131,7 +137,9 @@ def run_arms(
         session = RefineSession.from_encoder(volume, init, cfg, labels)
         session.set_annotations(truth, chosen)
         session.refine(steps, progress=Progress("none", callback=on_event))
-        fit = {"reason": (session.last_fit or {}).get("reason", "fixed"), "checks": checks}
+        last = session.last_fit or {}
+        fit = {"reason": last.get("reason", "fixed"), "unlearned": last.get("unlearned", []),
+               "checks": checks}
         out[arm] = (session.predict(), time.perf_counter() - start, session.steps_done, fit)
         for sharer, source in SHARED.items():
             if source == arm and sharer in arms:

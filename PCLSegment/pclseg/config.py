@@ -176,6 +176,11 @@ class StopRule:
     once ``patience`` checks in a row brought no gain of ``min_gain``, or at the cap
     ``min(max_steps, min_steps + steps_per_slice * N)`` for ``N`` training slices. A cosine
     anneal of ``anneal`` times the steps so far (at least one check interval) follows.
+
+    A plateau does not end the run while a structure annotated on the training slices is still
+    below ``learned_dice`` there: a network may fit three organs and miss the fourth, and the
+    mean over structures then stalls although that organ is often learned a few hundred steps
+    later. Only the cap ends such a run, and it reports the structures it did not learn.
     """
 
     check_every: int = 20
@@ -186,6 +191,7 @@ class StopRule:
     steps_per_slice: int = 50
     max_steps: int = 2000
     anneal: float = 0.25
+    learned_dice: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("check_every", "patience", "min_steps", "max_steps"):
@@ -194,6 +200,10 @@ class StopRule:
                 raise PCLSegError(f"stop rule: {name} must be at least 1, got {value}")
         if not 0 < self.fit_dice <= 1:
             raise PCLSegError(f"stop rule: fit_dice must be in (0, 1], got {self.fit_dice}")
+        if not 0 <= self.learned_dice <= 1:
+            raise PCLSegError(
+                f"stop rule: learned_dice must be in [0, 1], got {self.learned_dice}"
+            )
         if self.steps_per_slice < 0 or self.anneal < 0 or self.min_gain < 0:
             raise PCLSegError("stop rule: steps_per_slice, anneal and min_gain must be >= 0")
 

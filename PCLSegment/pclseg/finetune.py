@@ -63,7 +63,7 @@ from .preprocess import prepare_volume
 from .pretrain import get_lr
 from .progress import Progress
 from .roi import RegionOfInterest, annotation_box, region_from_boxes
-from .stopping import FitProgress
+from .stopping import FitProgress, unlearned_note
 from .trainer import Trainer, held_out_dice
 from .training_slices import TrainingSlices, annotated_slices, prepared_annotations
 
@@ -238,6 +238,7 @@ class FinetuneResult:
     loss: float
     val_dice: float | None
     stopped: bool
+    unlearned: list[int] = dataclasses.field(default_factory=list)  # see FitProgress.unlearned
 
 
 def load_training_slices(
@@ -402,6 +403,8 @@ def finetune(
                  started={"out": out, "device": str(device), "init": init_info["kind"],
                           "classes": num_classes, "desc": "fine-tuning",
                           **{k: v for k, v in data_summary.items() if k != "volumes"}})
+    if result.unlearned and not result.stopped:
+        progress.message(unlearned_note([model_labels[c - 1].name for c in result.unlearned]))
     return dataclasses.replace(result, model_dir=out)
 
 
@@ -440,8 +443,10 @@ def _train_by_rule(
     if result.stopped:
         progress.event("stopped", steps=fit.steps)
     progress.event("done", steps=fit.steps, loss=result.loss, val_dice=val_dice,
-                   train_dice=fit.best, reason=fit.reason, seconds=time.monotonic() - start)
-    return FinetuneResult(Path(), 0, fit.steps, result.loss, val_dice, result.stopped)
+                   train_dice=fit.best, reason=fit.reason, unlearned=fit.unlearned,
+                   seconds=time.monotonic() - start)
+    return FinetuneResult(Path(), 0, fit.steps, result.loss, val_dice, result.stopped,
+                          fit.unlearned)
 
 
 def _train_by_epochs(

@@ -38,6 +38,7 @@ from .io import Volume
 from .jobs import Event, Job, ProcessJob, ThreadJob, start_training
 from .labels import Label, labels_from_json
 from .pretrain_logic import engine_environment, python_executable
+from .stopping import unlearned_note
 
 #: Fill opacity of the prediction's segments in slice views (the annotation keeps Slicer's).
 PREDICTION_OPACITY = mrml.PREDICTION_FILL_OPACITY
@@ -52,14 +53,19 @@ class RoundResult:
     steps: int  # steps run (fewer when cancelled)
     cancelled: bool  # refine stopped early; the prediction is from where it stopped
     annotated: list[int]  # canonical slices trained on
+    unlearned: list[str] = field(default_factory=list)  # structures the annotations did not teach
 
     def summary(self) -> str:
         shown = ", ".join(f"{name} {voxels} voxels" for name, voxels in self.counts.items())
         stopped = " (stopped early)" if self.cancelled else ""
-        return (
+        text = (
             f"Prediction updated{stopped}: {shown}; trained {self.steps} steps on "
             f"{len(self.annotated)} slices, loss {self.loss:.4f}."
         )
+        if self.unlearned:
+            note = unlearned_note(self.unlearned)
+            text += f" {note[0].upper()}{note[1:]}"
+        return text
 
 
 @dataclass
@@ -284,12 +290,14 @@ class SegmentLogic:
                 prediction_path, annotation_node, prediction_node, session
             )
             loss = refined.get("loss")
+            unlearned = set((refined.get("fit") or {}).get("unlearned", []))
             return RoundResult(
                 counts,
                 float(loss) if loss is not None else math.nan,
                 int(refined.get("steps", steps or 0)),
                 bool(refined.get("cancelled")),
                 list(annotation.slices),
+                [label.name for label in session.labels if label.value in unlearned],
             )
 
         job = start_training(

@@ -5,7 +5,10 @@ while more slices, or small structures such as the kidneys, need several times t
 lateral organs are learned last). :class:`FitProgress` applies a
 :class:`~pclseg.config.StopRule`: the learning rate stays at its base value while the Dice on
 the training slices still improves, and a short cosine anneal ends the run once it is fit,
-stalls, or reaches the cap, which grows with the number of training slices.
+stalls, or reaches the cap, which grows with the number of training slices. A stall does not
+count while a structure annotated on the training slices is not learned yet (its Dice there
+below ``learned_dice``); the structures still unlearned when the run ends are kept in
+:attr:`FitProgress.unlearned`, so the user is told which organ the annotations did not teach.
 
 :class:`FitProgress` is pure bookkeeping (no torch), JSON-ready, so a checkpoint can carry it
 and a resumed run stops exactly where an uninterrupted one would.
@@ -14,7 +17,8 @@ and a resumed run stops exactly where an uninterrupted one would.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import StopRule
@@ -32,6 +36,8 @@ class FitProgress:
         fit_steps: steps at the base learning rate, once the rule has ended that phase.
         anneal_steps: length of the cosine anneal that follows.
         reason: why the first phase ended (``fit``, ``plateau``, ``cap``).
+        unlearned: structures (class values) annotated on the training slices whose Dice there
+            was below ``learned_dice`` at the last check.
     """
 
     slices: int
@@ -41,6 +47,7 @@ class FitProgress:
     fit_steps: int | None = None
     anneal_steps: int = 0
     reason: str = ""
+    unlearned: list[int] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -59,24 +66,38 @@ class FitProgress:
             return max(0, self.fit_steps + self.anneal_steps - self.steps)
         return min(rule.check_every, max(1, rule.cap(self.slices) - self.steps))
 
-    def record(self, dice: float, rule: StopRule) -> None:
-        """Take the training-slice Dice measured after :attr:`steps` steps; may end phase 1."""
+    def record(
+        self, dice: Mapping[int, float], rule: StopRule, annotated: Iterable[int] = ()
+    ) -> float:
+        """Take the training-slice Dice of each structure after :attr:`steps` steps; may end
+        phase 1. Returns their mean, the number the rule follows.
+
+        Args:
+            dice: Dice of each structure labelled or predicted on the training slices.
+            annotated: the structures labelled there (a structure only predicted there is
+                false positives, which lower the mean but are not an unlearned structure).
+        """
+        mean = float(sum(dice.values()) / len(dice)) if dice else 0.0
         if self.fit_steps is not None:
-            return
-        if dice >= self.best + rule.min_gain:
-            self.best, self.stale = dice, 0
+            return mean
+        self.unlearned = sorted(
+            c for c in annotated if dice.get(c, 0.0) < rule.learned_dice
+        )
+        if mean >= self.best + rule.min_gain:
+            self.best, self.stale = mean, 0
         else:
-            self.best, self.stale = max(self.best, dice), self.stale + 1
+            self.best, self.stale = max(self.best, mean), self.stale + 1
         reason = ""
         if self.steps >= rule.cap(self.slices):
             reason = "cap"
-        elif self.steps >= rule.min_steps and dice >= rule.fit_dice:
+        elif self.steps >= rule.min_steps and mean >= rule.fit_dice:
             reason = "fit"
-        elif self.steps >= rule.min_steps and self.stale >= rule.patience:
+        elif self.steps >= rule.min_steps and self.stale >= rule.patience and not self.unlearned:
             reason = "plateau"
         if reason:
             self.fit_steps, self.reason = self.steps, reason
             self.anneal_steps = max(rule.check_every, round(rule.anneal * self.steps))
+        return mean
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,3 +105,12 @@ class FitProgress:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FitProgress:
         return cls(**data)
+
+
+def unlearned_note(names: list[str]) -> str:
+    """What to tell the user when a run ends with structures it did not learn."""
+    them = "it" if len(names) == 1 else "them"
+    return (
+        f"not learned from the annotated slices yet: {', '.join(names)}. "
+        f"Annotate {them} on one or two more slices, or refine again."
+    )

@@ -141,14 +141,13 @@ class Trainer:
         stopped = len(losses) < steps
         return RunResult(len(losses), float(np.mean(losses)) if losses else math.nan, stopped)
 
-    def training_dice(self, data: TrainingSlices, limit: int = 32) -> float:
-        """Mean foreground Dice of the network on (up to ``limit`` of) its training slices,
-        without augmentation: how well the annotations are fit."""
+    def training_dice(self, data: TrainingSlices, limit: int = 32) -> dict[int, float]:
+        """Foreground Dice of each structure on (up to ``limit`` of) the training slices,
+        predicted without augmentation: how well the annotations are fit."""
         if len(data) > limit:
             data = data.subset(np.linspace(0, len(data) - 1, limit).round().astype(int))
-        dice = held_out_dice(self.unet, data, self.num_classes, self.device, self.cfg.amp,
-                             self.with_prior)
-        return 0.0 if dice is None else dice
+        return structure_dice(self.unet, data, self.num_classes, self.device, self.cfg.amp,
+                              self.with_prior)
 
     def fit(
         self,
@@ -187,11 +186,30 @@ class Trainer:
             if result.stopped:
                 return fit, RunResult(fit.steps, float(np.nanmean(losses)), True)
             if fit.fit_steps is None:
-                dice = self.training_dice(data)
-                fit.record(dice, rule)
+                annotated = [int(c) for c in np.unique(data.labels) if c > 0]
+                dice = fit.record(self.training_dice(data), rule, annotated)
                 if on_check is not None:
                     on_check(fit, dice)
         return fit, RunResult(fit.steps, float(np.nanmean(losses)) if losses else math.nan, False)
+
+
+def structure_dice(
+    unet: UNet,
+    data: TrainingSlices,
+    num_classes: int,
+    device: torch.device,
+    amp: bool,
+    with_prior: bool = False,
+) -> dict[int, float]:
+    """Dice of each structure on the slices of ``data`` (the stack scored as one volume), for
+    the structures labelled or predicted there (one predicted where none is labelled scores 0)."""
+    if len(data) == 0:
+        return {}
+    probabilities = slice_probabilities(unet, data.inputs(num_classes, with_prior), device,
+                                        amp=amp)
+    pred = probabilities.argmax(dim=1).numpy()
+    return {c: s for c, s in dice_per_class(pred, data.labels, range(1, num_classes)).items()
+            if s is not None}
 
 
 def held_out_dice(
@@ -203,11 +221,5 @@ def held_out_dice(
     with_prior: bool = False,
 ) -> float | None:
     """Mean foreground Dice on held-out slices (the stack scored as one volume)."""
-    if len(data) == 0:
-        return None
-    probabilities = slice_probabilities(unet, data.inputs(num_classes, with_prior), device,
-                                        amp=amp)
-    pred = probabilities.argmax(dim=1).numpy()
-    scores = [s for s in dice_per_class(pred, data.labels, range(1, num_classes)).values()
-              if s is not None]
-    return float(np.mean(scores)) if scores else None
+    scores = structure_dice(unet, data, num_classes, device, amp, with_prior)
+    return float(np.mean(list(scores.values()))) if scores else None

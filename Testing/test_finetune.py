@@ -282,6 +282,21 @@ def test_labels_outside_annotated_slices_do_not_change_training(
         torch.testing.assert_close(a[name], b[name])
 
 
+def test_an_encoder_learning_rate_of_zero_keeps_the_encoder(one_pair: tuple[Path, Path]) -> None:
+    data, _, _, _ = load_training_slices([one_pair], TINY)
+    cfg = dataclasses.replace(TINY, encoder_lr=0.0,
+                              model=dataclasses.replace(TINY.model, num_classes=5))
+    trainer = Trainer(build_model(cfg, None), cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    trainer.run(data, 3, lambda s: 1e-2, seed=(0, 0))
+    after = trainer.unet.state_dict()
+    moved = {k.split(".")[0] for k, v in after.items()
+             if v.is_floating_point() and "running" not in k and not torch.equal(v, before[k])}
+    assert moved == {"decoder"}
+    with pytest.raises(PCLSegError, match="encoder learning rate"):
+        FinetuneConfig(encoder_lr=-1.0)
+
+
 def test_steps_per_epoch_has_a_floor() -> None:
     assert steps_per_epoch(4, TINY) == 2
     assert steps_per_epoch(100, dataclasses.replace(TINY, batch_size=8)) == 13

@@ -159,6 +159,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        encoder_lr=args.encoder_lr,
         loss=args.loss,
         augment=not args.no_augment,
         roi=not args.whole_slice,
@@ -367,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--encoder-lr", type=float, default=1.0,
+        help="the encoder's learning rate as a fraction of --lr (below 1 keeps a pretrained "
+        "encoder closer to its pretraining)",
+    )
     p.add_argument("--loss", default="dice_ce", choices=("ce", "dice", "dice_ce"))
     p.add_argument("--no-augment", action="store_true")
     p.add_argument(

@@ -153,6 +153,10 @@ class PretrainConfig:
             raise PCLSegError(f"batch size must be at least 2, got {self.batch_size}")
         if self.lr <= 0:
             raise PCLSegError(f"learning rate must be positive, got {self.lr}")
+        if self.encoder_lr < 0:
+            raise PCLSegError(
+                f"encoder learning rate scale must not be negative, got {self.encoder_lr}"
+            )
 
     @property
     def positional_reach(self) -> float | None:
@@ -229,6 +233,10 @@ class FinetuneConfig:
     on another volume). ``postprocess`` drops predicted 3D components that the annotations do
     not support (:mod:`pclseg.postprocess`).
 
+    ``encoder_lr`` scales the encoder's learning rate against ``lr`` (the decoder always gets
+    ``lr``): below 1, a pretrained encoder moves less while the randomly initialised decoder
+    learns, so fine-tuning on a few slices keeps more of what pretraining learned.
+
     A held-out check takes ``validation_fraction`` of the annotated slices when there are at
     least ``min_validation_slices``. With a pretrained encoder, ``model.features`` and
     ``preprocess`` come from the encoder; ``model.num_classes`` and ``model.in_channels``
@@ -240,6 +248,7 @@ class FinetuneConfig:
     min_steps_per_epoch: int = 10
     min_validation_slices: int = 10
     lr: float = 1e-3
+    encoder_lr: float = 1.0
     weight_decay: float = 0.0
     loss: Literal["ce", "dice", "dice_ce"] = "dice_ce"
     augment: bool = True
@@ -265,6 +274,10 @@ class FinetuneConfig:
             raise PCLSegError(f"batch size must be at least 1, got {self.batch_size}")
         if self.lr <= 0:
             raise PCLSegError(f"learning rate must be positive, got {self.lr}")
+        if self.encoder_lr < 0:
+            raise PCLSegError(
+                f"encoder learning rate scale must not be negative, got {self.encoder_lr}"
+            )
         if self.loss not in ("ce", "dice", "dice_ce"):
             raise PCLSegError(f"loss must be ce, dice or dice_ce, got {self.loss!r}")
         if not 0 <= self.validation_fraction < 1:

@@ -64,7 +64,7 @@ from .preprocess import prepare_label, prepare_volume
 from .pretrain import get_lr
 from .progress import Progress
 from .roi import RegionOfInterest, region_of_annotations
-from .stopping import FitProgress
+from .stopping import FitProgress, unlearned_note
 from .suggest import largest_gap_middles, pick_spread, slice_uncertainty, structure_range
 from .trainer import RunResult, Trainer
 from .training_slices import annotated_slices, prepared_annotations
@@ -315,6 +315,10 @@ class RefineSession:
 
             fit, result = self.trainer.fit(data, seed, fit, on_step, should_stop, on_check)
             self.last_fit = fit.to_dict()
+            if fit.unlearned and not result.stopped:
+                progress.message(unlearned_note(
+                    [label.name for label in self.labels if label.value in fit.unlearned]
+                ))
         else:
             def on_fixed_step(step: int, loss: float) -> None:
                 progress.event("step", step=step, steps=steps, loss=loss)

@@ -45,6 +45,17 @@ def make_loss(kind: str) -> DiceCELoss:
     )
 
 
+def parameter_groups(unet: UNet, encoder_lr: float) -> list[dict]:
+    """The optimizer's parameter groups: one, or with ``encoder_lr != 1`` the encoder's (its
+    learning rate scaled by ``encoder_lr``) and the rest's."""
+    if encoder_lr == 1.0:
+        return [{"params": list(unet.parameters())}]
+    encoder = list(unet.encoder.parameters())
+    ids = {id(p) for p in encoder}
+    return [{"params": encoder, "scale": encoder_lr},
+            {"params": [p for p in unet.parameters() if id(p) not in ids]}]
+
+
 @dataclass
 class RunResult:
     """What a run of steps did: steps done, their mean loss, and whether it was stopped."""
@@ -66,7 +77,7 @@ class Trainer:
         self.cfg = cfg
         self.device = device
         self.optimizer = torch.optim.Adam(
-            unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+            parameter_groups(unet, cfg.encoder_lr), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         self.loss_fn = make_loss(cfg.loss)
         self.scaler = grad_scaler(device, cfg.amp)
@@ -94,7 +105,7 @@ class Trainer:
         """One optimizer step on a batch: inputs ``(B, C_in, H, W)``, labels ``(B, 1, H, W)``."""
         self.unet.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("scale", 1.0)
         with autocast(self.device, self.cfg.amp):
             logits = self.unet(images)
         loss = self.loss_fn(logits.float(), labels)

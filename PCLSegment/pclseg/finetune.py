@@ -64,7 +64,7 @@ from .pretrain import get_lr
 from .progress import Progress
 from .roi import RegionOfInterest, annotation_box, region_from_boxes
 from .stopping import FitProgress, unlearned_note
-from .trainer import Trainer, held_out_dice
+from .trainer import Trainer
 from .training_slices import TrainingSlices, annotated_slices, prepared_annotations
 
 CHECKPOINT = "checkpoint"
@@ -432,8 +432,7 @@ def _train_by_rule(
 
     def on_check(state: FitProgress, dice: float) -> None:
         nonlocal val_dice
-        val_dice = held_out_dice(trainer.unet, held_out, trainer.num_classes, trainer.device,
-                                 cfg.amp, trainer.with_prior)
+        val_dice = trainer.held_out_dice(held_out)
         progress.event("check", step=state.steps, train_dice=dice, val_dice=val_dice,
                        reason=state.reason or None)
         save(0, state.steps, math.nan, val_dice, state)
@@ -486,8 +485,7 @@ def _train_by_epochs(
         if stopped:  # keep what this epoch learned; a resume repeats the epoch from here
             save(epoch, epoch * per_epoch, loss, val_dice)
             break
-        val_dice = held_out_dice(trainer.unet, held_out, trainer.num_classes, trainer.device,
-                                 cfg.amp, trainer.with_prior)
+        val_dice = trainer.held_out_dice(held_out)
         elapsed = time.monotonic() - epoch_start
         progress.event("epoch", epoch=epoch + 1, epochs=epochs, loss=loss, val_dice=val_dice,
                        seconds=elapsed,

@@ -160,6 +160,12 @@ class Trainer:
         return structure_dice(self.unet, data, self.num_classes, self.device, self.cfg.amp,
                               self.with_prior)
 
+    def held_out_dice(self, data: TrainingSlices) -> float | None:
+        """Mean foreground Dice on held-out slices (the stack scored as one volume)."""
+        scores = structure_dice(self.unet, data, self.num_classes, self.device, self.cfg.amp,
+                                self.with_prior)
+        return float(np.mean(list(scores.values()))) if scores else None
+
     def fit(
         self,
         data: TrainingSlices,
@@ -221,16 +227,3 @@ def structure_dice(
     pred = probabilities.argmax(dim=1).numpy()
     return {c: s for c, s in dice_per_class(pred, data.labels, range(1, num_classes)).items()
             if s is not None}
-
-
-def held_out_dice(
-    unet: UNet,
-    data: TrainingSlices,
-    num_classes: int,
-    device: torch.device,
-    amp: bool,
-    with_prior: bool = False,
-) -> float | None:
-    """Mean foreground Dice on held-out slices (the stack scored as one volume)."""
-    scores = structure_dice(unet, data, num_classes, device, amp, with_prior)
-    return float(np.mean(list(scores.values()))) if scores else None

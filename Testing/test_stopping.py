@@ -19,7 +19,7 @@ def run(dices: list[float | dict[int, float]], slices: int = 4) -> FitProgress:
     for dice in dices:
         scores = dice if isinstance(dice, dict) else {1: dice}
         fit.steps += fit.next_chunk(RULE)
-        fit.record(scores, RULE, annotated=scores)
+        fit.record(scores, scores, RULE)
         if fit.fit_steps is not None:
             break
     return fit
@@ -56,7 +56,7 @@ def test_an_unlearned_structure_keeps_a_plateau_from_ending_it() -> None:
 def test_a_structure_only_predicted_lowers_the_mean_but_is_not_unlearned() -> None:
     fit = FitProgress(4)
     fit.steps = 40
-    mean = fit.record({1: 0.9, 2: 0.0}, RULE, annotated=[1])
+    mean = fit.record({1: 0.9, 2: 0.0}, [1], RULE)
     assert mean == pytest.approx(0.45) and fit.unlearned == []
 
 

@@ -66,9 +66,7 @@ class FitProgress:
             return max(0, self.fit_steps + self.anneal_steps - self.steps)
         return min(rule.check_every, max(1, rule.cap(self.slices) - self.steps))
 
-    def record(
-        self, dice: Mapping[int, float], rule: StopRule, annotated: Iterable[int] = ()
-    ) -> float:
+    def record(self, dice: Mapping[int, float], annotated: Iterable[int], rule: StopRule) -> float:
         """Take the training-slice Dice of each structure after :attr:`steps` steps; may end
         phase 1. Returns their mean, the number the rule follows.
 

@@ -152,13 +152,17 @@ class Trainer:
         stopped = len(losses) < steps
         return RunResult(len(losses), float(np.mean(losses)) if losses else math.nan, stopped)
 
-    def training_dice(self, data: TrainingSlices, limit: int = 32) -> dict[int, float]:
+    def training_dice(
+        self, data: TrainingSlices, limit: int = 32
+    ) -> tuple[dict[int, float], list[int]]:
         """Foreground Dice of each structure on (up to ``limit`` of) the training slices,
-        predicted without augmentation: how well the annotations are fit."""
+        predicted without augmentation (how well the annotations are fit), and the structures
+        labelled on those slices."""
         if len(data) > limit:
             data = data.subset(np.linspace(0, len(data) - 1, limit).round().astype(int))
-        return structure_dice(self.unet, data, self.num_classes, self.device, self.cfg.amp,
+        dice = structure_dice(self.unet, data, self.num_classes, self.device, self.cfg.amp,
                               self.with_prior)
+        return dice, [int(c) for c in np.unique(data.labels) if c > 0]
 
     def held_out_dice(self, data: TrainingSlices) -> float | None:
         """Mean foreground Dice on held-out slices (the stack scored as one volume)."""
@@ -203,8 +207,7 @@ class Trainer:
             if result.stopped:
                 return fit, RunResult(fit.steps, float(np.nanmean(losses)), True)
             if fit.fit_steps is None:
-                annotated = [int(c) for c in np.unique(data.labels) if c > 0]
-                dice = fit.record(self.training_dice(data), rule, annotated)
+                dice = fit.record(*self.training_dice(data), rule=rule)
                 if on_check is not None:
                     on_check(fit, dice)
         return fit, RunResult(fit.steps, float(np.nanmean(losses)) if losses else math.nan, False)

@@ -153,10 +153,6 @@ class PretrainConfig:
             raise PCLSegError(f"batch size must be at least 2, got {self.batch_size}")
         if self.lr <= 0:
             raise PCLSegError(f"learning rate must be positive, got {self.lr}")
-        if self.encoder_lr < 0:
-            raise PCLSegError(
-                f"encoder learning rate scale must not be negative, got {self.encoder_lr}"
-            )
 
     @property
     def positional_reach(self) -> float | None:

@@ -20,6 +20,7 @@ from pclseg.labels import (
     check_label_values,
     labels_from_names,
     named_labels,
+    names_of,
     unknown_values,
 )
 from pclseg.session import RefineSession
@@ -89,3 +90,9 @@ def test_a_session_refuses_annotations_with_values_it_has_no_label_for(a_sample_
     session.set_annotations(np.where(np.isin(truth, (2, 3)), 0, truth))
     with pytest.raises(PCLSegError, match=r"slice 3: label value\(s\) 2 not named"):
         session.add_annotation(3, np.full(truth.shape[1:], 2))
+
+
+def test_names_of_follows_the_labels_order_and_skips_unknown_values() -> None:
+    labels = labels_from_names(["liver", "right kidney", "spleen"])
+    assert names_of(labels, [3, 1, 7]) == ["liver", "spleen"]
+    assert names_of(labels, []) == []

@@ -54,6 +54,7 @@ from .labels import (
     labels_from_json,
     labels_to_json,
     named_labels,
+    names_of,
     read_dataset_labels,
     resolve_labels,
 )
@@ -404,7 +405,7 @@ def finetune(
                           "classes": num_classes, "desc": "fine-tuning",
                           **{k: v for k, v in data_summary.items() if k != "volumes"}})
     if result.unlearned and not result.stopped:
-        progress.message(unlearned_note([model_labels[c - 1].name for c in result.unlearned]))
+        progress.message(unlearned_note(names_of(model_labels, result.unlearned)))
     return dataclasses.replace(result, model_dir=out)
 
 

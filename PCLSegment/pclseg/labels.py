@@ -11,7 +11,7 @@ gets the same colour in Slicer, in the browser and in an overlay PNG.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,12 @@ def named_labels(
     if dataset_json is None:
         return None
     return read_dataset_labels(dataset_json), str(dataset_json)
+
+
+def names_of(labels: Sequence[Label], values: Iterable[int]) -> list[str]:
+    """The names of the labels whose value is in ``values``, in the labels' order."""
+    wanted = set(values)
+    return [label.name for label in labels if label.value in wanted]
 
 
 def unknown_values(array: np.ndarray, labels: Sequence[Label]) -> list[int]:

@@ -36,7 +36,7 @@ from . import mrml
 from .errors import PCLSegError
 from .io import Volume
 from .jobs import Event, Job, ProcessJob, ThreadJob, start_training
-from .labels import Label, labels_from_json
+from .labels import Label, labels_from_json, names_of
 from .pretrain_logic import engine_environment, python_executable
 from .stopping import unlearned_note
 
@@ -290,14 +290,13 @@ class SegmentLogic:
                 prediction_path, annotation_node, prediction_node, session
             )
             loss = refined.get("loss")
-            unlearned = set((refined.get("fit") or {}).get("unlearned", []))
             return RoundResult(
                 counts,
                 float(loss) if loss is not None else math.nan,
                 int(refined.get("steps", steps or 0)),
                 bool(refined.get("cancelled")),
                 list(annotation.slices),
-                [label.name for label in session.labels if label.value in unlearned],
+                names_of(session.labels, (refined.get("fit") or {}).get("unlearned", [])),
             )
 
         job = start_training(

@@ -57,7 +57,7 @@ from .finetune import (
 )
 from .interpolate import prior_channels, shape_prior
 from .io import Volume, read_label, read_volume, write_image
-from .labels import Label, check_label_values, labels_from_names
+from .labels import Label, check_label_values, labels_from_names, names_of
 from .postprocess import clean_prediction
 from .predict import load_model, model_stem, network_inputs, slice_probabilities, to_canonical
 from .preprocess import prepare_label, prepare_volume
@@ -316,9 +316,7 @@ class RefineSession:
             fit, result = self.trainer.fit(data, seed, fit, on_step, should_stop, on_check)
             self.last_fit = fit.to_dict()
             if fit.unlearned and not result.stopped:
-                progress.message(unlearned_note(
-                    [label.name for label in self.labels if label.value in fit.unlearned]
-                ))
+                progress.message(unlearned_note(names_of(self.labels, fit.unlearned)))
         else:
             def on_fixed_step(step: int, loss: float) -> None:
                 progress.event("step", step=step, steps=steps, loss=loss)

@@ -1,0 +1,201 @@
+"""From n labelled volumes to the others: does a pretrained encoder help a model generalise?
+
+The other way the product is used besides one volume at a time: a user labels n whole volumes
+and runs ``pclseg finetune`` + ``pclseg predict`` on the rest of the folder. For each fold, the
+volumes are split into a fixed test set (``--test`` volumes, a different block per fold) and a
+pool; for each seed, n volumes of the pool (drawn with the fold and seed, the same for every
+init) are fine-tuned on every one of their slices (a label file labels every slice: the slices
+without an organ say "nothing here" too) with the product's defaults (``finetune``: region of
+interest, trained until the slices are fit; no prior channels, since whole volumes leave no
+gap to interpolate), and the model predicts every test volume (``predict_volume``, what ``pclseg
+predict`` runs). Dice is the mean over structures of each test volume, averaged over the test
+set. Side by side on the same volumes, folds and seeds: random init and every ``--encoder
+NAME=RUN_DIR`` (pretrained on the images of the whole folder, the test volumes included, never
+on a label: a user pretrains on their whole folder).
+
+    python benchmarks/across_volumes.py --data ../shared/data/chaos-t2 --encoder PCL=runs/pcl \
+        --ns 1 2 --folds 3 --seeds 0 --out runs/across_volumes
+
+Every run is appended to ``--out``/runs.jsonl as it finishes and skipped when started again;
+the table (mean ± std over folds x seeds per init and n; each encoder's paired difference to
+random init ± std and the runs it is ahead in) goes to ``--out``/summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from dataset_runs import chosen_images, finished_runs, structure_dice, structure_names
+
+from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, StopRule
+from pclseg.device import resolve_device, use_all_cores
+from pclseg.evaluate import mean_foreground_dice
+from pclseg.finetune import finetune
+from pclseg.io import read_label, read_volume
+from pclseg.predict import load_model, predict_volume
+from pclseg.progress import Progress
+
+RANDOM = "random"
+
+
+def split(images: list[Path], fold: int, test: int) -> tuple[list[Path], list[Path]]:
+    """``(pool, test)``: fold f tests the f-th block of ``test`` volumes, the rest is the pool."""
+    start = (fold * test) % len(images)
+    chosen = [images[(start + i) % len(images)] for i in range(test)]
+    return [p for p in images if p not in chosen], chosen
+
+
+def training_volumes(pool: list[Path], n: int, fold: int, seed: int) -> list[Path]:
+    """n volumes of the pool, drawn with the fold and seed (the same for every init)."""
+    order = np.random.default_rng(1000 * fold + seed).permutation(len(pool))
+    return [pool[i] for i in sorted(order[:n])]
+
+
+def linked_folder(volumes: list[Path], data: Path, where: Path) -> tuple[Path, Path]:
+    """``(images, labels)`` folders holding links to ``volumes`` and their labels, with the
+    dataset's ``dataset.json`` (the structure names) beside the labels."""
+    images, labels = where / "imagesTr", where / "labelsTr"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    for image in volumes:
+        (images / image.name).symlink_to(image.resolve())
+        (labels / image.name).symlink_to((data / "labelsTr" / image.name).resolve())
+    (where / "dataset.json").symlink_to((data / "dataset.json").resolve())
+    return images, labels
+
+
+def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneConfig,
+        data: Path, names: list[str]) -> dict:
+    """Fine-tune on every slice of ``train`` from ``init``, predict every test volume: the
+    mean Dice over the test set, per volume and per structure, seconds and steps."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        images, labels = linked_folder(train, data, Path(tmp) / "data")
+        volumes = [read_volume(p) for p in train]
+        every_slice = {v.name: list(range(v.shape[0])) for v in volumes}
+        result = finetune(images, labels, Path(tmp) / "model", cfg, init=init,
+                          slices=every_slice, progress=Progress("none"))
+        trained = time.perf_counter() - start
+        model = load_model(Path(tmp) / "model", resolve_device(cfg.device))
+        dice, structures = {}, {}
+        for volume, truth in tests:
+            pred = predict_volume(model, volume).labels
+            dice[volume.name] = mean_foreground_dice(pred, truth, len(names) + 1)
+            structures[volume.name] = structure_dice(pred, truth, names)
+        fit = model.metadata.get("fit") or {}
+    return {"dice": float(np.mean(list(dice.values()))), "per_volume": dice,
+            "structures": structures, "train_seconds": trained,
+            "seconds": time.perf_counter() - start, "steps": result.steps_done,
+            "fit": {"reason": fit.get("reason"), "unlearned": fit.get("unlearned", [])}}
+
+
+def summary(rows: list[dict], inits: list[str]) -> str:
+    """Mean ± std over folds x seeds per init and n; each encoder's paired difference to
+    random init (same fold, seed and training volumes)."""
+    ns = sorted({r["n"] for r in rows})
+    lines = ["| init | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for init in inits:
+        cells = []
+        for n in ns:
+            mine = {(r["fold"], r["seed"]): r["dice"] for r in rows
+                    if r["init"] == init and r["n"] == n}
+            if not mine:
+                cells.append("")
+                continue
+            scores = np.array(list(mine.values()))
+            cell = f"{scores.mean():.3f} ± {scores.std():.3f}"
+            if init != RANDOM:
+                base = {(r["fold"], r["seed"]): r["dice"] for r in rows
+                        if r["init"] == RANDOM and r["n"] == n}
+                diff = np.array([mine[key] - base[key] for key in mine if key in base])
+                if len(diff):
+                    cell += (f" ({diff.mean():+.3f} ± {diff.std():.3f}, "
+                             f"{int((diff > 0).sum())}/{len(diff)})")
+            cells.append(cell)
+        lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="imagesTr + labelsTr folder")
+    parser.add_argument("--encoder", action="append", default=[], metavar="NAME=RUN_DIR")
+    parser.add_argument("--out", type=Path, default=Path("runs/across_volumes"))
+    parser.add_argument("--ns", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--test", type=int, default=5, help="test volumes per fold")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--features", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="cap the steps at the full learning rate (default: the stop rule's "
+                        "own cap; the same for every init)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the summary from runs.jsonl, train nothing")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    inits: dict[str, Path | None] = {RANDOM: None}
+    for item in args.encoder:
+        name, _, run_dir = item.partition("=")
+        inits[name] = Path(run_dir)
+    images = chosen_images(args.data, None, None)
+    names = structure_names(args.data)
+    if args.test >= len(images):
+        raise SystemExit(f"--test {args.test}: the folder has only {len(images)} volumes")
+
+    if not args.report_only:
+        threads = use_all_cores()
+        machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                   else f"{platform.machine()} CPU, {threads} threads")
+        print(f"{machine}; size {args.size}, features {args.features}; {len(images)} volumes, "
+              f"n {args.ns}, {args.folds} folds, seeds {args.seeds}", flush=True)
+        stop = StopRule() if args.max_steps is None else StopRule(
+            max_steps=args.max_steps, min_steps=min(StopRule.min_steps, args.max_steps))
+        done = {(r["fold"], r["n"], r["seed"], r["init"]) for r in finished_runs(log)}
+        for fold in range(args.folds):
+            pool, test = split(images, fold, args.test)
+            tests = []
+            for image in test:
+                volume = read_volume(image)
+                tests.append((volume, read_label(args.data / "labelsTr" / image.name, volume)))
+            for n in args.ns:
+                for seed in args.seeds:
+                    train = training_volumes(pool, n, fold, seed)
+                    cfg = FinetuneConfig(seed=seed, device=args.device, stop=stop,
+                                         preprocess=PreprocessConfig(size=args.size),
+                                         model=ModelConfig(features=args.features))
+                    for init_name, init in inits.items():
+                        if (fold, n, seed, init_name) in done:
+                            continue
+                        row = {"fold": fold, "n": n, "seed": seed, "init": init_name,
+                               "train": [p.name for p in train], "test": [p.name for p in test],
+                               **run(train, tests, init, cfg, args.data, names)}
+                        with log.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        print(f"fold {fold} n={n} seed {seed} {init_name}: Dice {row['dice']:.3f} "
+                              f"({row['seconds']:.0f} s, {row['steps']} steps, "
+                              f"{row['fit']['reason']})", flush=True)
+
+    rows = finished_runs(log)
+    text = (f"Dice on unseen volumes after fine-tuning on n labelled volumes ({args.test} test "
+            "volumes a fold; mean ± std over folds x seeds; in brackets: paired difference to "
+            "random init ± std, runs ahead)\n\n"
+            + summary(rows, list(dict.fromkeys([RANDOM, *inits, *(r["init"] for r in rows)])))
+            + "\n\nMedian seconds to fine-tune + predict the test set: "
+            + ", ".join(f"{i}: {np.median([r['seconds'] for r in rows if r['init'] == i]):.0f} s"
+                        for i in dict.fromkeys(r["init"] for r in rows)) + "\n")
+    print(text)
+    (args.out / "summary.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Does pretraining longer pay? Few-slice Dice against the length of PCL pretraining.
+"""Does pretraining longer pay? Few-slice Dice against the length of pretraining.
 
 For each length E of ``--epochs``, PCL pretrains for E epochs on every volume's images (no
 labels; its own cosine schedule, as a user who asks for E epochs gets; the volumes later
@@ -10,10 +10,16 @@ runs) is fine-tuned from random init and from each encoder, and scored on the un
     python benchmarks/pretrain_length.py --data ../shared/data/chaos-t2 --epochs 25 50 100 200 \
         --first 5 --ks 2 4 --out runs/pretrain_length
 
+The same curve for another pretraining, into the same ``--out`` (its random-init runs are
+shared, since they do not depend on the pretraining): ``--method simclr`` or ``gcl`` (the
+baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM`` (PCL's positive
+threshold), ``--decoder-epochs N`` (the dense stage for the decoder). Each variant's runs are
+named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep").
+
 Everything is resumable, since the whole curve takes hours on a CPU: a pretraining run that was
 stopped continues from its checkpoint, a finished one is reused, and every fine-tuning run is
 appended to ``--out``/runs.jsonl as it finishes and skipped when started again. The table (mean ±
-std per length and k, paired difference to random init, runs ahead) goes to
+std per pretraining and k, paired difference to random init, runs ahead) goes to
 ``--out``/summary.md and the curve to ``--out``/dice_vs_epochs.png.
 """
 
@@ -23,6 +29,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,22 +46,71 @@ from pclseg.progress import Progress
 from pclseg.suggest import spread_over_extent
 
 RANDOM = "random"
+METHODS = {"pcl": "PCL", "simclr": "SimCLR", "gcl": "GCL"}
 
 
-def encoder_name(epochs: int) -> str:
-    return f"PCL {epochs} ep"
+@dataclass(frozen=True)
+class Variant:
+    """Which pretraining a curve is of: the method and what differs from its defaults."""
+
+    method: str = "pcl"
+    threshold: float | None = None
+    threshold_slices: float | None = None
+    threshold_mm: float | None = None
+    decoder_epochs: int = 0
+
+    def _threshold(self) -> str:
+        for value, unit in ((self.threshold, "threshold {:g}"), (self.threshold_slices,
+                            "{:g} slices"), (self.threshold_mm, "{:g} mm")):
+            if value is not None:
+                return ", " + unit.format(value)
+        return ""
+
+    def _decoder(self) -> str:
+        return f" + decoder {self.decoder_epochs} ep" if self.decoder_epochs else ""
+
+    @property
+    def family(self) -> str:
+        """The curve's name: "PCL", "SimCLR", "PCL, 20 mm", "PCL + decoder 10 ep", ..."""
+        return METHODS[self.method] + self._threshold() + self._decoder()
+
+    def name(self, epochs: int) -> str:
+        """The init's name in the rows: "PCL 50 ep", "PCL 50 ep, 20 mm", ..."""
+        return f"{METHODS[self.method]} {epochs} ep" + self._threshold() + self._decoder()
+
+    def folder(self, epochs: int) -> str:
+        """The pretraining run's folder name: ``pcl_50``, ``simclr_50``, ``pcl_50_mm20``, ..."""
+        parts = [self.method, str(epochs)]
+        for tag, value in (("t", self.threshold), ("s", self.threshold_slices),
+                           ("mm", self.threshold_mm)):
+            if value is not None:
+                parts.append(f"{tag}{value:g}")
+        if self.decoder_epochs:
+            parts.append(f"dec{self.decoder_epochs}")
+        return "_".join(parts)
+
+    def config(self, epochs: int, args: argparse.Namespace) -> PretrainConfig:
+        changed = {k: v for k, v in asdict(self).items() if v is not None}
+        return PretrainConfig(epochs=epochs, seed=args.pretrain_seed, device=args.device,
+                              preprocess=PreprocessConfig(size=args.size),
+                              model=ModelConfig(features=args.features), **changed)
 
 
-def pretrained(data: Path, runs: Path, epochs: int, args: argparse.Namespace) -> Path:
+def logged_name(row: dict) -> str:
+    """The init name of a pretraining log row (rows before variants were plain PCL)."""
+    return row.get("name", Variant().name(row["epochs"]))
+
+
+def pretrained(data: Path, runs: Path, epochs: int, variant: Variant,
+               args: argparse.Namespace) -> Path:
     """The run directory of a finished ``epochs``-epoch pretraining, trained first if needed
     (continued when a stopped run is there); its seconds and final loss are logged."""
-    run_dir = runs / f"pcl_{epochs}"
+    run_dir = runs / variant.folder(epochs)
     log = args.out / "pretraining.jsonl"
-    if any(r["epochs"] == epochs for r in finished_runs(log)):
+    name = variant.name(epochs)
+    if any(logged_name(r) == name for r in finished_runs(log)):
         return run_dir
-    cfg = PretrainConfig(epochs=epochs, seed=args.pretrain_seed, device=args.device,
-                         preprocess=PreprocessConfig(size=args.size),
-                         model=ModelConfig(features=args.features))
+    cfg = variant.config(epochs, args)
     resume = (run_dir / "checkpoint.json").exists()
     print(f"pretraining {epochs} epochs -> {run_dir}" + (" (resumed)" if resume else ""),
           flush=True)
@@ -63,17 +119,24 @@ def pretrained(data: Path, runs: Path, epochs: int, args: argparse.Namespace) ->
     if result.stopped:
         raise SystemExit(f"pretraining {epochs} epochs was stopped; run again to continue")
     with log.open("a") as f:
-        f.write(json.dumps({"epochs": epochs, "seconds": time.perf_counter() - start,
+        f.write(json.dumps({"name": name, "family": variant.family, "epochs": epochs,
+                            "seconds": time.perf_counter() - start,
                             "resumed": resume, "final_loss": result.final_loss}) + "\n")
     return run_dir
 
 
-def summary(rows: list[dict], lengths: list[int]) -> str:
+def ordered_inits(pretraining: list[dict]) -> list[dict]:
+    """The pretrained inits of the log, one row each (the last), by curve and length."""
+    rows = {logged_name(r): r for r in pretraining}
+    return sorted(rows.values(), key=lambda r: (r.get("family", "PCL") != "PCL",
+                                               r.get("family", "PCL"), r["epochs"]))
+
+
+def summary(rows: list[dict], inits: list[str]) -> str:
     """Mean ± std per init and k; each encoder's paired difference to random init."""
-    inits = [RANDOM] + [encoder_name(e) for e in lengths]
     ks = sorted({r["k"] for r in rows})
     lines = ["| init | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for init in inits:
+    for init in [RANDOM, *inits]:
         cells = []
         for k in ks:
             mine = {(r["volume"], r["seed"]): r["dice"] for r in rows
@@ -91,38 +154,46 @@ def summary(rows: list[dict], lengths: list[int]) -> str:
                     cell += (f" ({diff.mean():+.3f} ± {diff.std():.3f}, "
                              f"{int((diff > 0).sum())}/{len(diff)})")
             cells.append(cell)
-        lines.append(f"| {init} | " + " | ".join(cells) + " |")
+        if any(cells):
+            lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
-    """Dice against pretraining epochs per k (mean ± std), random init as a dashed line."""
+def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
+    """Dice against pretraining epochs, one line per curve and k (mean ± std), random init
+    as a dashed line per k."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    inits = ordered_inits(pretraining)
+    families = list(dict.fromkeys(r.get("family", "PCL") for r in inits))
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
     for index, k in enumerate(sorted({r["k"] for r in rows})):
         color = f"C{index}"
-        xs, means, stds = [], [], []
-        for epochs in lengths:
-            scores = [r["dice"] for r in rows if r["k"] == k and r["init"] == encoder_name(epochs)]
-            if scores:
-                xs.append(epochs)
-                means.append(np.mean(scores))
-                stds.append(np.std(scores))
-        if xs:
-            axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color,
-                          label=f"PCL, k = {k}")
+        for number, family in enumerate(families):
+            xs, means, stds = [], [], []
+            for init in (r for r in inits if r.get("family", "PCL") == family):
+                scores = [r["dice"] for r in rows if r["k"] == k and r["init"] == logged_name(init)]
+                if scores:
+                    xs.append(init["epochs"])
+                    means.append(np.mean(scores))
+                    stds.append(np.std(scores))
+            if xs:
+                axes.errorbar(xs, means, yerr=stds, marker="osD^v"[number % 5], capsize=3,
+                              color=color, linestyle="-" if number == 0 else ":",
+                              label=f"{family}, k = {k}")
         random = [r["dice"] for r in rows if r["k"] == k and r["init"] == RANDOM]
         if random:
             axes.axhline(np.mean(random), color=color, linestyle="--",
                          label=f"random init, k = {k}")
+    lengths = sorted({r["epochs"] for r in inits})
     axes.set_xscale("log")
     axes.set_xticks(lengths)
     axes.set_xticklabels([str(e) for e in lengths])
-    axes.set_xlabel("PCL pretraining epochs")
+    axes.minorticks_off()
+    axes.set_xlabel("pretraining epochs")
     axes.set_ylabel("Dice on the unannotated slices")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
@@ -146,23 +217,32 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--method", default="pcl", choices=tuple(METHODS))
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="PCL's positive threshold (default: the method's, 0.1)")
+    parser.add_argument("--threshold-slices", type=float, default=None, metavar="K")
+    parser.add_argument("--threshold-mm", type=float, default=None, metavar="MM")
+    parser.add_argument("--decoder-epochs", type=int, default=0,
+                        help="add the dense stage for the decoder, N epochs")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary and plot from runs.jsonl, train nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     lengths = sorted(args.epochs)
+    variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
+                      args.decoder_epochs)
 
     if not args.report_only:
         threads = use_all_cores()
         machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
                    else f"{platform.machine()} CPU, {threads} threads")
-        print(f"{machine}; size {args.size}, features {args.features}; epochs {lengths}",
-              flush=True)
+        print(f"{machine}; size {args.size}, features {args.features}; {variant.family}, "
+              f"epochs {lengths}", flush=True)
         inits: dict[str, Path | None] = {RANDOM: None}
         for epochs in lengths:
-            inits[encoder_name(epochs)] = pretrained(args.data, args.runs or args.out /
-                                                     "pretraining", epochs, args)
+            inits[variant.name(epochs)] = pretrained(
+                args.data, args.runs or args.out / "pretraining", epochs, variant, args)
         names = structure_names(args.data)
         done = {(r["volume"], r["k"], r["seed"], r["init"]) for r in finished_runs(log)}
         for image in chosen_images(args.data, args.volumes, args.first):
@@ -194,17 +274,17 @@ def main() -> None:
 
     rows = finished_runs(log)
     pretraining = finished_runs(args.out / "pretraining.jsonl")
-    lines = [f"Few-slice Dice against PCL pretraining length ({len({r['volume'] for r in rows})} "
+    inits = ordered_inits(pretraining)
+    lines = [f"Few-slice Dice against pretraining length ({len({r['volume'] for r in rows})} "
              f"volumes; mean ± std over volumes x seeds; in brackets: paired difference to random "
-             "init ± std, runs ahead)", "", summary(rows, lengths), "",
-             "Pretraining: " + ", ".join(f"{r['epochs']} epochs {r['seconds'] / 60:.0f} min "
-                                         f"(final loss {r['final_loss']:.3f})"
-                                         for r in sorted(pretraining, key=lambda r: r["epochs"]))]
+             "init ± std, runs ahead)", "", summary(rows, [logged_name(r) for r in inits]), "",
+             "Pretraining: " + ", ".join(f"{logged_name(r)} {r['seconds'] / 60:.0f} min "
+                                         f"(final loss {r['final_loss']:.3f})" for r in inits)]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "summary.md").write_text(text)
     if rows:
-        plot(rows, lengths, args.out / "dice_vs_epochs.png")
+        plot(rows, pretraining, args.out / "dice_vs_epochs.png")
 
 
 if __name__ == "__main__":

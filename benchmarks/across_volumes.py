@@ -32,7 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dataset_runs import chosen_images, finished_runs, structure_dice, structure_names
+from dataset_runs import (
+    RANDOM,
+    chosen_images,
+    finished_runs,
+    paired_table,
+    structure_dice,
+    structure_names,
+)
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, StopRule
 from pclseg.device import resolve_device, use_all_cores
@@ -41,8 +48,6 @@ from pclseg.finetune import finetune
 from pclseg.io import read_label, read_volume
 from pclseg.predict import load_model, predict_volume
 from pclseg.progress import Progress
-
-RANDOM = "random"
 
 
 def split(images: list[Path], fold: int, test: int) -> tuple[list[Path], list[Path]]:
@@ -94,33 +99,6 @@ def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneC
             "structures": structures, "train_seconds": trained,
             "seconds": time.perf_counter() - start, "steps": result.steps_done,
             "fit": {"reason": fit.get("reason"), "unlearned": fit.get("unlearned", [])}}
-
-
-def summary(rows: list[dict], inits: list[str]) -> str:
-    """Mean ± std over folds x seeds per init and n; each encoder's paired difference to
-    random init (same fold, seed and training volumes)."""
-    ns = sorted({r["n"] for r in rows})
-    lines = ["| init | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
-    for init in inits:
-        cells = []
-        for n in ns:
-            mine = {(r["fold"], r["seed"]): r["dice"] for r in rows
-                    if r["init"] == init and r["n"] == n}
-            if not mine:
-                cells.append("")
-                continue
-            scores = np.array(list(mine.values()))
-            cell = f"{scores.mean():.3f} ± {scores.std():.3f}"
-            if init != RANDOM:
-                base = {(r["fold"], r["seed"]): r["dice"] for r in rows
-                        if r["init"] == RANDOM and r["n"] == n}
-                diff = np.array([mine[key] - base[key] for key in mine if key in base])
-                if len(diff):
-                    cell += (f" ({diff.mean():+.3f} ± {diff.std():.3f}, "
-                             f"{int((diff > 0).sum())}/{len(diff)})")
-            cells.append(cell)
-        lines.append(f"| {init} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -189,7 +167,8 @@ def main() -> None:
     text = (f"Dice on unseen volumes after fine-tuning on n labelled volumes ({args.test} test "
             "volumes a fold; mean ± std over folds x seeds; in brackets: paired difference to "
             "random init ± std, runs ahead)\n\n"
-            + summary(rows, list(dict.fromkeys([RANDOM, *inits, *(r["init"] for r in rows)])))
+            + paired_table(rows, list(dict.fromkeys([*inits, *(r["init"] for r in rows)])), "n",
+                           ("fold", "seed"))
             + "\n\nMedian seconds to fine-tune + predict the test set: "
             + ", ".join(f"{i}: {np.median([r['seconds'] for r in rows if r['init'] == i]):.0f} s"
                         for i in dict.fromkeys(r["init"] for r in rows)) + "\n")

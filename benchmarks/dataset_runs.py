@@ -12,6 +12,9 @@ import numpy as np
 from pclseg.evaluate import dice_per_class
 from pclseg.io import discover_volumes
 
+#: The init name of the runs without pretraining.
+RANDOM = "random"
+
 
 def chosen_images(data: Path, volumes: list[str] | None, first: int | None) -> list[Path]:
     """The images of ``data/imagesTr`` whose names start with one of ``volumes`` (all when
@@ -41,3 +44,37 @@ def finished_runs(log: Path) -> list[dict]:
     if not log.exists():
         return []
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple[str, ...],
+                 baseline: str = RANDOM) -> str:
+    """A Markdown table of Dice: one line per init, one column per value of ``column``; each
+    cell the mean ± std over its runs and, for an init other than ``baseline``, the paired
+    difference to it (runs matched on the fields ``pair_by``) ± std and the runs it is ahead
+    in. Inits without runs are left out."""
+    values = sorted({r[column] for r in rows})
+    lines = ["| init | " + " | ".join(f"{column} = {v}" for v in values) + " |",
+             "|---|" + "---|" * len(values)]
+
+    def scores(init: str, value) -> dict[tuple, float]:
+        return {tuple(r[f] for f in pair_by): r["dice"] for r in rows
+                if r["init"] == init and r[column] == value}
+
+    for init in [baseline, *(i for i in inits if i != baseline)]:
+        cells = []
+        for value in values:
+            mine = scores(init, value)
+            if not mine:
+                cells.append("")
+                continue
+            dice = np.array(list(mine.values()))
+            cell = f"{dice.mean():.3f} ± {dice.std():.3f}"
+            base = scores(baseline, value)
+            diff = np.array([mine[key] - base[key] for key in mine if key in base])
+            if init != baseline and len(diff):
+                cell += (f" ({diff.mean():+.3f} ± {diff.std():.3f}, "
+                         f"{int((diff > 0).sum())}/{len(diff)})")
+            cells.append(cell)
+        if any(cells):
+            lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -34,7 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dataset_runs import chosen_images, finished_runs, structure_dice, structure_names
+from dataset_runs import (
+    RANDOM,
+    chosen_images,
+    finished_runs,
+    paired_table,
+    structure_dice,
+    structure_names,
+)
 from few_slices import DEFAULT, run_arms
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig
@@ -45,7 +52,6 @@ from pclseg.pretrain import pretrain
 from pclseg.progress import Progress
 from pclseg.suggest import spread_over_extent
 
-RANDOM = "random"
 METHODS = {"pcl": "PCL", "simclr": "SimCLR", "gcl": "GCL"}
 
 
@@ -130,33 +136,6 @@ def ordered_inits(pretraining: list[dict]) -> list[dict]:
     rows = {logged_name(r): r for r in pretraining}
     return sorted(rows.values(), key=lambda r: (r.get("family", "PCL") != "PCL",
                                                r.get("family", "PCL"), r["epochs"]))
-
-
-def summary(rows: list[dict], inits: list[str]) -> str:
-    """Mean ± std per init and k; each encoder's paired difference to random init."""
-    ks = sorted({r["k"] for r in rows})
-    lines = ["| init | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for init in [RANDOM, *inits]:
-        cells = []
-        for k in ks:
-            mine = {(r["volume"], r["seed"]): r["dice"] for r in rows
-                    if r["init"] == init and r["k"] == k}
-            if not mine:
-                cells.append("")
-                continue
-            scores = np.array(list(mine.values()))
-            cell = f"{scores.mean():.3f} ± {scores.std():.3f}"
-            if init != RANDOM:
-                base = {(r["volume"], r["seed"]): r["dice"] for r in rows
-                        if r["init"] == RANDOM and r["k"] == k}
-                diff = np.array([mine[key] - base[key] for key in mine if key in base])
-                if len(diff):
-                    cell += (f" ({diff.mean():+.3f} ± {diff.std():.3f}, "
-                             f"{int((diff > 0).sum())}/{len(diff)})")
-            cells.append(cell)
-        if any(cells):
-            lines.append(f"| {init} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
@@ -275,9 +254,10 @@ def main() -> None:
     rows = finished_runs(log)
     pretraining = finished_runs(args.out / "pretraining.jsonl")
     inits = ordered_inits(pretraining)
+    table = paired_table(rows, [logged_name(r) for r in inits], "k", ("volume", "seed"))
     lines = [f"Few-slice Dice against pretraining length ({len({r['volume'] for r in rows})} "
              f"volumes; mean ± std over volumes x seeds; in brackets: paired difference to random "
-             "init ± std, runs ahead)", "", summary(rows, [logged_name(r) for r in inits]), "",
+             "init ± std, runs ahead)", "", table, "",
              "Pretraining: " + ", ".join(f"{logged_name(r)} {r['seconds'] / 60:.0f} min "
                                          f"(final loss {r['final_loss']:.3f})" for r in inits)]
     text = "\n".join(lines) + "\n"

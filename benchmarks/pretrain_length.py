@@ -53,6 +53,10 @@ from pclseg.progress import Progress
 from pclseg.suggest import spread_over_extent
 
 METHODS = {"pcl": "PCL", "simclr": "SimCLR", "gcl": "GCL"}
+#: The positive-threshold settings a variant may change: field, how names and folders say it.
+THRESHOLDS = (("threshold", "threshold {:g}", "t{:g}"),
+              ("threshold_slices", "{:g} slices", "s{:g}"),
+              ("threshold_mm", "{:g} mm", "mm{:g}"))
 
 
 @dataclass(frozen=True)
@@ -65,35 +69,29 @@ class Variant:
     threshold_mm: float | None = None
     decoder_epochs: int = 0
 
-    def _threshold(self) -> str:
-        for value, unit in ((self.threshold, "threshold {:g}"), (self.threshold_slices,
-                            "{:g} slices"), (self.threshold_mm, "{:g} mm")):
-            if value is not None:
-                return ", " + unit.format(value)
-        return ""
+    def _changed(self) -> list[tuple[str, str]]:
+        """``(in a name, in a folder name)`` of each threshold setting this variant changes."""
+        return [(said.format(value), tag.format(value)) for field, said, tag in THRESHOLDS
+                if (value := getattr(self, field)) is not None]
 
-    def _decoder(self) -> str:
-        return f" + decoder {self.decoder_epochs} ep" if self.decoder_epochs else ""
+    def _suffix(self) -> str:
+        decoder = f" + decoder {self.decoder_epochs} ep" if self.decoder_epochs else ""
+        return "".join(f", {said}" for said, _ in self._changed()) + decoder
 
     @property
     def family(self) -> str:
         """The curve's name: "PCL", "SimCLR", "PCL, 20 mm", "PCL + decoder 10 ep", ..."""
-        return METHODS[self.method] + self._threshold() + self._decoder()
+        return METHODS[self.method] + self._suffix()
 
     def name(self, epochs: int) -> str:
         """The init's name in the rows: "PCL 50 ep", "PCL 50 ep, 20 mm", ..."""
-        return f"{METHODS[self.method]} {epochs} ep" + self._threshold() + self._decoder()
+        return f"{METHODS[self.method]} {epochs} ep" + self._suffix()
 
     def folder(self, epochs: int) -> str:
         """The pretraining run's folder name: ``pcl_50``, ``simclr_50``, ``pcl_50_mm20``, ..."""
-        parts = [self.method, str(epochs)]
-        for tag, value in (("t", self.threshold), ("s", self.threshold_slices),
-                           ("mm", self.threshold_mm)):
-            if value is not None:
-                parts.append(f"{tag}{value:g}")
-        if self.decoder_epochs:
-            parts.append(f"dec{self.decoder_epochs}")
-        return "_".join(parts)
+        decoder = [f"dec{self.decoder_epochs}"] if self.decoder_epochs else []
+        return "_".join([self.method, str(epochs), *(tag for _, tag in self._changed()),
+                         *decoder])
 
     def config(self, epochs: int, args: argparse.Namespace) -> PretrainConfig:
         changed = {k: v for k, v in asdict(self).items() if v is not None}
@@ -132,10 +130,11 @@ def pretrained(data: Path, runs: Path, epochs: int, variant: Variant,
 
 
 def ordered_inits(pretraining: list[dict]) -> list[dict]:
-    """The pretrained inits of the log, one row each (the last), by curve and length."""
-    rows = {logged_name(r): r for r in pretraining}
-    return sorted(rows.values(), key=lambda r: (r.get("family", "PCL") != "PCL",
-                                               r.get("family", "PCL"), r["epochs"]))
+    """The pretrained inits of the log, one row each (the last), by curve and length, each with
+    its ``name`` and ``family`` (rows before variants were plain PCL and had neither)."""
+    rows = {logged_name(r): {**r, "name": logged_name(r), "family": r.get("family", "PCL")}
+            for r in pretraining}
+    return sorted(rows.values(), key=lambda r: (r["family"] != "PCL", r["family"], r["epochs"]))
 
 
 def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
@@ -147,14 +146,14 @@ def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     inits = ordered_inits(pretraining)
-    families = list(dict.fromkeys(r.get("family", "PCL") for r in inits))
+    families = list(dict.fromkeys(r["family"] for r in inits))
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
     for index, k in enumerate(sorted({r["k"] for r in rows})):
         color = f"C{index}"
         for number, family in enumerate(families):
             xs, means, stds = [], [], []
-            for init in (r for r in inits if r.get("family", "PCL") == family):
-                scores = [r["dice"] for r in rows if r["k"] == k and r["init"] == logged_name(init)]
+            for init in (r for r in inits if r["family"] == family):
+                scores = [r["dice"] for r in rows if r["k"] == k and r["init"] == init["name"]]
                 if scores:
                     xs.append(init["epochs"])
                     means.append(np.mean(scores))
@@ -254,11 +253,11 @@ def main() -> None:
     rows = finished_runs(log)
     pretraining = finished_runs(args.out / "pretraining.jsonl")
     inits = ordered_inits(pretraining)
-    table = paired_table(rows, [logged_name(r) for r in inits], "k", ("volume", "seed"))
+    table = paired_table(rows, [r["name"] for r in inits], "k", ("volume", "seed"))
     lines = [f"Few-slice Dice against pretraining length ({len({r['volume'] for r in rows})} "
              f"volumes; mean ± std over volumes x seeds; in brackets: paired difference to random "
              "init ± std, runs ahead)", "", table, "",
-             "Pretraining: " + ", ".join(f"{logged_name(r)} {r['seconds'] / 60:.0f} min "
+             "Pretraining: " + ", ".join(f"{r['name']} {r['seconds'] / 60:.0f} min "
                                          f"(final loss {r['final_loss']:.3f})" for r in inits)]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pclseg import checkpoint
+from pclseg.cli import _finetune_config, build_parser
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig, to_dict
 from pclseg.dense import DenseContrastiveNet
 from pclseg.errors import PCLSegError
@@ -105,6 +106,37 @@ def test_a_run_with_a_decoder_initialises_the_whole_unet(a_unet_run: Path) -> No
     # Asking for the encoder file loads the encoder alone.
     encoder, info = init_source(a_unet_run / "encoder.json")
     assert info["kind"] == "encoder" and not any(k.startswith("decoder.") for k in encoder)
+
+
+def test_what_is_not_transferred_keeps_the_random_init_of_the_seed(an_encoder_run: Path) -> None:
+    weights, info = init_source(an_encoder_run)
+    # Shifted, so that no pretrained tensor equals a fresh one (batch norms start at 0 and 1).
+    weights = {key: t + 0.5 if t.is_floating_point() else t for key, t in weights.items()}
+    cfg = with_encoder_config(TINY, info["meta"], an_encoder_run / "encoder")
+    random_init = build_model(cfg, None).encoder.state_dict()
+
+    def source(cfg: FinetuneConfig) -> dict[str, str]:
+        """Where each encoder tensor came from: "pretrained" or "random"."""
+        state = build_model(cfg, weights).encoder.state_dict()
+        return {key: "pretrained" if torch.equal(tensor, weights[key]) else
+                "random" if torch.equal(tensor, random_init[key]) else "neither"
+                for key, tensor in state.items() if tensor.is_floating_point()}
+
+    assert set(source(cfg).values()) == {"pretrained"}
+    shallow = source(dataclasses.replace(cfg, transfer_levels=2))
+    assert {key for key, came in shallow.items() if came == "pretrained"} == \
+        {key for key in shallow if key.startswith(("levels.0.", "levels.1."))}
+    assert set(shallow.values()) == {"pretrained", "random"}
+    no_norm = source(dataclasses.replace(cfg, transfer_norm=False))
+    assert {key for key, came in no_norm.items() if came == "random"} == \
+        {key for key in no_norm if ".adn.N." in key}
+    assert set(no_norm.values()) == {"pretrained", "random"}
+    with pytest.raises(PCLSegError, match="transfer levels must be 0 to 5"):
+        FinetuneConfig(transfer_levels=6)
+    args = build_parser().parse_args(["finetune", "--images", "i", "--labels", "l", "--out", "o",
+                                      "--transfer-levels", "3", "--no-transfer-norm"])
+    assert (_finetune_config(args).transfer_levels, _finetune_config(args).transfer_norm) == \
+        (3, False)
 
 
 def test_a_pretrained_unet_that_does_not_fit_or_a_wrong_file_is_a_clear_error(

@@ -30,6 +30,9 @@ encoder lr 0.1        the encoder at a tenth of the learning rate (the decoder a
                       one): a pretrained encoder kept closer to its pretraining
 fit 0.90              the first phase ends at a training Dice of 0.90 instead of 0.95 (fewer
                       steps: the <= 60 s idea)
+encoder levels 1-3    only the pretrained encoder's first 3 of 5 levels are taken; the two
+                      deepest, most shaped by the contrastive task, start random
+no batch norms        the pretrained encoder without its batch norms' weights and statistics
 ===================== ======================================================================
 
 Each arm runs from random init and from every ``--encoder NAME=RUN_DIR`` (a pretraining run;
@@ -75,8 +78,9 @@ DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST, 
     "old default", "batch 4", "lr 2e-3", "lr 3e-3", "fast", "mean-only stop",
 )
 ENCODER_SLOW, FIT90 = "encoder lr 0.1", "fit 0.90"
+SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
 ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST,
-        MEAN_STOP, ENCODER_SLOW, FIT90)
+        MEAN_STOP, ENCODER_SLOW, FIT90, SHALLOW, NO_NORMS)
 #: Arms scored from another arm's network, and which.
 SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR}
 OLD_STEPS = 300
@@ -102,6 +106,10 @@ def arm_config(arm: str, base: FinetuneConfig) -> tuple[FinetuneConfig, int | No
         return dataclasses.replace(base, stop=stop), None
     if arm == ENCODER_SLOW:
         return dataclasses.replace(base, encoder_lr=0.1), None
+    if arm == SHALLOW:  # the two deepest levels, most shaped by the contrastive task, start random
+        return dataclasses.replace(base, transfer_levels=3), None
+    if arm == NO_NORMS:
+        return dataclasses.replace(base, transfer_norm=False), None
     if arm == MEAN_STOP:  # a plateau of the mean ends the run even with a structure unlearned
         stop = dataclasses.replace(base.stop, learned_dice=0.0)
         return dataclasses.replace(base, stop=stop), None

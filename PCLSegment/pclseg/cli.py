@@ -149,17 +149,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import finetune
-
-    slices = None
-    if args.slices:
-        slices = _parse_slices(args.slices)
-    cfg = FinetuneConfig(
+def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    return FinetuneConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         encoder_lr=args.encoder_lr,
+        transfer_levels=args.transfer_levels,
+        transfer_norm=not args.no_transfer_norm,
         loss=args.loss,
         augment=not args.no_augment,
         roi=not args.whole_slice,
@@ -170,6 +167,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         preprocess=_preprocess(args),
         model=ModelConfig(features=args.features),
     )
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    slices = None
+    if args.slices:
+        slices = _parse_slices(args.slices)
+    cfg = _finetune_config(args)
     init = None if args.init.lower() == "none" else Path(args.init)
     out = Path(args.out)
     with _left_as_it_was(out), _progress(args, log_path=out / "log.jsonl") as progress:
@@ -372,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoder-lr", type=float, default=1.0,
         help="the encoder's learning rate as a fraction of --lr (below 1 keeps a pretrained "
         "encoder closer to its pretraining)",
+    )
+    p.add_argument(
+        "--transfer-levels", type=int, default=5, metavar="L",
+        help="take the pretrained encoder's first L of 5 levels (the deeper ones start random)",
+    )
+    p.add_argument(
+        "--no-transfer-norm", action="store_true",
+        help="leave the pretrained encoder's batch-norm weights and statistics behind",
     )
     p.add_argument("--loss", default="dice_ce", choices=("ce", "dice", "dice_ce"))
     p.add_argument("--no-augment", action="store_true")

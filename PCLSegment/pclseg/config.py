@@ -233,6 +233,11 @@ class FinetuneConfig:
     ``lr``): below 1, a pretrained encoder moves less while the randomly initialised decoder
     learns, so fine-tuning on a few slices keeps more of what pretraining learned.
 
+    What a pretrained init passes on: ``transfer_levels`` of the encoder's five levels, from the
+    input down (the deeper levels, which contrastive pretraining shapes most for its own task,
+    keep the random init the seed gives), with their batch-norm weights and statistics when
+    ``transfer_norm``.
+
     A held-out check takes ``validation_fraction`` of the annotated slices when there are at
     least ``min_validation_slices``. With a pretrained encoder, ``model.features`` and
     ``preprocess`` come from the encoder; ``model.num_classes`` and ``model.in_channels``
@@ -245,6 +250,8 @@ class FinetuneConfig:
     min_validation_slices: int = 10
     lr: float = 1e-3
     encoder_lr: float = 1.0
+    transfer_levels: int = 5
+    transfer_norm: bool = True
     weight_decay: float = 0.0
     loss: Literal["ce", "dice", "dice_ce"] = "dice_ce"
     augment: bool = True
@@ -273,6 +280,10 @@ class FinetuneConfig:
         if self.encoder_lr < 0:
             raise PCLSegError(
                 f"encoder learning rate scale must not be negative, got {self.encoder_lr}"
+            )
+        if not 0 <= self.transfer_levels <= 5:
+            raise PCLSegError(
+                f"transfer levels must be 0 to 5 (the encoder's levels), got {self.transfer_levels}"
             )
         if self.loss not in ("ce", "dice", "dice_ce"):
             raise PCLSegError(f"loss must be ce, dice or dice_ce, got {self.loss!r}")

@@ -58,7 +58,7 @@ from .labels import (
     read_dataset_labels,
     resolve_labels,
 )
-from .model import UNet, load_pretrained
+from .model import UNet, load_pretrained, untransferred
 from .predict import MODEL, MODEL_FORMAT
 from .preprocess import prepare_volume
 from .pretrain import get_lr
@@ -183,17 +183,22 @@ def build_model(
 
     The prior channels start with zero weights, from an encoder pretrained on the image alone
     and from random init: the network starts as if it had no prior and learns how far to trust
-    it from the training slices.
+    it from the training slices. What ``cfg.transfer_levels``/``transfer_norm`` leave out of
+    the pretrained encoder keeps the random init of the same seed.
     """
     torch.manual_seed(cfg.seed)
     unet = UNet(cfg.model)
     with torch.no_grad():
         unet.encoder.levels[0].conv_0.conv.weight[:, 1:] = 0
     if encoder is not None:
+        random_init = unet.encoder.state_dict()
+        kept = {key: random_init[key].clone() for key in
+                untransferred(unet.encoder, cfg.transfer_levels, cfg.transfer_norm)}
         try:
             load_pretrained(unet, encoder, cfg.model.in_channels)
         except PCLSegError as exc:
             raise PCLSegError(f"{where}: {exc}") from exc
+        unet.encoder.load_state_dict(kept, strict=False)
     return unet
 
 

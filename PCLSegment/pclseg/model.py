@@ -284,6 +284,16 @@ def load_encoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     encoder.load_state_dict(state, strict=True)
 
 
+def untransferred(encoder: UNetEncoder, levels: int, norm: bool) -> list[str]:
+    """The keys of ``encoder``'s state that a pretrained init does not pass on: every key of the
+    levels from ``levels`` on (0 is the input level), and without ``norm`` every batch norm's
+    weights and statistics."""
+    norms = tuple(f"{name}." for name, module in encoder.named_modules()
+                  if isinstance(module, nn.BatchNorm2d))
+    return [key for key in encoder.state_dict()
+            if int(key.split(".")[1]) >= levels or (not norm and key.startswith(norms))]
+
+
 # --- the decoder, and the whole pretrained U-Net ----------------------------------------------
 
 #: Key prefixes of a pretrained U-Net's state (``unet.safetensors``, :func:`pretrained_state_dict`).

@@ -13,7 +13,8 @@ runs) is fine-tuned from random init and from each encoder, and scored on the un
 The same curve for another pretraining, into the same ``--out`` (its random-init runs are
 shared, since they do not depend on the pretraining): ``--method simclr`` or ``gcl`` (the
 baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM`` (PCL's positive
-threshold), ``--decoder-epochs N`` (the dense stage for the decoder). Each variant's runs are
+threshold), ``--decoder-epochs N`` (the dense stage for the decoder), ``--pretrain-volumes N``
+(less unlabelled data: the first N volumes only). Each variant's runs are
 named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep").
 
 Everything is resumable, since the whole curve takes hours on a CPU: a pretraining run that was
@@ -53,10 +54,12 @@ from pclseg.progress import Progress
 from pclseg.suggest import spread_over_extent
 
 METHODS = {"pcl": "PCL", "simclr": "SimCLR", "gcl": "GCL"}
-#: The positive-threshold settings a variant may change: field, how names and folders say it.
-THRESHOLDS = (("threshold", "threshold {:g}", "t{:g}"),
-              ("threshold_slices", "{:g} slices", "s{:g}"),
-              ("threshold_mm", "{:g} mm", "mm{:g}"))
+#: The settings a variant may change: field, how names and folders say it. ``volumes``
+#: pretrains on the first N volumes only (with N = ``--first``, the annotated ones alone).
+SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
+            ("threshold_slices", "{:g} slices", "s{:g}"),
+            ("threshold_mm", "{:g} mm", "mm{:g}"),
+            ("volumes", "{:g} volumes", "v{:g}"))
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,11 @@ class Variant:
     threshold_slices: float | None = None
     threshold_mm: float | None = None
     decoder_epochs: int = 0
+    volumes: int | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
-        """``(in a name, in a folder name)`` of each threshold setting this variant changes."""
-        return [(said.format(value), tag.format(value)) for field, said, tag in THRESHOLDS
+        """``(in a name, in a folder name)`` of each setting this variant changes."""
+        return [(said.format(value), tag.format(value)) for field, said, tag in SETTINGS
                 if (value := getattr(self, field)) is not None]
 
     def _suffix(self) -> str:
@@ -94,7 +98,7 @@ class Variant:
                          *decoder])
 
     def config(self, epochs: int, args: argparse.Namespace) -> PretrainConfig:
-        changed = {k: v for k, v in asdict(self).items() if v is not None}
+        changed = {k: v for k, v in asdict(self).items() if v is not None and k != "volumes"}
         return PretrainConfig(epochs=epochs, seed=args.pretrain_seed, device=args.device,
                               preprocess=PreprocessConfig(size=args.size),
                               model=ModelConfig(features=args.features), **changed)
@@ -119,7 +123,8 @@ def pretrained(data: Path, runs: Path, epochs: int, variant: Variant,
     print(f"pretraining {epochs} epochs -> {run_dir}" + (" (resumed)" if resume else ""),
           flush=True)
     start = time.perf_counter()
-    result = pretrain(data / "imagesTr", run_dir, cfg, resume=resume, progress=Progress("bar"))
+    images = chosen_images(data, None, variant.volumes) if variant.volumes else data / "imagesTr"
+    result = pretrain(images, run_dir, cfg, resume=resume, progress=Progress("bar"))
     if result.stopped:
         raise SystemExit(f"pretraining {epochs} epochs was stopped; run again to continue")
     with log.open("a") as f:
@@ -202,6 +207,8 @@ def main() -> None:
     parser.add_argument("--threshold-mm", type=float, default=None, metavar="MM")
     parser.add_argument("--decoder-epochs", type=int, default=0,
                         help="add the dense stage for the decoder, N epochs")
+    parser.add_argument("--pretrain-volumes", type=int, default=None, metavar="N",
+                        help="pretrain on the first N volumes only (default: all)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary and plot from runs.jsonl, train nothing")
     args = parser.parse_args()
@@ -209,7 +216,7 @@ def main() -> None:
     log = args.out / "runs.jsonl"
     lengths = sorted(args.epochs)
     variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
-                      args.decoder_epochs)
+                      args.decoder_epochs, args.pretrain_volumes)
 
     if not args.report_only:
         threads = use_all_cores()

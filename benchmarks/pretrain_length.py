@@ -152,7 +152,7 @@ def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
 
     inits = ordered_inits(pretraining)
     families = list(dict.fromkeys(r["family"] for r in inits))
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    figure, axes = plt.subplots(figsize=(8, 4), dpi=120)
     for index, k in enumerate(sorted({r["k"] for r in rows})):
         color = f"C{index}"
         for number, family in enumerate(families):
@@ -160,7 +160,8 @@ def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
             for init in (r for r in inits if r["family"] == family):
                 scores = [r["dice"] for r in rows if r["k"] == k and r["init"] == init["name"]]
                 if scores:
-                    xs.append(init["epochs"])
+                    # Curves at the same lengths side by side, not on top of each other.
+                    xs.append(init["epochs"] * 1.04 ** number)
                     means.append(np.mean(scores))
                     stds.append(np.std(scores))
             if xs:
@@ -179,7 +180,7 @@ def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
     axes.set_xlabel("pretraining epochs")
     axes.set_ylabel("Dice on the unannotated slices")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -30,7 +30,7 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,8 @@ class Variant:
                          *decoder])
 
     def config(self, epochs: int, args: argparse.Namespace) -> PretrainConfig:
-        changed = {k: v for k, v in asdict(self).items() if v is not None and k != "volumes"}
+        settings = {f.name for f in fields(PretrainConfig)}  # not ``volumes``: what it reads
+        changed = {k: v for k, v in asdict(self).items() if v is not None and k in settings}
         return PretrainConfig(epochs=epochs, seed=args.pretrain_seed, device=args.device,
                               preprocess=PreprocessConfig(size=args.size),
                               model=ModelConfig(features=args.features), **changed)

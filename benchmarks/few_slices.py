@@ -33,6 +33,8 @@ fit 0.90              the first phase ends at a training Dice of 0.90 instead of
 encoder levels 1-3    only the pretrained encoder's first 3 of 5 levels are taken; the two
                       deepest, most shaped by the contrastive task, start random
 no batch norms        the pretrained encoder without its batch norms' weights and statistics
+128 px, f = 32        the defaults at the commands' model size (slices of 128 px, width 32)
+                      whatever ``--size`` and ``--features`` say; random init only
 ===================== ======================================================================
 
 Each arm runs from random init and from every ``--encoder NAME=RUN_DIR`` (a pretraining run;
@@ -79,8 +81,9 @@ DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST, 
 )
 ENCODER_SLOW, FIT90 = "encoder lr 0.1", "fit 0.90"
 SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
+LARGE = "128 px, f = 32"
 ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST,
-        MEAN_STOP, ENCODER_SLOW, FIT90, SHALLOW, NO_NORMS)
+        MEAN_STOP, ENCODER_SLOW, FIT90, SHALLOW, NO_NORMS, LARGE)
 #: Arms scored from another arm's network, and which.
 SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR}
 OLD_STEPS = 300
@@ -110,6 +113,11 @@ def arm_config(arm: str, base: FinetuneConfig) -> tuple[FinetuneConfig, int | No
         return dataclasses.replace(base, transfer_levels=3), None
     if arm == NO_NORMS:
         return dataclasses.replace(base, transfer_norm=False), None
+    if arm == LARGE:  # the commands' model size (random init: an encoder brings its own size)
+        return dataclasses.replace(
+            base, preprocess=dataclasses.replace(base.preprocess, size=128),
+            model=dataclasses.replace(base.model, features=32),
+        ), None
     if arm == MEAN_STOP:  # a plateau of the mean ends the run even with a structure unlearned
         stop = dataclasses.replace(base.stop, learned_dice=0.0)
         return dataclasses.replace(base, stop=stop), None

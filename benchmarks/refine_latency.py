@@ -7,6 +7,10 @@ alone in slices per second.
 
     python benchmarks/refine_latency.py --models 128x32 96x16 --rounds 4
 
+With ``--compile``, prediction alone is timed again with the network under ``torch.compile``
+(its first call, compilation included, and the warm calls after it), and so are two refine
+rounds through the compiled network (or the error compiling them raises).
+
 The model starts from random init (the time does not depend on the weights).
 """
 
@@ -26,6 +30,7 @@ import torch
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.device import precision_name, resolve_device, use_all_cores
 from pclseg.io import read_volume, write_image
+from pclseg.predict import slice_probabilities
 from pclseg.session import RefineSession
 
 SHAPE = (40, 256, 256)
@@ -60,7 +65,29 @@ def measure(path: Path, size: int, features: int, args: argparse.Namespace) -> d
         start = time.perf_counter()
         session.predict()
         network.append(time.perf_counter() - start)
-    return {"rounds": rounds, "predict_s": statistics.median(network)}
+    result = {"rounds": rounds, "predict_s": statistics.median(network)}
+    if args.compile:
+        compiled = torch.compile(session.trainer.unet)
+        inputs = session.network_inputs()
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            slice_probabilities(compiled, inputs, session.trainer.device, amp=session.cfg.amp)
+            times.append(time.perf_counter() - start)
+        result["compiled_first_s"], result["compiled_s"] = times[0], statistics.median(times[1:])
+        eager, session.trainer.unet = session.trainer.unet, compiled
+        try:  # a refine round's training steps through the compiled network
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                session.refine(args.refine_steps)
+                times.append(time.perf_counter() - start)
+            result["compiled_refine"] = f"{times[0]:.1f} first, {times[1]:.2f} warm"
+        except Exception as error:  # reported: what compiling the step does
+            result["compiled_refine"] = f"fails: {type(error).__name__}: {str(error)[:120]}"
+        finally:
+            session.trainer.unet = eager
+    return result
 
 
 def main() -> None:
@@ -72,6 +99,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time prediction with the network under torch.compile")
     args = parser.parse_args()
     threads = use_all_cores()
     device = resolve_device(args.device)
@@ -81,6 +110,7 @@ def main() -> None:
           f"{SHAPE[0]}; refine {args.refine_steps} steps of batch {args.batch_size}\n")
     print("| model | first round: refine + predict (s) | warm round: refine + predict (s) "
           "| prediction alone (s) | prediction slices/s |\n|---|---|---|---|---|")
+    compiled_rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = test_volume(Path(tmp))
         for model in args.models:
@@ -93,6 +123,15 @@ def main() -> None:
                   f"{first[1]:.2f}) | {warm_refine + warm_predict:.2f} ({warm_refine:.2f} + "
                   f"{warm_predict:.2f}) | {result['predict_s']:.2f} | "
                   f"{SHAPE[0] / result['predict_s']:.0f} |", flush=True)
+            if args.compile:
+                compiled_rows.append(
+                    f"| {size} px, f = {features} | {result['predict_s']:.2f} | "
+                    f"{result['compiled_first_s']:.1f} | {result['compiled_s']:.2f} | "
+                    f"{result['compiled_refine']} |")
+    if compiled_rows:
+        print("\n| model | prediction alone (s) | compiled prediction: first call (s) | "
+              "compiled prediction: warm (s) | compiled refine round (s) |\n|---|---|---|---|---|\n"
+              + "\n".join(compiled_rows))
 
 
 if __name__ == "__main__":

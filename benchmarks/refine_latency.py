@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-amp", action="store_true")
     parser.add_argument("--compile", action="store_true",
-                        help="also time prediction with the network under torch.compile")
+                        help="also time prediction and refine rounds through torch.compile")
     args = parser.parse_args()
     threads = use_all_cores()
     device = resolve_device(args.device)

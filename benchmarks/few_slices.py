@@ -81,7 +81,9 @@ DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST, 
 )
 ENCODER_SLOW, FIT90 = "encoder lr 0.1", "fit 0.90"
 SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
-LARGE = "128 px, f = 32"
+#: The commands' model size (``PreprocessConfig``'s and ``ModelConfig``'s defaults) as an arm.
+COMMAND_SIZE, COMMAND_FEATURES = PreprocessConfig().size, ModelConfig().features
+LARGE = f"{COMMAND_SIZE} px, f = {COMMAND_FEATURES}"
 ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST,
         MEAN_STOP, ENCODER_SLOW, FIT90, SHALLOW, NO_NORMS, LARGE)
 #: Arms scored from another arm's network, and which.
@@ -115,8 +117,8 @@ def arm_config(arm: str, base: FinetuneConfig) -> tuple[FinetuneConfig, int | No
         return dataclasses.replace(base, transfer_norm=False), None
     if arm == LARGE:  # the commands' model size (random init: an encoder brings its own size)
         return dataclasses.replace(
-            base, preprocess=dataclasses.replace(base.preprocess, size=128),
-            model=dataclasses.replace(base.model, features=32),
+            base, preprocess=dataclasses.replace(base.preprocess, size=COMMAND_SIZE),
+            model=dataclasses.replace(base.model, features=COMMAND_FEATURES),
         ), None
     if arm == MEAN_STOP:  # a plateau of the mean ends the run even with a structure unlearned
         stop = dataclasses.replace(base.stop, learned_dice=0.0)

@@ -16,6 +16,11 @@ prior between only    the defaults with a prior between annotated slices only (n
 whole slice           the defaults without the region of interest
 fused                 "no prior"'s network, its probabilities averaged with the prior's
                       one-hot between annotated slices (weight ``--fuse-weight``)
+prior by 1/gap,       the default's network, its probabilities averaged with the prior's
+prior by 2/gap        one-hot with weight 1/L (2/L; at most 1) on the slices between two
+                      annotated slices L apart, then post-processed: interpolation is
+                      trusted more the shorter the gap it bridges (at weight 1/2 and up the
+                      prior decides)
 old default           the settings before: whole slice, no prior, 300 steps, cosine decay
 batch 4               the defaults with batches of 4 slices instead of 8 (half the work a
                       step: with k <= 8 a batch of 8 repeats slices anyway)
@@ -39,8 +44,8 @@ no batch norms        the pretrained encoder without its batch norms' weights an
 
 Each arm runs from random init and from every ``--encoder NAME=RUN_DIR`` (a pretraining run;
 the encoder may have seen every volume's images, never a label, as a user pretrains on their
-whole folder). Arms that share a network ("default, no post" with "default", "fused" with
-"no prior") are scored from the same training run.
+whole folder). Arms that share a network ("default, no post" and the "prior by" arms with
+"default", "fused" with "no prior") are scored from the same training run.
 
     python benchmarks/few_slices.py --data ../shared/data/chaos-t2 --encoder PCL=runs/pcl \
         --ks 2 4 8 --seeds 0 --out runs/few_slices
@@ -69,6 +74,7 @@ from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.device import use_all_cores
 from pclseg.evaluate import mean_foreground_dice
 from pclseg.interpolate import fill_between_slices
+from pclseg.postprocess import clean_prediction
 from pclseg.io import read_label, read_volume
 from pclseg.progress import Progress
 from pclseg.session import RefineSession
@@ -80,14 +86,15 @@ DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST, 
     "old default", "batch 4", "lr 2e-3", "lr 3e-3", "fast", "mean-only stop",
 )
 ENCODER_SLOW, FIT90 = "encoder lr 0.1", "fit 0.90"
+GAP1, GAP2 = "prior by 1/gap", "prior by 2/gap"
 SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
 #: The commands' model size (``PreprocessConfig``'s and ``ModelConfig``'s defaults) as an arm.
 COMMAND_SIZE, COMMAND_FEATURES = PreprocessConfig().size, ModelConfig().features
 LARGE = f"{COMMAND_SIZE} px, f = {COMMAND_FEATURES}"
 ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST,
-        MEAN_STOP, ENCODER_SLOW, FIT90, SHALLOW, NO_NORMS, LARGE)
+        MEAN_STOP, ENCODER_SLOW, FIT90, SHALLOW, NO_NORMS, LARGE, GAP1, GAP2)
 #: Arms scored from another arm's network, and which.
-SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR}
+SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR, GAP1: DEFAULT, GAP2: DEFAULT}
 OLD_STEPS = 300
 
 
@@ -128,19 +135,36 @@ def arm_config(arm: str, base: FinetuneConfig) -> tuple[FinetuneConfig, int | No
     return base, None
 
 
-def fused(session: RefineSession, weight: float) -> np.ndarray:
-    """The session's probabilities averaged with the one-hot prior where the prior speaks
-    (the slices between annotated slices), then argmax; the user's slices kept."""
+def between_weights(annotated: list[int], slices: int, weight: float) -> np.ndarray:
+    """``weight`` on every slice from the first annotated slice to the last, 0 elsewhere."""
+    weights = np.zeros(slices, np.float32)
+    weights[min(annotated) : max(annotated) + 1] = weight
+    return weights
+
+
+def gap_weights(annotated: list[int], slices: int, scale: float) -> np.ndarray:
+    """``scale / L`` (at most 1) on the slices between two annotated slices L apart, 0
+    elsewhere: the shorter the gap, the more interpolation across it is worth."""
+    weights = np.zeros(slices, np.float32)
+    ordered = sorted(annotated)
+    for low, high in zip(ordered, ordered[1:]):
+        weights[low + 1 : high] = min(1.0, scale / (high - low))
+    return weights
+
+
+def fused(session: RefineSession, weights: np.ndarray, postprocess: bool = False) -> np.ndarray:
+    """The session's probabilities averaged with the prior's one-hot, slice by slice with
+    ``weights``, then argmax (post-processed as the engine does when asked); the user's
+    slices kept."""
     probabilities = session.probabilities()
     annotated = session.annotated
-    between = np.zeros(len(probabilities[0]), bool)
-    between[min(annotated) : max(annotated) + 1] = True
     prior = session.interpolation()
     classes = np.arange(len(probabilities)).reshape(-1, 1, 1, 1)
     one_hot = (prior[None] == classes).astype(np.float32)
-    mixed = np.where(between[None, :, None, None],
-                     (1 - weight) * probabilities + weight * one_hot, probabilities)
-    labels = mixed.argmax(axis=0).astype(np.uint8)
+    weight = weights[None, :, None, None]
+    labels = ((1 - weight) * probabilities + weight * one_hot).argmax(axis=0).astype(np.uint8)
+    if postprocess:
+        labels = clean_prediction(labels, session.annotation, annotated, prior)
     labels[annotated] = session.annotation[annotated]
     return labels
 
@@ -174,8 +198,13 @@ def run_arms(
                 if sharer == NO_POST:
                     session.trainer.cfg = dataclasses.replace(session.cfg, postprocess=False)
                     out[sharer] = (session.predict(), *out[arm][1:])
+                elif sharer == FUSED:
+                    weights = between_weights(session.annotated, len(truth), args.fuse_weight)
+                    out[sharer] = (fused(session, weights), *out[arm][1:])
                 else:
-                    out[sharer] = (fused(session, args.fuse_weight), *out[arm][1:])
+                    scale = 1.0 if sharer == GAP1 else 2.0
+                    weights = gap_weights(session.annotated, len(truth), scale)
+                    out[sharer] = (fused(session, weights, postprocess=True), *out[arm][1:])
     return out
 
 

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import platform
 import time
@@ -74,8 +75,8 @@ from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.device import use_all_cores
 from pclseg.evaluate import mean_foreground_dice
 from pclseg.interpolate import fill_between_slices
-from pclseg.postprocess import clean_prediction
 from pclseg.io import read_label, read_volume
+from pclseg.postprocess import clean_prediction
 from pclseg.progress import Progress
 from pclseg.session import RefineSession
 from pclseg.suggest import spread_over_extent
@@ -146,8 +147,7 @@ def gap_weights(annotated: list[int], slices: int, scale: float) -> np.ndarray:
     """``scale / L`` (at most 1) on the slices between two annotated slices L apart, 0
     elsewhere: the shorter the gap, the more interpolation across it is worth."""
     weights = np.zeros(slices, np.float32)
-    ordered = sorted(annotated)
-    for low, high in zip(ordered, ordered[1:]):
+    for low, high in itertools.pairwise(sorted(annotated)):
         weights[low + 1 : high] = min(1.0, scale / (high - low))
     return weights
 

@@ -39,7 +39,7 @@ from pclseg.labels import (
 )
 from pclseg.model import FIRST_CONV, ContrastiveNet, encoder_state_dict, pretrained_state_dict
 from pclseg.progress import Progress
-from pclseg.trainer import Trainer, make_loss
+from pclseg.trainer import Trainer, make_loss, warmup_factor
 from pclseg.training_slices import SliceDraws, TrainingSlices, annotated_slices
 
 TINY = FinetuneConfig(
@@ -327,6 +327,33 @@ def test_an_encoder_learning_rate_of_zero_keeps_the_encoder(one_pair: tuple[Path
     assert moved == {"decoder"}
     with pytest.raises(PCLSegError, match="encoder learning rate"):
         FinetuneConfig(encoder_lr=-1.0)
+
+
+def test_an_encoder_warmup_holds_the_encoder_first_then_lets_it_learn(
+    one_pair: tuple[Path, Path],
+) -> None:
+    data, _, _, _ = load_training_slices([one_pair], TINY)
+    cfg = dataclasses.replace(TINY, encoder_warmup=4,
+                              model=dataclasses.replace(TINY.model, num_classes=5))
+    trainer = Trainer(build_model(cfg, None), cfg, torch.device("cpu"))
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in trainer.unet.state_dict().items()
+                if v.is_floating_point() and "running" not in k}
+
+    def moved(before: dict[str, torch.Tensor]) -> set[str]:
+        after = trainer.unet.state_dict()
+        return {k.split(".")[0] for k, v in before.items() if not torch.equal(v, after[k])}
+
+    start = weights()
+    trainer.run(data, 1, lambda s: 1e-2, seed=(0, 0))  # the first step: the encoder's rate is 0
+    assert moved(start) == {"decoder"} and trainer.updates == 1
+    trainer.run(data, 4, lambda s: 1e-2, seed=(0, 1))  # the rate rises: the encoder moves too
+    assert moved(start) == {"encoder", "decoder"} and trainer.updates == 5
+    assert [warmup_factor(u, 4) for u in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+    with pytest.raises(PCLSegError, match="encoder warm-up must be 0 or more"):
+        FinetuneConfig(encoder_warmup=-1)
 
 
 def test_steps_per_epoch_has_a_floor() -> None:

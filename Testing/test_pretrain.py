@@ -160,7 +160,9 @@ def test_baseline_methods_train_with_the_same_loop(a_sample_folder, tmp_path, me
 # --- the dense (decoder) stage -----------------------------------------------------------------
 
 
-def test_a_decoder_stage_leaves_a_whole_unet_and_keeps_a_frozen_encoder(a_sample_folder, tmp_path):
+@pytest.mark.parametrize("task", ["local", "restore"])
+def test_a_decoder_stage_leaves_a_whole_unet_and_keeps_a_frozen_encoder(a_sample_folder, tmp_path,
+                                                                         task):
     run = tmp_path / "run"
     encoder_after_stage_one = {}
     seen = []
@@ -170,7 +172,8 @@ def test_a_decoder_stage_leaves_a_whole_unet_and_keeps_a_frozen_encoder(a_sample
         if event["event"] == "checkpoint" and event["stage"] == "encoder":
             encoder_after_stage_one.update(checkpoint.load_pair(run / "encoder")[0])
 
-    result = pretrain(a_sample_folder / "imagesTr", run, tiny_config(epochs=1, decoder_epochs=1),
+    cfg = tiny_config(epochs=1, decoder_epochs=1, decoder_task=task)
+    result = pretrain(a_sample_folder / "imagesTr", run, cfg,
                       progress=Progress("none", callback=watch))
     assert not result.stopped and result.epochs_done == 2 and np.isfinite(result.final_loss)
     epochs = [(e["stage"], e["epoch"], e["epochs"]) for e in seen if e["event"] == "epoch"]
@@ -182,6 +185,7 @@ def test_a_decoder_stage_leaves_a_whole_unet_and_keeps_a_frozen_encoder(a_sample
 
     unet, meta = checkpoint.load_pair(run / "unet", expect_format="pclseg-unet")
     assert (meta["stage"], meta["epoch"], meta["config"]["decoder_epochs"]) == ("decoder", 2, 1)
+    assert meta["config"]["decoder_task"] == task
     encoder, _ = checkpoint.load_pair(run / "encoder", expect_format="pclseg-encoder")
     for name, tensor in encoder_after_stage_one.items():  # frozen: weights and statistics
         assert torch.equal(encoder[name], tensor) and torch.equal(unet[f"encoder.{name}"], tensor)
@@ -190,7 +194,7 @@ def test_a_decoder_stage_leaves_a_whole_unet_and_keeps_a_frozen_encoder(a_sample
                if "classifier" not in k and "num_batches" not in k
                and not torch.equal(v, unet[f"decoder.{k}"])]
     assert changed, "the decoder was not trained"
-    assert not [k for k in unet if "classifier" in k]
+    assert not [k for k in unet if "classifier" in k or k.startswith("head.")]
     _, state = checkpoint.load_pair(run / "checkpoint")
     assert state["stage"] == "decoder"
 
@@ -279,6 +283,16 @@ def test_cli_decoder_epochs_adds_the_dense_stage(a_sample_folder, tmp_path):
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "bad",
                                   "--decoder-epochs", "-1"))
     assert proc.returncode == 2 and "decoder epochs must be 0 or more" in proc.stderr
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "restore",
+                                  "--epochs", "1", "--decoder-epochs", "1",
+                                  "--decoder-task", "restore"))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 epoch(s) of restoration pretraining, encoder frozen" in proc.stdout + proc.stderr
+    config = json.loads((tmp_path / "restore" / "unet.json").read_text())["config"]
+    assert config["decoder_task"] == "restore"
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "odd",
+                                  "--decoder-epochs", "1", "--decoder-task", "paint"))
+    assert proc.returncode == 2 and "invalid choice: 'paint'" in proc.stderr
 
 
 def test_a_killed_run_resumes_and_finishes(a_sample_folder, tmp_path):

@@ -186,6 +186,15 @@ def test_from_model_uses_the_saved_weights(
     torch.testing.assert_close(fresh.network_probabilities(), expected)
 
 
+def test_a_saved_model_is_past_the_encoder_warmup(
+    a_refined_session: RefineSession, tmp_path: Path, an_image: Path
+) -> None:
+    a_refined_session.trainer.cfg = dataclasses.replace(a_refined_session.cfg, encoder_warmup=50)
+    folder = a_refined_session.save(tmp_path / "model")
+    trainer = RefineSession.from_model(an_image, folder).trainer
+    assert trainer.cfg.encoder_warmup == 50 and trainer.updates >= 50
+
+
 def test_write_prediction_lands_on_the_image_grid(
     a_refined_session: RefineSession, tmp_path: Path, an_image: Path
 ) -> None:

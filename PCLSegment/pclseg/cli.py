@@ -104,6 +104,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         # Resuming keeps the run's own epochs unless --epochs asks for more.
         epochs=args.epochs or (1 if args.resume else DEFAULT_PRETRAIN_EPOCHS),
         decoder_epochs=args.decoder_epochs,
+        decoder_task=args.decoder_task,
         decoder_grid=args.decoder_grid,
         decoder_temperature=args.decoder_temperature,
         decoder_encoder_lr=args.decoder_encoder_lr,
@@ -155,6 +156,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         batch_size=args.batch_size,
         lr=args.lr,
         encoder_lr=args.encoder_lr,
+        encoder_warmup=args.encoder_warmup,
         transfer_levels=args.transfer_levels,
         transfer_norm=not args.no_transfer_norm,
         loss=args.loss,
@@ -302,8 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="then pretrain the decoder for N epochs with a local contrastive loss, so that "
-        "fine-tuning starts from the whole U-Net (default 0: the encoder only, as the paper)",
+        help="then pretrain the decoder for N epochs (--decoder-task), so that fine-tuning "
+        "starts from the whole U-Net (default 0: the encoder only, as the paper)",
+    )
+    p.add_argument(
+        "--decoder-task",
+        default="local",
+        choices=("local", "restore"),
+        help="decoder stage: local (contrast regions of two views) or restore (rebuild slices "
+        "from corrupted copies)",
     )
     p.add_argument(
         "--decoder-grid",
@@ -378,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoder-lr", type=float, default=1.0,
         help="the encoder's learning rate as a fraction of --lr (below 1 keeps a pretrained "
         "encoder closer to its pretraining)",
+    )
+    p.add_argument(
+        "--encoder-warmup", type=int, default=0, metavar="STEPS",
+        help="hold the encoder still at first: its learning rate rises from 0 over the first "
+        "STEPS steps (default 0: off)",
     )
     p.add_argument(
         "--transfer-levels", type=int, default=5, metavar="L",

@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 from .errors import PCLSegError
 
 Method = Literal["pcl", "simclr", "gcl"]
+DecoderTask = Literal["local", "restore"]
 SliceAxis = Literal["auto", "axial", "coronal", "sagittal"]
 
 T = TypeVar("T")
@@ -86,10 +87,12 @@ class PretrainConfig:
     the shorter volume) or ``u = 1 / min(extent_a, extent_b)`` for ``K = threshold_mm``, the
     extent being ``N * slice spacing`` in mm (:func:`pclseg.positions.pair_thresholds`).
 
-    ``decoder_epochs`` > 0 adds a dense stage after the ``epochs`` of the contrastive stage: the
-    decoder's levels learn a local contrastive loss over a ``decoder_grid`` x ``decoder_grid``
-    grid of regions at temperature ``decoder_temperature`` (:mod:`pclseg.dense`), with the
-    encoder frozen, or trained at ``decoder_encoder_lr`` times ``lr`` when that is above 0.
+    ``decoder_epochs`` > 0 adds a dense stage after the ``epochs`` of the contrastive stage, with
+    the encoder frozen, or trained at ``decoder_encoder_lr`` times ``lr`` when that is above 0.
+    Its ``decoder_task`` is ``"local"``, a local contrastive loss of the decoder's levels over a
+    ``decoder_grid`` x ``decoder_grid`` grid of regions at temperature ``decoder_temperature``
+    (:mod:`pclseg.dense`), or ``"restore"``: the whole U-Net restores slices from corrupted
+    copies (shuffled patches, painted-over regions, a remapped histogram; :mod:`pclseg.restore`).
     Fine-tuning then starts from the whole U-Net but its classifier. 0, the default, is the
     paper's encoder-only pretraining.
     """
@@ -103,6 +106,7 @@ class PretrainConfig:
     flips: bool = False
     epochs: int = 50
     decoder_epochs: int = 0
+    decoder_task: DecoderTask = "local"
     decoder_grid: int = 8
     decoder_temperature: float = 0.1
     decoder_encoder_lr: float = 0.0
@@ -138,6 +142,10 @@ class PretrainConfig:
             raise PCLSegError(f"epochs must be at least 1, got {self.epochs}")
         if self.decoder_epochs < 0:
             raise PCLSegError(f"decoder epochs must be 0 or more, got {self.decoder_epochs}")
+        if self.decoder_task not in ("local", "restore"):
+            raise PCLSegError(
+                f"decoder task must be local or restore, got {self.decoder_task!r}"
+            )
         if self.decoder_grid < 1:
             raise PCLSegError(f"decoder grid must be at least 1, got {self.decoder_grid}")
         if not self.decoder_temperature > 0:
@@ -232,6 +240,9 @@ class FinetuneConfig:
     ``encoder_lr`` scales the encoder's learning rate against ``lr`` (the decoder always gets
     ``lr``): below 1, a pretrained encoder moves less while the randomly initialised decoder
     learns, so fine-tuning on a few slices keeps more of what pretraining learned.
+    ``encoder_warmup`` > 0 holds the encoder still at first and lets its rate rise linearly
+    from 0 to that over the network's first ``encoder_warmup`` steps: the fresh decoder
+    learns to read the pretrained features before their gradients can reshape them.
 
     What a pretrained init passes on: ``transfer_levels`` of the encoder's five levels, from the
     input down (the deeper levels, which contrastive pretraining shapes most for its own task,
@@ -250,6 +261,7 @@ class FinetuneConfig:
     min_validation_slices: int = 10
     lr: float = 1e-3
     encoder_lr: float = 1.0
+    encoder_warmup: int = 0
     transfer_levels: int = 5
     transfer_norm: bool = True
     weight_decay: float = 0.0
@@ -280,6 +292,10 @@ class FinetuneConfig:
         if self.encoder_lr < 0:
             raise PCLSegError(
                 f"encoder learning rate scale must not be negative, got {self.encoder_lr}"
+            )
+        if self.encoder_warmup < 0:
+            raise PCLSegError(
+                f"encoder warm-up must be 0 or more steps, got {self.encoder_warmup}"
             )
         if not 0 <= self.transfer_levels <= 5:
             raise PCLSegError(

@@ -81,38 +81,52 @@ class LocalProjectionHead(nn.Module):
         return self.layers(cells).flatten(2).transpose(1, 2)  # (B, R, out_dim)
 
 
-class DenseContrastiveNet(nn.Module):
-    """Encoder + decoder levels + one local head per level, for the dense stage.
+class DecoderStageNet(nn.Module):
+    """Encoder + decoder levels (no classifier), what both tasks of the decoder stage train.
 
-    ``(B, C, H, W)`` -> four ``(B, R_l, LOCAL_PROJECTION_DIM)`` region embeddings, from the
-    bottleneck up. With ``freeze_encoder`` the encoder runs without gradients and stays in eval
-    mode (its batch-norm statistics are those of the contrastive stage) even under
-    ``train()``. Parameter names match :class:`~pclseg.model.UNet`'s (``encoder.*``,
-    ``decoder.ups.*``), so its state transfers by name.
+    With ``freeze_encoder`` the encoder runs without gradients and stays in eval mode (its
+    batch-norm statistics are those of the contrastive stage) even under ``train()``.
+    Parameter names match :class:`~pclseg.model.UNet`'s (``encoder.*``, ``decoder.ups.*``), so
+    its state transfers by name; a task's own heads are left behind.
     """
 
-    def __init__(self, cfg: ModelConfig, grid: int = 8, freeze_encoder: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, freeze_encoder: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = UNetEncoder(cfg.in_channels, cfg.features)
         self.decoder = UNetDecoder(cfg.features, num_classes=None)
-        self.heads = nn.ModuleList(LocalProjectionHead(c, grid) for c in self.decoder.channels)
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
-    def train(self, mode: bool = True) -> DenseContrastiveNet:
+    def train(self, mode: bool = True) -> DecoderStageNet:
         super().train(mode)
         if self.freeze_encoder:
             self.encoder.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def decoder_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The decoder levels' outputs, from the bottleneck up."""
         check_input(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             features = self.encoder(x)
-        levels = self.decoder.levels(features)
+        return self.decoder.levels(features)
+
+
+class DenseContrastiveNet(DecoderStageNet):
+    """Encoder + decoder levels + one local head per level, for the local task.
+
+    ``(B, C, H, W)`` -> four ``(B, R_l, LOCAL_PROJECTION_DIM)`` region embeddings, from the
+    bottleneck up.
+    """
+
+    def __init__(self, cfg: ModelConfig, grid: int = 8, freeze_encoder: bool = True) -> None:
+        super().__init__(cfg, freeze_encoder)
+        self.heads = nn.ModuleList(LocalProjectionHead(c, grid) for c in self.decoder.channels)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = self.decoder_levels(x)
         return [head(level) for head, level in zip(self.heads, levels, strict=True)]
 
 

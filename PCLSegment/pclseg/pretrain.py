@@ -44,7 +44,7 @@ from .run_control import Distributed, StopFlag, any_rank, finish, gather
 
 CHECKPOINT = "checkpoint"
 #: The settings of the dense stage: taken from the caller when a resumed run adds that stage.
-DECODER_SETTINGS = ("decoder_grid", "decoder_temperature", "decoder_encoder_lr")
+DECODER_SETTINGS = ("decoder_task", "decoder_grid", "decoder_temperature", "decoder_encoder_lr")
 
 
 @dataclass
@@ -274,8 +274,9 @@ def _pretrain(
             if ddp.main and stage.name == "decoder" and start_epoch < stage.end:
                 frozen = "frozen" if cfg.decoder_encoder_lr == 0 else \
                     f"at {cfg.decoder_encoder_lr:g} x lr"
+                task = "restoration" if cfg.decoder_task == "restore" else "local contrastive"
                 progress.message(
-                    f"decoder stage: {cfg.decoder_epochs} epoch(s) of local contrastive "
+                    f"decoder stage: {cfg.decoder_epochs} epoch(s) of {task} "
                     f"pretraining, encoder {frozen}"
                 )
             for epoch in range(max(start_epoch, stage.start), stage.end):

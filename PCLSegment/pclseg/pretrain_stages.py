@@ -4,11 +4,14 @@ and what it leaves in the run folder; :mod:`pclseg.pretrain` runs them in one lo
 1. **Contrastive** (``"encoder"``, the paper): encoder + projection head, two spatially
    augmented views per slice, the method's SupCon loss over the gathered global batch. Leaves
    ``encoder.*``.
-2. **Dense** (``"decoder"``, with ``decoder_epochs``): encoder + decoder levels + local heads
+2. **Dense** (``"decoder"``, with ``decoder_epochs``), one of two tasks (``decoder_task``):
+   ``"local"``, encoder + decoder levels + local heads
    (:class:`~pclseg.dense.DenseContrastiveNet`), two views that differ in intensity only, the
-   local contrastive loss averaged over the decoder levels (per slice, so nothing is gathered
-   across processes). Leaves ``unet.*`` (encoder and decoder levels in one pair, so they always
-   come from one save) and ``encoder.*``.
+   local contrastive loss averaged over the decoder levels; or ``"restore"``, the U-Net with a
+   one-channel head (:class:`~pclseg.restore.RestorationNet`), a corrupted slice in, the mean
+   squared error to the clean one. Both are per slice, so nothing is gathered across
+   processes. Leaves ``unet.*`` (encoder and decoder levels in one pair, so they always come
+   from one save) and ``encoder.*``.
 
 Epochs count across stages: the contrastive stage covers epochs ``[0, epochs)``, the dense
 stage ``[epochs, epochs + decoder_epochs)``; each has its own cosine schedule and optimizer.
@@ -22,6 +25,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .augment import FLIP_PARAMS, NO_FLIP_PARAMS, TwoViewSliceDataset, pretrain_augment
 from .cache import SliceCache
@@ -30,6 +34,7 @@ from .dense import AlignedViewsDataset, DenseContrastiveNet, view_intensity_augm
 from .device import autocast, network_input
 from .losses import LocalContrastiveLoss, make_contrastive_loss
 from .model import ContrastiveNet, encoder_state_dict, load_encoder, pretrained_state_dict
+from .restore import CorruptedSlicesDataset, RestorationNet, corruption
 
 ENCODER = "encoder"
 UNET = "unet"
@@ -57,7 +62,7 @@ class Stage:
     end: int
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    dataset: TwoViewSliceDataset | AlignedViewsDataset
+    dataset: TwoViewSliceDataset | AlignedViewsDataset | CorruptedSlicesDataset
     loss: StageLoss
     outputs: Callable[[], dict[str, tuple[dict[str, torch.Tensor], str]]]
 
@@ -119,13 +124,20 @@ def decoder_stage(
     encoder: Mapping[str, torch.Tensor] | None,
 ) -> Stage:
     """The dense stage, its encoder loaded from ``encoder`` (the contrastive stage's; ``None``
-    when a checkpoint of this stage will be restored over it)."""
-    dataset = AlignedViewsDataset(
-        cache.slices, _spatial_augment(cfg), view_intensity_augment(), seed=cfg.seed
-    )
+    when a checkpoint of this stage will be restored over it), its task ``cfg.decoder_task``."""
     frozen = cfg.decoder_encoder_lr == 0
     torch.manual_seed(cfg.seed)  # the same decoder whether the run was resumed or not
-    net = DenseContrastiveNet(cfg.model, cfg.decoder_grid, freeze_encoder=frozen)
+    net: RestorationNet | DenseContrastiveNet
+    if cfg.decoder_task == "restore":
+        dataset: AlignedViewsDataset | CorruptedSlicesDataset = CorruptedSlicesDataset(
+            cache.slices, _spatial_augment(cfg), corruption(cfg.preprocess.size), seed=cfg.seed
+        )
+        net = RestorationNet(cfg.model, freeze_encoder=frozen)
+    else:
+        dataset = AlignedViewsDataset(
+            cache.slices, _spatial_augment(cfg), view_intensity_augment(), seed=cfg.seed
+        )
+        net = DenseContrastiveNet(cfg.model, cfg.decoder_grid, freeze_encoder=frozen)
     if encoder is not None:
         load_encoder(net, encoder)
     model = place(net)
@@ -137,6 +149,11 @@ def decoder_stage(
     criterion = LocalContrastiveLoss(cfg.decoder_temperature)
 
     def loss(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        if cfg.decoder_task == "restore":
+            corrupted, target = batch
+            with autocast(device, cfg.amp):
+                restored = net(network_input(corrupted, device))
+            return F.mse_loss(restored.float(), target.to(device).float())
         view1, view2 = batch
         views = network_input(torch.cat([view1, view2]), device)
         with autocast(device, cfg.amp):

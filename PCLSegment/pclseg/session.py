@@ -140,7 +140,9 @@ class RefineSession:
         volume = _as_volume(image, loaded.config.preprocess.slice_axis)
         init = {"kind": "model", "path": str(model_stem(model_dir).parent),
                 "from": loaded.metadata.get("init", {})}
-        trainer = Trainer(loaded.unet, loaded.config, loaded.device)
+        # A fine-tuned network is past the encoder's warm-up.
+        trainer = Trainer(loaded.unet, loaded.config, loaded.device,
+                          updates=loaded.config.encoder_warmup)
         region = RegionOfInterest.from_dict(loaded.metadata.get("roi"))
         return cls(volume, trainer, loaded.labels, init, region)
 

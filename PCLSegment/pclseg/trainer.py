@@ -45,15 +45,21 @@ def make_loss(kind: str) -> DiceCELoss:
     )
 
 
-def parameter_groups(unet: UNet, encoder_lr: float) -> list[dict]:
-    """The optimizer's parameter groups: one, or with ``encoder_lr != 1`` the encoder's (its
-    learning rate scaled by ``encoder_lr``) and the rest's."""
-    if encoder_lr == 1.0:
+def parameter_groups(unet: UNet, encoder_lr: float, separate: bool = False) -> list[dict]:
+    """The optimizer's parameter groups: one, or with ``encoder_lr != 1`` (or ``separate``) the
+    encoder's (its learning rate scaled by ``encoder_lr``, marked ``encoder``) and the rest's."""
+    if encoder_lr == 1.0 and not separate:
         return [{"params": list(unet.parameters())}]
     encoder = list(unet.encoder.parameters())
     ids = {id(p) for p in encoder}
-    return [{"params": encoder, "scale": encoder_lr},
+    return [{"params": encoder, "scale": encoder_lr, "encoder": True},
             {"params": [p for p in unet.parameters() if id(p) not in ids]}]
+
+
+def warmup_factor(updates: int, warmup: int) -> float:
+    """How much of its learning rate the encoder gets after ``updates`` steps of the network:
+    0 at the first, rising linearly to 1 at ``warmup`` (1 throughout when ``warmup`` is 0)."""
+    return 1.0 if warmup <= 0 else min(1.0, updates / warmup)
 
 
 @dataclass
@@ -69,15 +75,21 @@ class Trainer:
     """The model with its Adam optimizer, loss and gradient scaler; runs bounded step counts.
 
     Shared by :func:`finetune` and the refine session (a few steps per click, continuing from
-    the current weights and optimizer moments).
+    the current weights and optimizer moments). ``updates`` counts the network's optimizer
+    steps across runs (the encoder warm-up, ``cfg.encoder_warmup``, follows it); a trainer of a
+    network that was already fine-tuned starts it past the warm-up.
     """
 
-    def __init__(self, unet: UNet, cfg: FinetuneConfig, device: torch.device) -> None:
+    def __init__(
+        self, unet: UNet, cfg: FinetuneConfig, device: torch.device, updates: int = 0
+    ) -> None:
         self.unet = channels_last(unet, device)
         self.cfg = cfg
         self.device = device
+        self.updates = updates
         self.optimizer = torch.optim.Adam(
-            parameter_groups(unet, cfg.encoder_lr), lr=cfg.lr, weight_decay=cfg.weight_decay
+            parameter_groups(unet, cfg.encoder_lr, separate=cfg.encoder_warmup > 0),
+            lr=cfg.lr, weight_decay=cfg.weight_decay,
         )
         self.loss_fn = make_loss(cfg.loss)
         self.scaler = grad_scaler(device, cfg.amp)
@@ -104,8 +116,9 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
         """One optimizer step on a batch: inputs ``(B, C_in, H, W)``, labels ``(B, 1, H, W)``."""
         self.unet.train()
+        warm = warmup_factor(self.updates, self.cfg.encoder_warmup)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("scale", 1.0)
+            group["lr"] = lr * group.get("scale", 1.0) * (warm if group.get("encoder") else 1.0)
         with autocast(self.device, self.cfg.amp):
             logits = self.unet(images)
         loss = self.loss_fn(logits.float(), labels)
@@ -113,6 +126,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.updates += 1
         value = float(loss.detach())
         if not math.isfinite(value):
             raise PCLSegError(f"the loss became {value}; lower the learning rate or turn amp off")

@@ -238,16 +238,22 @@ def table(rows: list[dict], key: str, names: list[str], title: str) -> str:
     return "\n".join(lines)
 
 
-def paired_to_random(rows: list[dict], names: list[str]) -> str:
-    """Each encoder arm against random init with the same arm, run by run: the mean paired
-    difference, its standard deviation and in how many runs the encoder is ahead."""
-    pairs = [(n, "random " + n.split(" ", 1)[1]) for n in names
-             if n != FILL and not n.startswith("random ")]
+def paired_to_random(rows: list[dict], names: list[str], inits: list[str]) -> str:
+    """Each encoder arm against random init with the same arm (with the default where random
+    init did not run that arm), run by run: the mean paired difference, its standard
+    deviation and in how many runs the encoder is ahead."""
+    pairs = []
+    for name in names:
+        init = next((i for i in inits if i != "random" and name.startswith(f"{i} ")), None)
+        if init is not None:
+            same = "random " + name[len(init) + 1 :]
+            pairs.append((name, same if same in names else f"random {DEFAULT}"))
     pairs = [(a, b) for a, b in pairs if b in names]
     if not pairs:
         return ""
-    lines = ["Pretrained against random init, paired (same volume, k, seed and arm): mean "
-             "difference ± std, runs ahead", "", "| k | " + " | ".join(a for a, _ in pairs) + " |",
+    lines = ["Pretrained against random init, paired (same volume, k, seed and arm, or random "
+             "init's default): mean difference ± std, runs ahead", "",
+             "| k | " + " | ".join(f"{a} (vs {b})" for a, b in pairs) + " |",
              "|---|" + "---|" * len(pairs)]
     for value in sorted({r["k"] for r in rows}):
         cells = []
@@ -442,7 +448,7 @@ def main() -> None:
               f"Dice on the unannotated slices ({len({r['volume'] for r in rows})} volumes; "
               "mean ± std over volumes x seeds; in brackets: mean paired difference to Fill "
               "between slices, runs ahead of it)"),
-        paired_to_random(rows, arm_names),
+        paired_to_random(rows, arm_names, list(inits)),
         timing(rows, arm_names[1:]),
         f"({machine}; size {args.size}, features {args.features})",
     ])

@@ -13,9 +13,11 @@ runs) is fine-tuned from random init and from each encoder, and scored on the un
 The same curve for another pretraining, into the same ``--out`` (its random-init runs are
 shared, since they do not depend on the pretraining): ``--method simclr`` or ``gcl`` (the
 baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM`` (PCL's positive
-threshold), ``--decoder-epochs N`` (the dense stage for the decoder), ``--pretrain-volumes N``
+threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder-task restore``
+for the restoration task), ``--pretrain-volumes N``
 (less unlabelled data: the first N volumes only). Each variant's runs are
-named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep").
+named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
+"PCL 50 ep + restore 20 ep").
 
 Everything is resumable, since the whole curve takes hours on a CPU: a pretraining run that was
 stopped continues from its checkpoint, a finished one is reused, and every fine-tuning run is
@@ -72,6 +74,7 @@ class Variant:
     threshold_mm: float | None = None
     decoder_epochs: int = 0
     volumes: int | None = None
+    decoder_task: str = "local"
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -79,7 +82,8 @@ class Variant:
                 if (value := getattr(self, field)) is not None]
 
     def _suffix(self) -> str:
-        decoder = f" + decoder {self.decoder_epochs} ep" if self.decoder_epochs else ""
+        stage = "restore" if self.decoder_task == "restore" else "decoder"
+        decoder = f" + {stage} {self.decoder_epochs} ep" if self.decoder_epochs else ""
         return "".join(f", {said}" for said, _ in self._changed()) + decoder
 
     @property
@@ -93,7 +97,8 @@ class Variant:
 
     def folder(self, epochs: int) -> str:
         """The pretraining run's folder name: ``pcl_50``, ``simclr_50``, ``pcl_50_mm20``, ..."""
-        decoder = [f"dec{self.decoder_epochs}"] if self.decoder_epochs else []
+        stage = "res" if self.decoder_task == "restore" else "dec"
+        decoder = [f"{stage}{self.decoder_epochs}"] if self.decoder_epochs else []
         return "_".join([self.method, str(epochs), *(tag for _, tag in self._changed()),
                          *decoder])
 
@@ -209,6 +214,7 @@ def main() -> None:
     parser.add_argument("--threshold-mm", type=float, default=None, metavar="MM")
     parser.add_argument("--decoder-epochs", type=int, default=0,
                         help="add the dense stage for the decoder, N epochs")
+    parser.add_argument("--decoder-task", default="local", choices=("local", "restore"))
     parser.add_argument("--pretrain-volumes", type=int, default=None, metavar="N",
                         help="pretrain on the first N volumes only (default: all)")
     parser.add_argument("--report-only", action="store_true",
@@ -218,7 +224,7 @@ def main() -> None:
     log = args.out / "runs.jsonl"
     lengths = sorted(args.epochs)
     variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
-                      args.decoder_epochs, args.pretrain_volumes)
+                      args.decoder_epochs, args.pretrain_volumes, args.decoder_task)
 
     if not args.report_only:
         threads = use_all_cores()

@@ -18,7 +18,8 @@ on a label: a user pretrains on their whole folder).
 
 Every run is appended to ``--out``/runs.jsonl as it finishes and skipped when started again;
 the table (mean ± std over folds x seeds per init and n; each encoder's paired difference to
-random init ± std and the runs it is ahead in) goes to ``--out``/summary.md.
+random init ± std and the runs it is ahead in) goes to ``--out``/summary.md, and Dice and the
+paired differences against n to ``--out``/dice_vs_n.png.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dataset_runs import (
     chosen_images,
     finished_runs,
     paired_table,
+    plot_paired,
     structure_dice,
     structure_names,
 )
@@ -164,16 +166,19 @@ def main() -> None:
                               f"{row['fit']['reason']})", flush=True)
 
     rows = finished_runs(log)
+    order = list(dict.fromkeys([*inits, *(r["init"] for r in rows)]))
     text = (f"Dice on unseen volumes after fine-tuning on n labelled volumes ({args.test} test "
             "volumes a fold; mean ± std over folds x seeds; in brackets: paired difference to "
             "random init ± std, runs ahead)\n\n"
-            + paired_table(rows, list(dict.fromkeys([*inits, *(r["init"] for r in rows)])), "n",
-                           ("fold", "seed"))
+            + paired_table(rows, order, "n", ("fold", "seed"))
             + "\n\nMedian seconds to fine-tune + predict the test set: "
             + ", ".join(f"{i}: {np.median([r['seconds'] for r in rows if r['init'] == i]):.0f} s"
                         for i in dict.fromkeys(r["init"] for r in rows)) + "\n")
     print(text)
     (args.out / "summary.md").write_text(text)
+    if rows:
+        plot_paired(rows, order, "n", ("fold", "seed"), args.out / "dice_vs_n.png",
+                    "labelled volumes n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the benchmarks share: the volumes of an imagesTr + labelsTr folder, its structure names,
-the Dice of each structure, and the runs a resumable benchmark has already appended to its
-runs.jsonl."""
+the Dice of each structure, the runs a resumable benchmark has already appended to its
+runs.jsonl, and their paired table and plot."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def finished_runs(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
+def paired_scores(rows: list[dict], init: str, column: str, value,
+                  pair_by: tuple[str, ...]) -> dict[tuple, float]:
+    """The Dice of ``init``'s runs at ``column`` = ``value``, keyed by the fields that pair a
+    run with another init's (the volume and seed, or the fold and seed)."""
+    return {tuple(r[f] for f in pair_by): r["dice"] for r in rows
+            if r["init"] == init and r[column] == value}
+
+
 def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple[str, ...],
                  baseline: str = RANDOM) -> str:
     """A Markdown table of Dice: one line per init, one column per value of ``column``; each
@@ -56,20 +64,16 @@ def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple
     lines = ["| init | " + " | ".join(f"{column} = {v}" for v in values) + " |",
              "|---|" + "---|" * len(values)]
 
-    def scores(init: str, value) -> dict[tuple, float]:
-        return {tuple(r[f] for f in pair_by): r["dice"] for r in rows
-                if r["init"] == init and r[column] == value}
-
     for init in [baseline, *(i for i in inits if i != baseline)]:
         cells = []
         for value in values:
-            mine = scores(init, value)
+            mine = paired_scores(rows, init, column, value, pair_by)
             if not mine:
                 cells.append("")
                 continue
             dice = np.array(list(mine.values()))
             cell = f"{dice.mean():.3f} ± {dice.std():.3f}"
-            base = scores(baseline, value)
+            base = paired_scores(rows, baseline, column, value, pair_by)
             diff = np.array([mine[key] - base[key] for key in mine if key in base])
             if init != baseline and len(diff):
                 cell += (f" ({diff.mean():+.3f} ± {diff.std():.3f}, "
@@ -78,3 +82,63 @@ def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple
         if any(cells):
             lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: The paired gain over random init that would make pretraining clearly pay (issue target).
+TARGET_GAIN = 0.05
+
+
+def plot_paired(rows: list[dict], inits: list[str], column: str, pair_by: tuple[str, ...],
+                path: Path, xlabel: str, baseline: str = RANDOM) -> None:
+    """Two panels against ``column`` (k or n): the Dice of each init (mean ± std over its runs),
+    and each init's paired difference to ``baseline``, one dot per pair and the mean, with the
+    +0.05 that would make pretraining clearly pay dashed: whether a gain is real shows in how
+    many dots lie above zero, not in the means alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = sorted({r[column] for r in rows})
+    inits = [baseline, *(i for i in inits if i != baseline)]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    # Inits side by side within each value's slot (the smallest gap between values).
+    slot = min(np.diff(values), default=1)
+    shift = 0.6 * slot / len(inits)
+
+    for number, init in enumerate(inits):
+        offset = (number - (len(inits) - 1) / 2) * shift
+        xs, means, stds, dx, dy, mx, my = [], [], [], [], [], [], []
+        for value in values:
+            mine = paired_scores(rows, init, column, value, pair_by)
+            base = paired_scores(rows, baseline, column, value, pair_by)
+            if not mine:
+                continue
+            xs.append(value + offset)
+            means.append(np.mean(list(mine.values())))
+            stds.append(np.std(list(mine.values())))
+            diff = [mine[key] - base[key] for key in mine if key in base]
+            if init != baseline and diff:
+                dx += [value + offset] * len(diff)
+                dy += diff
+                mx.append(value + offset)
+                my.append(np.mean(diff))
+        color = f"C{number}"
+        left.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=init)
+        if dy:
+            right.scatter(dx, dy, s=12, alpha=0.6, color=color)
+            right.plot(mx, my, marker="_", markersize=18, linestyle="none", color=color,
+                       label=f"{init} (mean)")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.axhline(TARGET_GAIN, color="black", linestyle="--", linewidth=0.8,
+                  label=f"+{TARGET_GAIN} target")
+    for axes, ylabel in ((left, "Dice"), (right, f"paired difference to {baseline} init")):
+        axes.set_xticks(values)
+        axes.set_xlim(values[0] - slot / 2, values[-1] + slot / 2)
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

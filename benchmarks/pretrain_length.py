@@ -23,7 +23,8 @@ Everything is resumable, since the whole curve takes hours on a CPU: a pretraini
 stopped continues from its checkpoint, a finished one is reused, and every fine-tuning run is
 appended to ``--out``/runs.jsonl as it finishes and skipped when started again. The table (mean ±
 std per pretraining and k, paired difference to random init, runs ahead) goes to
-``--out``/summary.md and the curve to ``--out``/dice_vs_epochs.png.
+``--out``/summary.md, the curve to ``--out``/dice_vs_epochs.png, and Dice and the paired
+differences against k to ``--out``/dice_vs_k.png.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from dataset_runs import (
     chosen_images,
     finished_runs,
     paired_table,
+    plot_paired,
     structure_dice,
     structure_names,
 )
@@ -279,6 +281,8 @@ def main() -> None:
     (args.out / "summary.md").write_text(text)
     if rows:
         plot(rows, pretraining, args.out / "dice_vs_epochs.png")
+        plot_paired(rows, [r["name"] for r in inits], "k", ("volume", "seed"),
+                    args.out / "dice_vs_k.png", "annotated slices k")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,11 @@ def paired_scores(rows: list[dict], init: str, column: str, value,
             if r["init"] == init and r[column] == value}
 
 
+def paired_differences(mine: dict[tuple, float], base: dict[tuple, float]) -> np.ndarray:
+    """``mine`` minus ``base`` on every pair both have (``paired_scores`` of two inits)."""
+    return np.array([mine[key] - base[key] for key in mine if key in base])
+
+
 def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple[str, ...],
                  baseline: str = RANDOM) -> str:
     """A Markdown table of Dice: one line per init, one column per value of ``column``; each
@@ -74,7 +79,7 @@ def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple
             dice = np.array(list(mine.values()))
             cell = f"{dice.mean():.3f} ± {dice.std():.3f}"
             base = paired_scores(rows, baseline, column, value, pair_by)
-            diff = np.array([mine[key] - base[key] for key in mine if key in base])
+            diff = paired_differences(mine, base)
             if init != baseline and len(diff):
                 cell += (f" ({diff.mean():+.3f} ± {diff.std():.3f}, "
                          f"{int((diff > 0).sum())}/{len(diff)})")
@@ -84,7 +89,7 @@ def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple
     return "\n".join(lines)
 
 
-#: The paired gain over random init that would make pretraining clearly pay (issue target).
+#: The paired gain over random init that would make pretraining clearly pay (the README's target).
 TARGET_GAIN = 0.05
 
 
@@ -106,21 +111,21 @@ def plot_paired(rows: list[dict], inits: list[str], column: str, pair_by: tuple[
     slot = min(np.diff(values), default=1)
     shift = 0.6 * slot / len(inits)
 
+    base = {value: paired_scores(rows, baseline, column, value, pair_by) for value in values}
     for number, init in enumerate(inits):
         offset = (number - (len(inits) - 1) / 2) * shift
         xs, means, stds, dx, dy, mx, my = [], [], [], [], [], [], []
         for value in values:
             mine = paired_scores(rows, init, column, value, pair_by)
-            base = paired_scores(rows, baseline, column, value, pair_by)
             if not mine:
                 continue
             xs.append(value + offset)
             means.append(np.mean(list(mine.values())))
             stds.append(np.std(list(mine.values())))
-            diff = [mine[key] - base[key] for key in mine if key in base]
-            if init != baseline and diff:
+            diff = paired_differences(mine, base[value])
+            if init != baseline and len(diff):
                 dx += [value + offset] * len(diff)
-                dy += diff
+                dy += list(diff)
                 mx.append(value + offset)
                 my.append(np.mean(diff))
         color = f"C{number}"

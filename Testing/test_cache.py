@@ -133,6 +133,24 @@ def test_an_added_file_rebuilds_and_unusable_ones_are_skipped_with_reasons(
     assert [e["done"] for e in events if e["event"] == "cache"] == list(range(1, 7))
 
 
+def test_every_frame_of_a_4d_series_caches_as_its_own_volume(an_image_folder, a_config, tmp_path):
+    """Pretraining on a cine or perfusion folder sees every time point: a frame is a volume
+    of its own, so positions count within the frame and PCL's positives pair slices across
+    frames by position, as across patients."""
+    volume = sitk.ReadImage(sorted(an_image_folder.glob("*.nii.gz"))[0], sitk.sitkFloat32)
+    frames = [volume * float(t + 1) for t in range(3)]
+    series = tmp_path / "series"
+    series.mkdir()
+    write_image(sitk.JoinSeries(frames), series / "cine.nii.gz")
+    cache = SliceCache.build(series, a_config, tmp_path / "run" / "cache")
+    assert [v.frame for v in cache.volumes] == [0, 1, 2]
+    count = cache.volumes[0].count
+    assert [v.count for v in cache.volumes] == [count] * 3 and len(cache) == 3 * count
+    np.testing.assert_array_equal(cache.volume_ids, np.repeat([0, 1, 2], count))
+    within = (np.arange(count) + 1) / count
+    np.testing.assert_allclose(cache.positions, np.tile(within, 3), rtol=1e-6)
+
+
 def test_a_folder_without_a_usable_volume_is_an_error_and_leaves_nothing(tmp_path, a_config):
     folder = tmp_path / "bad"
     folder.mkdir()

@@ -16,6 +16,13 @@ on a label: a user pretrains on their whole folder).
     python benchmarks/across_volumes.py --data ../shared/data/chaos-t2 --encoder PCL=runs/pcl \
         --ns 1 2 --folds 3 --seeds 0 --out runs/across_volumes
 
+``--recipe paper`` fine-tunes every init with the paper's fine-tuning recipe instead (Adam at
+5e-5 with cosine decay, plain cross-entropy, 100 epochs, no intensity augmentation; the region of
+interest as in the default, so that both recipes see the same pixels), its inits named with
+", paper fine-tuning": with a PCL encoder, that is PCL as the paper ran it end to end. Those
+runs are paired with random init under the same recipe in a second table, and appear in the
+first against the default's random init.
+
 Every run is appended to ``--out``/runs.jsonl as it finishes and skipped when started again;
 the table (mean ± std over folds x seeds per init and n; each encoder's paired difference to
 random init ± std and the runs it is ahead in) goes to ``--out``/summary.md, and Dice and the
@@ -25,6 +32,7 @@ paired differences against n to ``--out``/dice_vs_n.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import tempfile
@@ -78,6 +86,15 @@ def linked_folder(volumes: list[Path], data: Path, where: Path) -> tuple[Path, P
     return images, labels
 
 
+PAPER = ", paper fine-tuning"
+
+
+def paper_finetuning(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The paper's fine-tuning recipe on top of ``cfg``: a fixed 100 epochs of plain
+    cross-entropy with Adam at 5e-5 and cosine decay, no intensity augmentation."""
+    return dataclasses.replace(cfg, epochs=100, lr=5e-5, loss="ce", intensity_augment=False)
+
+
 def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneConfig,
         data: Path, names: list[str]) -> dict:
     """Fine-tune on every slice of ``train`` from ``init``, predict every test volume: the
@@ -118,15 +135,18 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None,
                         help="cap the steps at the full learning rate (default: the stop rule's "
                         "own cap; the same for every init)")
+    parser.add_argument("--recipe", choices=("default", "paper"), default="default",
+                        help="fine-tune with the product's defaults or the paper's recipe")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary from runs.jsonl, train nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
-    inits: dict[str, Path | None] = {RANDOM: None}
+    suffix = PAPER if args.recipe == "paper" else ""
+    inits: dict[str, Path | None] = {RANDOM + suffix: None}
     for item in args.encoder:
         name, _, run_dir = item.partition("=")
-        inits[name] = Path(run_dir)
+        inits[name + suffix] = Path(run_dir)
     images = chosen_images(args.data, None, None)
     names = structure_names(args.data)
     if args.test >= len(images):
@@ -153,6 +173,8 @@ def main() -> None:
                     cfg = FinetuneConfig(seed=seed, device=args.device, stop=stop,
                                          preprocess=PreprocessConfig(size=args.size),
                                          model=ModelConfig(features=args.features))
+                    if args.recipe == "paper":
+                        cfg = paper_finetuning(cfg)
                     for init_name, init in inits.items():
                         if (fold, n, seed, init_name) in done:
                             continue
@@ -171,6 +193,7 @@ def main() -> None:
             "volumes a fold; mean ± std over folds x seeds; in brackets: paired difference to "
             "random init ± std, runs ahead)\n\n"
             + paired_table(rows, order, "n", ("fold", "seed"))
+            + paper_table(rows, order)
             + "\n\nMedian seconds to fine-tune + predict the test set: "
             + ", ".join(f"{i}: {np.median([r['seconds'] for r in rows if r['init'] == i]):.0f} s"
                         for i in dict.fromkeys(r["init"] for r in rows)) + "\n")
@@ -179,6 +202,16 @@ def main() -> None:
     if rows:
         plot_paired(rows, order, "n", ("fold", "seed"), args.out / "dice_vs_n.png",
                     "labelled volumes n")
+
+
+def paper_table(rows: list[dict], order: list[str]) -> str:
+    """The paper-recipe runs paired with random init under the same recipe ("" if none)."""
+    paper = [init for init in order if init.endswith(PAPER)]
+    if len(paper) < 2:
+        return ""
+    return ("\n\nFine-tuned with the paper's recipe, paired with random init under the same "
+            "recipe:\n\n" + paired_table(rows, paper, "n", ("fold", "seed"),
+                                          baseline=RANDOM + PAPER))
 
 
 if __name__ == "__main__":

@@ -188,7 +188,10 @@ def main() -> None:
                               f"{row['fit']['reason']})", flush=True)
 
     rows = finished_runs(log)
-    order = list(dict.fromkeys([*inits, *(r["init"] for r in rows)]))
+    # Arms fine-tuned with the paper's recipe go last: they are a second experiment, not a row
+    # of the first table's comparison.
+    order = sorted(dict.fromkeys([*inits, *(r["init"] for r in rows)]),
+                   key=lambda init: init.endswith(PAPER))
     text = (f"Dice on unseen volumes after fine-tuning on n labelled volumes ({args.test} test "
             "volumes a fold; mean ± std over folds x seeds; in brackets: paired difference to "
             "random init ± std, runs ahead)\n\n"

@@ -15,7 +15,8 @@ shared, since they do not depend on the pretraining): ``--method simclr`` or ``g
 baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM`` (PCL's positive
 threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder-task restore``
 for the restoration task), ``--pretrain-volumes N``
-(less unlabelled data: the first N volumes only). Each variant's runs are
+(less unlabelled data: the first N volumes only), ``--pretrain-seed S`` (another encoder of
+the same pretraining, to see how far two of them differ). Each variant's runs are
 named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
 "PCL 50 ep + restore 20 ep").
 
@@ -63,7 +64,8 @@ METHODS = {"pcl": "PCL", "simclr": "SimCLR", "gcl": "GCL"}
 SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
             ("threshold_slices", "{:g} slices", "s{:g}"),
             ("threshold_mm", "{:g} mm", "mm{:g}"),
-            ("volumes", "{:g} volumes", "v{:g}"))
+            ("volumes", "{:g} volumes", "v{:g}"),
+            ("seed", "pretraining seed {:g}", "seed{:g}"))
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Variant:
     decoder_epochs: int = 0
     volumes: int | None = None
     decoder_task: str = "local"
+    seed: int | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -107,7 +110,7 @@ class Variant:
     def config(self, epochs: int, args: argparse.Namespace) -> PretrainConfig:
         settings = {f.name for f in fields(PretrainConfig)}  # not ``volumes``: what it reads
         changed = {k: v for k, v in asdict(self).items() if v is not None and k in settings}
-        return PretrainConfig(epochs=epochs, seed=args.pretrain_seed, device=args.device,
+        return PretrainConfig(epochs=epochs, device=args.device,
                               preprocess=PreprocessConfig(size=args.size),
                               model=ModelConfig(features=args.features), **changed)
 
@@ -205,7 +208,8 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=5, help="fine-tune on the first N volumes")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--pretrain-seed", type=int, default=0)
+    parser.add_argument("--pretrain-seed", type=int, default=0,
+                        help="seed of the pretraining runs (not 0: a curve of its own)")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--device", default="auto")
@@ -226,7 +230,8 @@ def main() -> None:
     log = args.out / "runs.jsonl"
     lengths = sorted(args.epochs)
     variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
-                      args.decoder_epochs, args.pretrain_volumes, args.decoder_task)
+                      args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
+                      args.pretrain_seed or None)
 
     if not args.report_only:
         threads = use_all_cores()

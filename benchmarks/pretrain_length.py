@@ -16,7 +16,9 @@ baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM``
 threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder-task restore``
 for the restoration task), ``--pretrain-volumes N``
 (less unlabelled data: the first N volumes only), ``--pretrain-seed S`` (another encoder of
-the same pretraining, to see how far two of them differ). Each variant's runs are
+the same pretraining, to see how far two of them differ; the summary then also averages each
+pretraining over its encoders and compares the averages, so that two methods are not told
+apart by one encoder each). Each variant's runs are
 named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
 "PCL 50 ep + restore 20 ep").
 
@@ -34,7 +36,8 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -140,17 +143,75 @@ def pretrained(data: Path, runs: Path, epochs: int, variant: Variant,
         raise SystemExit(f"pretraining {epochs} epochs was stopped; run again to continue")
     with log.open("a") as f:
         f.write(json.dumps({"name": name, "family": variant.family, "epochs": epochs,
+                            "repeats": replace(variant, seed=None).name(epochs),
                             "seconds": time.perf_counter() - start,
                             "resumed": resume, "final_loss": result.final_loss}) + "\n")
     return run_dir
 
 
 def ordered_inits(pretraining: list[dict]) -> list[dict]:
-    """The pretrained inits of the log, one row each (the last), by curve and length, each with
+    """The pretrained inits of the log, one row each (the last), by curve and length (the
+    curves of another pretraining seed after their seed 0), each with
     its ``name`` and ``family`` (rows before variants were plain PCL and had neither)."""
     rows = {logged_name(r): {**r, "name": logged_name(r), "family": r.get("family", "PCL")}
             for r in pretraining}
-    return sorted(rows.values(), key=lambda r: (r["family"] != "PCL", r["family"], r["epochs"]))
+
+    def order(row: dict) -> tuple:
+        # A pretraining run again with another seed right after the one it repeats.
+        group = rows.get(row.get("repeats"), row)["family"]
+        return group != "PCL", group, row["family"], row["epochs"]
+
+    return sorted(rows.values(), key=order)
+
+
+def repeated_pretrainings(inits: list[dict]) -> dict[str, list[str]]:
+    """The init names of each pretraining run with more than one seed, by its seed-0 name (a
+    log row's ``repeats``; rows before seeds were seed 0 and repeat themselves)."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for init in inits:
+        groups[init.get("repeats", init["name"])].append(init["name"])
+    return {base: names for base, names in groups.items() if len(names) > 1}
+
+
+def pooled_name(base: str, encoders: int) -> str:
+    return f"{base}, {encoders} encoders"
+
+
+def pooled_runs(rows: list[dict], groups: dict[str, list[str]]) -> list[dict]:
+    """One run per repeated pretraining, volume, k and seed: its Dice averaged over the
+    pretraining's encoders, where each of them has that run (so pooled inits pair with random
+    init and with each other on the same fine-tuning runs)."""
+    pooled = []
+    for base, names in groups.items():
+        scores: dict[tuple, list[float]] = defaultdict(list)
+        for r in rows:
+            if r["init"] in names:
+                scores[(r["volume"], r["k"], r["seed"])].append(r["dice"])
+        pooled += [{"volume": volume, "k": k, "seed": seed, "dice": float(np.mean(dice)),
+                    "init": pooled_name(base, len(names))}
+                   for (volume, k, seed), dice in scores.items() if len(dice) == len(names)]
+    return pooled
+
+
+def seed_lines(rows: list[dict], inits: list[dict]) -> list[str]:
+    """The summary's part on pretrainings run with several seeds: each encoder against the
+    seed-0 one (how far two encoders of one pretraining differ), and the pretrainings averaged
+    over their encoders, against random init and against the first of them."""
+    groups = repeated_pretrainings(inits)
+    if not groups:
+        return []
+    pair_by = ("volume", "seed")
+    pooled = pooled_runs(rows, groups)
+    names = [pooled_name(base, len(encoders)) for base, encoders in groups.items()]
+    lines = ["", "Encoder against encoder (each pretraining's other seeds against its seed 0):"]
+    for base, encoders in groups.items():
+        lines += ["", paired_table(rows, encoders[1:], "k", pair_by, baseline=base)]
+    lines += ["", "Averaged over each pretraining's encoders, against random init:", "",
+              paired_table(rows + pooled, names, "k", pair_by)]
+    if len(names) > 1:
+        lines += ["", f"Averaged over encoders, against {names[0]}:", "",
+                  paired_table(pooled, names, "k", pair_by, baseline=names[0])]
+    return lines
 
 
 def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
@@ -280,7 +341,8 @@ def main() -> None:
              f"volumes; mean ± std over volumes x seeds; in brackets: paired difference to random "
              "init ± std, runs ahead)", "", table, "",
              "Pretraining: " + ", ".join(f"{r['name']} {r['seconds'] / 60:.0f} min "
-                                         f"(final loss {r['final_loss']:.3f})" for r in inits)]
+                                         f"(final loss {r['final_loss']:.3f})" for r in inits),
+             *seed_lines(rows, inits)]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "summary.md").write_text(text)

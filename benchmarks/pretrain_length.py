@@ -151,25 +151,27 @@ def pretrained(data: Path, runs: Path, epochs: int, variant: Variant,
 
 def ordered_inits(pretraining: list[dict]) -> list[dict]:
     """The pretrained inits of the log, one row each (the last), by curve and length (the
-    curves of another pretraining seed after their seed 0), each with
-    its ``name`` and ``family`` (rows before variants were plain PCL and had neither)."""
-    rows = {logged_name(r): {**r, "name": logged_name(r), "family": r.get("family", "PCL")}
+    curves of another pretraining seed after their seed 0), each with its ``name``,
+    ``family`` and the seed-0 name it ``repeats`` (rows before variants were plain PCL and had
+    none of them; rows before seeds were seed 0 and repeat themselves)."""
+    rows = {logged_name(r): {**r, "name": logged_name(r), "family": r.get("family", "PCL"),
+                             "repeats": r.get("repeats", logged_name(r))}
             for r in pretraining}
 
     def order(row: dict) -> tuple:
         # A pretraining run again with another seed right after the one it repeats.
-        group = rows.get(row.get("repeats"), row)["family"]
+        group = rows.get(row["repeats"], row)["family"]
         return group != "PCL", group, row["family"], row["epochs"]
 
     return sorted(rows.values(), key=order)
 
 
 def repeated_pretrainings(inits: list[dict]) -> dict[str, list[str]]:
-    """The init names of each pretraining run with more than one seed, by its seed-0 name (a
-    log row's ``repeats``; rows before seeds were seed 0 and repeat themselves)."""
+    """The init names of each pretraining run with more than one seed, by its seed-0 name
+    (``ordered_inits`` rows)."""
     groups: dict[str, list[str]] = defaultdict(list)
     for init in inits:
-        groups[init.get("repeats", init["name"])].append(init["name"])
+        groups[init["repeats"]].append(init["name"])
     return {base: names for base, names in groups.items() if len(names) > 1}
 
 
@@ -205,7 +207,7 @@ def seed_lines(rows: list[dict], inits: list[dict]) -> list[str]:
     names = [pooled_name(base, len(encoders)) for base, encoders in groups.items()]
     lines = ["", "Encoder against encoder (each pretraining's other seeds against its seed 0):"]
     for base, encoders in groups.items():
-        lines += ["", paired_table(rows, encoders[1:], "k", pair_by, baseline=base)]
+        lines += ["", paired_table(rows, encoders, "k", pair_by, baseline=base)]
     lines += ["", "Averaged over each pretraining's encoders, against random init:", "",
               paired_table(rows + pooled, names, "k", pair_by)]
     if len(names) > 1:

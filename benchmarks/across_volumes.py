@@ -25,8 +25,10 @@ first against the default's random init.
 
 Every run is appended to ``--out``/runs.jsonl as it finishes and skipped when started again;
 the table (mean ± std over folds x seeds per init and n; each encoder's paired difference to
-random init ± std and the runs it is ahead in) goes to ``--out``/summary.md, and Dice and the
-paired differences against n to ``--out``/dice_vs_n.png.
+random init ± std and the runs it is ahead in; a pretraining repeated with another seed,
+named as ``pretrain_length.py --pretrain-seed`` names it, "PCL 50 ep, pretraining seed 1",
+also against its seed-0 encoder and averaged over its encoders) goes to ``--out``/summary.md,
+and Dice and the paired differences against n to ``--out``/dice_vs_n.png.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from dataset_runs import (
     finished_runs,
     paired_table,
     plot_paired,
+    repeated_by_name,
+    seed_lines,
     structure_dice,
     structure_names,
 )
@@ -196,6 +200,7 @@ def main() -> None:
             "volumes a fold; mean ± std over folds x seeds; in brackets: paired difference to "
             "random init ± std, runs ahead)\n\n"
             + paired_table(rows, order, "n", ("fold", "seed"))
+            + "\n".join(seed_lines(rows, repeated_by_name(order), "n", ("fold", "seed")))
             + paper_table(rows, order)
             + "\n\nMedian seconds to fine-tune + predict the test set: "
             + ", ".join(f"{i}: {np.median([r['seconds'] for r in rows if r['init'] == i]):.0f} s"

@@ -1,10 +1,13 @@
 """What the benchmarks share: the volumes of an imagesTr + labelsTr folder, its structure names,
 the Dice of each structure, the runs a resumable benchmark has already appended to its
-runs.jsonl, and their paired table and plot."""
+runs.jsonl, their paired table and plot, and pretrainings run with several seeds averaged over
+their encoders."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +90,64 @@ def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple
         if any(cells):
             lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: How an init's name says that its encoder repeats another's pretraining with another seed
+#: (``pretrain_length.py --pretrain-seed``): "PCL 50 ep, pretraining seed 1" repeats "PCL 50 ep".
+SEED_IN_NAME = re.compile(r", pretraining seed \d+")
+
+
+def repeated_by_name(inits: list[str]) -> dict[str, list[str]]:
+    """The inits of each pretraining run with more than one seed, by its seed-0 init (the
+    name without ", pretraining seed N"), seed 0 first; for benchmarks whose inits carry only
+    their names."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for init in inits:
+        groups[SEED_IN_NAME.sub("", init)].append(init)
+    return {base: names for base, names in groups.items() if len(names) > 1 and base in names}
+
+
+def pooled_name(base: str, encoders: int) -> str:
+    return f"{base}, {encoders} encoders"
+
+
+def pooled_runs(rows: list[dict], groups: dict[str, list[str]], column: str,
+                pair_by: tuple[str, ...]) -> list[dict]:
+    """One run per repeated pretraining, value of ``column`` and pair: its Dice averaged over
+    the pretraining's encoders, where each of them has that run (so pooled inits pair with
+    random init and with each other on the same fine-tuning runs)."""
+    fields = (column, *pair_by)
+    pooled = []
+    for base, names in groups.items():
+        scores: dict[tuple, list[float]] = defaultdict(list)
+        for r in rows:
+            if r["init"] in names:
+                scores[tuple(r[f] for f in fields)].append(r["dice"])
+        pooled += [{**dict(zip(fields, key, strict=True)), "dice": float(np.mean(dice)),
+                    "init": pooled_name(base, len(names))}
+                   for key, dice in scores.items() if len(dice) == len(names)]
+    return pooled
+
+
+def seed_lines(rows: list[dict], groups: dict[str, list[str]], column: str,
+               pair_by: tuple[str, ...]) -> list[str]:
+    """The summary's part on pretrainings run with several seeds (``groups``: the inits of
+    each, by its seed-0 init): each encoder against the seed-0 one (how far two encoders of
+    one pretraining differ), and the pretrainings averaged over their encoders, against random
+    init and against the first of them."""
+    if not groups:
+        return []
+    pooled = pooled_runs(rows, groups, column, pair_by)
+    names = [pooled_name(base, len(encoders)) for base, encoders in groups.items()]
+    lines = ["", "Encoder against encoder (each pretraining's other seeds against its seed 0):"]
+    for base, encoders in groups.items():
+        lines += ["", paired_table(rows, encoders, column, pair_by, baseline=base)]
+    lines += ["", "Averaged over each pretraining's encoders, against random init:", "",
+              paired_table(rows + pooled, names, column, pair_by)]
+    if len(names) > 1:
+        lines += ["", f"Averaged over encoders, against {names[0]}:", "",
+                  paired_table(pooled, names, column, pair_by, baseline=names[0])]
+    return lines
 
 
 #: The paired gain over random init that would make pretraining clearly pay (the README's target).

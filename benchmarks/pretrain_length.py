@@ -48,6 +48,7 @@ from dataset_runs import (
     finished_runs,
     paired_table,
     plot_paired,
+    seed_lines,
     structure_dice,
     structure_names,
 )
@@ -173,47 +174,6 @@ def repeated_pretrainings(inits: list[dict]) -> dict[str, list[str]]:
     for init in inits:
         groups[init["repeats"]].append(init["name"])
     return {base: names for base, names in groups.items() if len(names) > 1}
-
-
-def pooled_name(base: str, encoders: int) -> str:
-    return f"{base}, {encoders} encoders"
-
-
-def pooled_runs(rows: list[dict], groups: dict[str, list[str]]) -> list[dict]:
-    """One run per repeated pretraining, volume, k and seed: its Dice averaged over the
-    pretraining's encoders, where each of them has that run (so pooled inits pair with random
-    init and with each other on the same fine-tuning runs)."""
-    pooled = []
-    for base, names in groups.items():
-        scores: dict[tuple, list[float]] = defaultdict(list)
-        for r in rows:
-            if r["init"] in names:
-                scores[(r["volume"], r["k"], r["seed"])].append(r["dice"])
-        pooled += [{"volume": volume, "k": k, "seed": seed, "dice": float(np.mean(dice)),
-                    "init": pooled_name(base, len(names))}
-                   for (volume, k, seed), dice in scores.items() if len(dice) == len(names)]
-    return pooled
-
-
-def seed_lines(rows: list[dict], inits: list[dict]) -> list[str]:
-    """The summary's part on pretrainings run with several seeds: each encoder against the
-    seed-0 one (how far two encoders of one pretraining differ), and the pretrainings averaged
-    over their encoders, against random init and against the first of them."""
-    groups = repeated_pretrainings(inits)
-    if not groups:
-        return []
-    pair_by = ("volume", "seed")
-    pooled = pooled_runs(rows, groups)
-    names = [pooled_name(base, len(encoders)) for base, encoders in groups.items()]
-    lines = ["", "Encoder against encoder (each pretraining's other seeds against its seed 0):"]
-    for base, encoders in groups.items():
-        lines += ["", paired_table(rows, encoders, "k", pair_by, baseline=base)]
-    lines += ["", "Averaged over each pretraining's encoders, against random init:", "",
-              paired_table(rows + pooled, names, "k", pair_by)]
-    if len(names) > 1:
-        lines += ["", f"Averaged over encoders, against {names[0]}:", "",
-                  paired_table(pooled, names, "k", pair_by, baseline=names[0])]
-    return lines
 
 
 def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
@@ -344,7 +304,7 @@ def main() -> None:
              "init ± std, runs ahead)", "", table, "",
              "Pretraining: " + ", ".join(f"{r['name']} {r['seconds'] / 60:.0f} min "
                                          f"(final loss {r['final_loss']:.3f})" for r in inits),
-             *seed_lines(rows, inits)]
+             *seed_lines(rows, repeated_pretrainings(inits), "k", ("volume", "seed"))]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "summary.md").write_text(text)

@@ -50,6 +50,7 @@ from dataset_runs import (
     paired_table,
     plot_paired,
     repeated_by_name,
+    repeats_after_seed_0,
     seed_lines,
     structure_dice,
     structure_names,
@@ -194,13 +195,14 @@ def main() -> None:
     rows = finished_runs(log)
     # Arms fine-tuned with the paper's recipe go last: they are a second experiment, not a row
     # of the first table's comparison.
-    order = sorted(dict.fromkeys([*inits, *(r["init"] for r in rows)]),
+    order = sorted(repeats_after_seed_0(list(dict.fromkeys([*inits, *(r["init"] for r in rows)]))),
                    key=lambda init: init.endswith(PAPER))
     text = (f"Dice on unseen volumes after fine-tuning on n labelled volumes ({args.test} test "
             "volumes a fold; mean ± std over folds x seeds; in brackets: paired difference to "
             "random init ± std, runs ahead)\n\n"
             + paired_table(rows, order, "n", ("fold", "seed"))
-            + "\n".join(seed_lines(rows, repeated_by_name(order), "n", ("fold", "seed")))
+            + "".join("\n" + line
+                      for line in seed_lines(rows, repeated_by_name(order), "n", ("fold", "seed")))
             + paper_table(rows, order)
             + "\n\nMedian seconds to fine-tune + predict the test set: "
             + ", ".join(f"{i}: {np.median([r['seconds'] for r in rows if r['init'] == i]):.0f} s"

@@ -107,6 +107,15 @@ def repeated_by_name(inits: list[str]) -> dict[str, list[str]]:
     return {base: names for base, names in groups.items() if len(names) > 1 and base in names}
 
 
+def repeats_after_seed_0(inits: list[str]) -> list[str]:
+    """``inits`` in their order, but each pretraining's other seeds right after its seed 0."""
+    def place(init: str) -> tuple[int, bool]:
+        base = SEED_IN_NAME.sub("", init)
+        return inits.index(base if base in inits else init), base != init
+
+    return sorted(inits, key=place)
+
+
 def pooled_name(base: str, encoders: int) -> str:
     return f"{base}, {encoders} encoders"
 

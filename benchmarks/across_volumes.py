@@ -193,10 +193,11 @@ def main() -> None:
                               f"{row['fit']['reason']})", flush=True)
 
     rows = finished_runs(log)
-    # Arms fine-tuned with the paper's recipe go last: they are a second experiment, not a row
-    # of the first table's comparison.
-    order = sorted(repeats_after_seed_0(list(dict.fromkeys([*inits, *(r["init"] for r in rows)]))),
-                   key=lambda init: init.endswith(PAPER))
+    # In the order the runs were first logged, each pretraining's other seeds right after its
+    # seed 0, and the arms fine-tuned with the paper's recipe last: they are a second
+    # experiment, not a row of the first table's comparison.
+    logged = list(dict.fromkeys([*(r["init"] for r in rows), *inits]))
+    order = sorted(repeats_after_seed_0(logged), key=lambda init: init.endswith(PAPER))
     text = (f"Dice on unseen volumes after fine-tuning on n labelled volumes ({args.test} test "
             "volumes a fold; mean ± std over folds x seeds; in brackets: paired difference to "
             "random init ± std, runs ahead)\n\n"

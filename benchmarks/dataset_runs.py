@@ -99,8 +99,8 @@ SEED_IN_NAME = re.compile(r", pretraining seed \d+")
 
 def repeated_by_name(inits: list[str]) -> dict[str, list[str]]:
     """The inits of each pretraining run with more than one seed, by its seed-0 init (the
-    name without ", pretraining seed N"), seed 0 first; for benchmarks whose inits carry only
-    their names."""
+    name without ", pretraining seed N"), in the order of ``inits``; for benchmarks whose inits
+    carry only their names."""
     groups: dict[str, list[str]] = defaultdict(list)
     for init in inits:
         groups[SEED_IN_NAME.sub("", init)].append(init)

@@ -36,7 +36,6 @@ import argparse
 import json
 import platform
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from dataset_runs import (
     finished_runs,
     paired_table,
     plot_paired,
+    repeated_by_name,
     seed_lines,
     structure_dice,
     structure_names,
@@ -165,15 +165,6 @@ def ordered_inits(pretraining: list[dict]) -> list[dict]:
         return group != "PCL", group, row["family"], row["epochs"]
 
     return sorted(rows.values(), key=order)
-
-
-def repeated_pretrainings(inits: list[dict]) -> dict[str, list[str]]:
-    """The init names of each pretraining run with more than one seed, by its seed-0 name
-    (``ordered_inits`` rows)."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for init in inits:
-        groups[init["repeats"]].append(init["name"])
-    return {base: names for base, names in groups.items() if len(names) > 1}
 
 
 def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
@@ -304,7 +295,8 @@ def main() -> None:
              "init ± std, runs ahead)", "", table, "",
              "Pretraining: " + ", ".join(f"{r['name']} {r['seconds'] / 60:.0f} min "
                                          f"(final loss {r['final_loss']:.3f})" for r in inits),
-             *seed_lines(rows, repeated_pretrainings(inits), "k", ("volume", "seed"))]
+             *seed_lines(rows, repeated_by_name([r["name"] for r in inits]), "k",
+                         ("volume", "seed"))]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "summary.md").write_text(text)

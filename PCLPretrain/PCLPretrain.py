@@ -53,14 +53,18 @@ class PCLPretrain(ScriptedLoadableModule):
         self.parent.contributors = ["PCL Segment developers"]
         self.parent.helpText = (
             "Pretrain a 2D U-Net encoder on your own unlabeled CT or MRI volumes with positional "
-            "contrastive learning (PCL). Choose a folder of volumes and an output folder, press "
+            "contrastive learning: slices from the same part of their volumes are taught to look "
+            "alike (method gcl, the default; pcl is the finer rule of the PCL paper). Choose a "
+            "folder of volumes and an output folder, press "
             "<b>Pretrain on folder</b>, and use the finished encoder in <b>PCL Segment</b>. "
             "Pretraining runs in a background process; Cancel keeps the last checkpoint, "
             "Resume continues from it."
         )
         self.parent.acknowledgementText = (
-            "Method: D. Zeng et al., Positional Contrastive Learning for Volumetric Medical "
-            "Image Segmentation, MICCAI 2021 (arXiv:2106.09157)."
+            "Methods: D. Zeng et al., Positional Contrastive Learning for Volumetric Medical "
+            "Image Segmentation, MICCAI 2021 (arXiv:2106.09157); K. Chaitanya et al., "
+            "Contrastive learning of global and local features for medical image segmentation "
+            "with limited annotations, NeurIPS 2020 (gcl)."
         )
 
 
@@ -75,7 +79,7 @@ class PCLPretrainParameterNode:
 
     dataFolder: str = ""
     outputFolder: str = ""
-    method: Annotated[str, Choice(["pcl", "simclr", "gcl"])] = "pcl"
+    method: Annotated[str, Choice(["pcl", "simclr", "gcl"])] = "gcl"
     epochs: Annotated[int, WithinRange(1, 10000)] = 50
     size: Annotated[int, WithinRange(32, 512)] = 128
     threshold: Annotated[float, WithinRange(0.01, 1.0)] = 0.1
@@ -204,6 +208,9 @@ class PCLPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if self._pathsShown.get(field) != value:
                     self._pathsShown[field] = value
                     getattr(self.ui, widgetName).setCurrentPath(value)
+            usesThreshold = self._parameterNode.method == "pcl"  # GCL and SimCLR ignore it
+            self.ui.thresholdSliderWidget.setEnabled(usesThreshold)
+            self.ui.thresholdSliderWidgetLabel.setEnabled(usesThreshold)
         self.updateButtons()
 
     def updateButtons(self) -> None:

@@ -103,7 +103,7 @@ def test_pretraining_writes_an_encoder_that_loads_into_the_segmentation_network(
     tensors, meta = checkpoint.load_pair(
         tmp_path / "run" / "encoder", expect_format="pclseg-encoder"
     )
-    assert meta["config"]["method"] == "pcl" and meta["epoch"] == 2
+    assert meta["config"]["method"] == "gcl" and meta["epoch"] == 2  # the default method
     assert meta["data"]["volumes"] >= 4 and meta["data"]["slices"] > 0
     unet = UNet(ModelConfig(features=4))
     before = {k: v.clone() for k, v in unet.encoder.state_dict().items()}
@@ -256,6 +256,7 @@ def test_cli_threshold_slices_trains_and_is_stored_with_the_encoder(a_sample_fol
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "encoder.json").read_text())
     assert meta["config"]["threshold_slices"] == 2.5 and meta["config"]["threshold_mm"] is None
+    assert meta["config"]["method"] == "pcl"  # a PCL threshold without --method asks for PCL
     assert meta["method"]["threshold_slices"] == 2.5 and np.isfinite(meta["loss"])
 
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "both",

@@ -127,7 +127,7 @@ def test_without_the_pytorch_extension_the_message_says_what_to_install(monkeypa
 
 def test_settings_become_the_cli_arguments_the_engine_parses(tmp_path) -> None:
     settings = PretrainSettings(
-        method="gcl",
+        method="pcl",  # not the default, so the test sees it travel
         epochs=3,
         size=64,
         features=8,
@@ -145,7 +145,7 @@ def test_settings_become_the_cli_arguments_the_engine_parses(tmp_path) -> None:
     assert command[:4] == ["python", "-m", "pclseg", "pretrain"]
     args = build_parser().parse_args(command[3:])
     assert (args.method, args.epochs, args.size, args.features, args.batch_size) == (
-        "gcl",
+        "pcl",
         3,
         64,
         8,
@@ -272,9 +272,9 @@ def test_pretrain_parameters_survive_a_scene_save_and_reload(
     pretrain_module, tmp_path, monkeypatch
 ) -> None:
     parameters = pretrain_module.PCLPretrainLogic().getParameterNode()
-    assert (parameters.method, parameters.epochs, parameters.dataFolder) == ("pcl", 50, "")
+    assert (parameters.method, parameters.epochs, parameters.dataFolder) == ("gcl", 50, "")
     parameters.dataFolder, parameters.outputFolder = "/data/scans", "/data/runs/a"
-    parameters.method, parameters.epochs, parameters.threshold = "gcl", 7, 0.35
+    parameters.method, parameters.epochs, parameters.threshold = "pcl", 7, 0.35
     parameters.mixedPrecision, parameters.sliceAxis = False, "coronal"
     with pytest.raises(ValueError):
         parameters.method = "byol"

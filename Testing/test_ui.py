@@ -81,8 +81,13 @@ def test_pretrain_panel_binds_settings_to_the_parameter_node(pretrain_widget) ->
         "gcl",
     ]
     assert not ui.pretrainButton.isEnabled()  # no folders yet
+    assert ui.methodComboBox.currentText() == "gcl" and parameters.method == "gcl"
+    assert not ui.thresholdSliderWidget.isEnabled()  # PCL's setting, unused by GCL
+    ui.methodComboBox.setCurrentIndex(0)
+    assert parameters.method == "pcl" and ui.thresholdSliderWidget.isEnabled()
     ui.epochsSpinBox.setValue(12)
     ui.methodComboBox.setCurrentIndex(1)
+    assert not ui.thresholdSliderWidget.isEnabled()
     ui.thresholdSliderWidget.setValue(0.35)
     ui.mixedPrecisionCheckBox.setChecked(False)
     ui.dataFolderPathLineEdit.setCurrentPath("/data/scans")

@@ -88,6 +88,15 @@ def _preprocess(args: argparse.Namespace) -> PreprocessConfig:
                             component=args.component)
 
 
+def _pretrain_method(args: argparse.Namespace) -> str:
+    """``--method``; without it PCL when one of PCL's thresholds is given (that asks for PCL's
+    rule, which the default method would ignore), else the default method."""
+    if args.method is not None:
+        return args.method
+    thresholds = (args.threshold, args.threshold_slices, args.threshold_mm)
+    return "pcl" if any(t is not None for t in thresholds) else PretrainConfig.method
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .pretrain import pretrain
 
@@ -95,8 +104,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not folder.exists():
         raise PCLSegError(f"{folder}: no such file or folder")
     cfg = PretrainConfig(
-        method=args.method,
-        threshold=args.threshold,
+        method=_pretrain_method(args),
+        threshold=PretrainConfig.threshold if args.threshold is None else args.threshold,
         threshold_slices=args.threshold_slices,
         threshold_mm=args.threshold_mm,
         temperature=args.temperature,
@@ -263,12 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="contrastive pretraining on a folder of unlabeled volumes")
     p.add_argument("folder", help="folder of volumes (NIfTI, NRRD, MHA/MHD, DICOM series)")
     p.add_argument("--out", required=True, help="run folder (encoder, checkpoints, log)")
-    p.add_argument("--method", default="pcl", choices=("pcl", "simclr", "gcl"))
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=("pcl", "simclr", "gcl"),
+        help="gcl: positives are slices in the same quarter of their volumes (the default); "
+        "pcl: slices closer than --threshold (the default when a --threshold* option is "
+        "given); simclr: no position",
+    )
     p.add_argument(
         "--threshold",
         type=float,
-        default=0.1,
-        help="PCL: slices closer than this in relative position are positives",
+        default=None,
+        help=f"PCL: slices closer than this in relative position are positives "
+        f"(default {PretrainConfig.threshold})",
     )
     reach = p.add_mutually_exclusive_group()
     reach.add_argument(

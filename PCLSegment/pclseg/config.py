@@ -73,7 +73,14 @@ class ModelConfig:
 @dataclass
 class PretrainConfig:
     """Contrastive pretraining. Defaults are the paper's (SGD 0.1, momentum 0.9, wd 1e-5,
-    cosine decay, batch 32, temperature 0.1, threshold 0.1), except for flips.
+    cosine decay, batch 32, temperature 0.1, threshold 0.1), except for flips and the method.
+
+    ``method`` is ``"gcl"`` by default: the paper's positional baseline (positives are slices in
+    the same of ``gcl_partitions`` parts of their volumes) measured level with PCL on single
+    volumes and ahead of it across volumes, each averaged over three pretrained encoders, and
+    none of the methods beat random init by the margin PCL was chosen for
+    (``docs/decisions.md``, 14). ``"pcl"`` (positives closer than ``threshold``) stays one word
+    away.
 
     ``flips`` adds the paper's random left-right and front-back flips to the augmentation. It is
     off by default: slices are in a canonical orientation, and an encoder taught that a slice
@@ -97,7 +104,7 @@ class PretrainConfig:
     paper's encoder-only pretraining.
     """
 
-    method: Method = "pcl"
+    method: Method = "gcl"
     threshold: float = 0.1
     threshold_slices: float | None = None
     threshold_mm: float | None = None

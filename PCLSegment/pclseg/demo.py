@@ -1,7 +1,7 @@
 """``pclseg demo``: the whole loop on the built-in sample, sized for a laptop CPU.
 
 1. Generate the anatomy-like sample (:mod:`pclseg.sample`).
-2. PCL-pretrain an encoder on its images (labels unseen).
+2. Pretrain an encoder on its images (labels unseen), with the default method.
 3. Take one volume, "annotate" a few slices from its label map (the centres of equal parts of
    the organs' extent, as a user would spread them).
 4. Fine-tune from the encoder and predict; score Dice on the slices nobody annotated.
@@ -83,19 +83,22 @@ def run_demo(
     sample = make_sample(out / "sample", n_volumes=6, seed=seed)
     labels: list[Label] = read_dataset_labels(sample / "dataset.json")
 
-    progress.message("2/5 PCL pretraining on the sample's images (no labels)")
+    pretraining = PretrainConfig(
+        epochs=pretrain_epochs,
+        batch_size=32,
+        device=device,
+        seed=seed,
+        preprocess=preprocess,
+        model=model,
+    )
+    progress.message(
+        f"2/5 {pretraining.method.upper()} pretraining on the sample's images (no labels)"
+    )
     run = out / "pretrain"
     pretrain(
         sample / "imagesTr",
         run,
-        PretrainConfig(
-            epochs=pretrain_epochs,
-            batch_size=32,
-            device=device,
-            seed=seed,
-            preprocess=preprocess,
-            model=model,
-        ),
+        pretraining,
         resume=(run / "checkpoint.json").exists(),
         progress=progress,
     )
@@ -144,7 +147,7 @@ def run_demo(
         "seconds": round(time.monotonic() - start, 1),
     }
     report["summary"] = (
-        f"PCL demo on {volume.name}: {len(chosen)} annotated slices -> mean Dice "
+        f"Demo on {volume.name}: {len(chosen)} annotated slices -> mean Dice "
         f"{report['dice_before']:.3f} on {len(scored)} unannotated slices; after annotating the "
         f"suggested slice {suggested} and refining: {report['dice_after']:.3f}.\n"
         f"prediction: {prediction}\nmodel: {model_dir}\noverlay: {picture}\n"

@@ -39,7 +39,7 @@ LOG_FILE = "log.jsonl"
 class PretrainSettings:
     """The PCLPretrain panel's settings; :meth:`to_config` checks them like the engine does."""
 
-    method: str = "pcl"
+    method: str = "gcl"
     epochs: int = 50
     size: int = 128
     features: int = 32

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -35,3 +37,17 @@ def test_the_demo_runs_the_whole_loop_and_writes_its_files(tmp_path):
     assert (overlay[..., 0] != overlay[..., 1]).any(), "no coloured overlay drawn"
     assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
     assert (tmp_path / "demo" / "report.json").exists()
+
+
+def test_the_demo_starts_over_a_pretraining_left_with_other_settings(tmp_path):
+    tiny = dict(device="cpu", pretrain_epochs=1, finetune_steps=2, refine_steps=1, size=32,
+                features=4)
+    run_demo(tmp_path / "demo", **tiny)
+    meta = tmp_path / "demo" / "pretrain" / "checkpoint.json"
+    left = json.loads(meta.read_text())
+    assert left["config"]["method"] == "gcl"
+    # An earlier version's demo pretrained with PCL; resuming would keep PCL's settings.
+    left["config"]["method"] = "pcl"
+    meta.write_text(json.dumps(left))
+    run_demo(tmp_path / "demo", **tiny)
+    assert json.loads(meta.read_text())["config"]["method"] == "gcl"

@@ -235,7 +235,7 @@ def test_factory_builds_the_configured_loss(method: str, loss_type: type) -> Non
     [({"threshold_slices": 2.0}, 2.0, "slice"), ({"threshold_mm": 15.0}, 15.0, "mm")],
 )
 def test_factory_passes_the_reach_of_a_scaled_threshold(settings, reach, unit) -> None:
-    cfg = PretrainConfig(**settings)
+    cfg = PretrainConfig(method="pcl", **settings)
     assert (cfg.positional_reach, cfg.position_unit) == (reach, unit)
     assert make_contrastive_loss(cfg).reach == reach
 

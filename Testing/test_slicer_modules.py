@@ -281,11 +281,11 @@ def test_pretrain_parameters_survive_a_scene_save_and_reload(
     commit_and_reload(slicer.mrmlScene, tmp_path / "scene.mrml", monkeypatch)
     again = pretrain_module.PCLPretrainLogic().getParameterNode()
     assert (again.dataFolder, again.outputFolder) == ("/data/scans", "/data/runs/a")
-    assert (again.method, again.epochs, again.threshold) == ("gcl", 7, 0.35)
+    assert (again.method, again.epochs, again.threshold) == ("pcl", 7, 0.35)
     assert (again.mixedPrecision, again.sliceAxis) == (False, "coronal")
     settings = pretrain_module.settings_from(again)
     assert (settings.method, settings.epochs, settings.amp, settings.slice_axis) == (
-        "gcl",
+        "pcl",
         7,
         False,
         "coronal",

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig
+from .config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig, to_dict
 from .evaluate import mean_foreground_dice
 from .io import discover_volumes, read_label, read_volume
 from .labels import Label, read_dataset_labels
@@ -54,6 +55,18 @@ def overlay_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(sitk.GetImageFromArray(picture, isVector=True), str(path))
     return path
+
+
+def same_pretraining(run: Path, asked: PretrainConfig) -> bool:
+    """Whether ``run`` holds a pretraining with ``asked``'s settings (the device aside), so the
+    demo may continue it. Resuming keeps a run's own settings, so a run an earlier version of
+    the demo left with other settings (another method, size or width) must start over."""
+    meta = run / "checkpoint.json"
+    if not meta.exists():
+        return False
+    saved = json.loads(meta.read_text(encoding="utf-8")).get("config", {})
+    wanted = json.loads(json.dumps(to_dict(asked)))  # tuples as JSON stores them
+    return {**saved, "device": None} == {**wanted, "device": None}
 
 
 def run_demo(
@@ -95,13 +108,10 @@ def run_demo(
         f"2/5 {pretraining.method.upper()} pretraining on the sample's images (no labels)"
     )
     run = out / "pretrain"
-    pretrain(
-        sample / "imagesTr",
-        run,
-        pretraining,
-        resume=(run / "checkpoint.json").exists(),
-        progress=progress,
-    )
+    resume = same_pretraining(run, pretraining)
+    if run.exists() and not resume:
+        shutil.rmtree(run)
+    pretrain(sample / "imagesTr", run, pretraining, resume=resume, progress=progress)
 
     image_path = discover_volumes(sample / "imagesTr")[-1]
     volume = read_volume(image_path)

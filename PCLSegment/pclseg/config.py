@@ -76,9 +76,8 @@ class PretrainConfig:
     cosine decay, batch 32, temperature 0.1, threshold 0.1), except for flips and the method.
 
     ``method`` is ``"gcl"`` by default: the paper's positional baseline (positives are slices in
-    the same of ``gcl_partitions`` parts of their volumes) measured level with PCL on single
-    volumes and ahead of it across volumes, each averaged over three pretrained encoders, and
-    none of the methods beat random init by the margin PCL was chosen for
+    the same of ``gcl_partitions`` parts of their volumes) measured level with or ahead of PCL
+    on single volumes and across volumes, each averaged over three pretrained encoders
     (``docs/decisions.md``, 14). ``"pcl"`` (positives closer than ``threshold``) stays one word
     away.
 

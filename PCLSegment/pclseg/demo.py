@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from . import checkpoint
 from .config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig, to_dict
 from .evaluate import mean_foreground_dice
 from .io import discover_volumes, read_label, read_volume
 from .labels import Label, read_dataset_labels
-from .pretrain import pretrain
+from .pretrain import CHECKPOINT, pretrain
 from .progress import Progress
 from .sample import make_sample
 from .session import RefineSession
@@ -61,10 +62,9 @@ def same_pretraining(run: Path, asked: PretrainConfig) -> bool:
     """Whether ``run`` holds a pretraining with ``asked``'s settings (the device aside), so the
     demo may continue it. Resuming keeps a run's own settings, so a run an earlier version of
     the demo left with other settings (another method, size or width) must start over."""
-    meta = run / "checkpoint.json"
-    if not meta.exists():
+    if not (run / f"{CHECKPOINT}.json").exists():
         return False
-    saved = json.loads(meta.read_text(encoding="utf-8")).get("config", {})
+    saved = checkpoint.load_metadata(run / CHECKPOINT, expect_format="pclseg-checkpoint")["config"]
     wanted = json.loads(json.dumps(to_dict(asked)))  # tuples as JSON stores them
     return {**saved, "device": None} == {**wanted, "device": None}
 

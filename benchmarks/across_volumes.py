@@ -16,6 +16,13 @@ on a label: a user pretrains on their whole folder).
     python benchmarks/across_volumes.py --data ../shared/data/chaos-t2 --encoder PCL=runs/pcl \
         --ns 1 2 --folds 3 --seeds 0 --out runs/across_volumes
 
+``--encoder-lr F`` and ``--encoder-warmup STEPS`` add, for each encoder, an arm fine-tuned with
+the encoder's learning rate scaled by ``F`` (``FinetuneConfig.encoder_lr``) or held still and
+raised over the first ``STEPS`` steps (``encoder_warmup``), named "PCL 50 ep, encoder lr 0.1",
+"PCL 50 ep, encoder warm-up 200": fine-tuning on whole volumes runs up to 2000 steps at the
+full rate, enough to overwrite what pretraining taught an encoder about other patients. Those
+arms are also paired with their encoder fine-tuned with the defaults.
+
 ``--recipe paper`` fine-tunes every init with the paper's fine-tuning recipe instead (Adam at
 5e-5 with cosine decay, plain cross-entropy, 100 epochs, no intensity augmentation; the region of
 interest as in the default, so that both recipes see the same pixels), its inits named with
@@ -37,6 +44,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -142,16 +150,23 @@ def main() -> None:
                         "own cap; the same for every init)")
     parser.add_argument("--recipe", choices=("default", "paper"), default="default",
                         help="fine-tune with the product's defaults or the paper's recipe")
+    parser.add_argument("--encoder-lr", type=float, nargs="+", default=[], metavar="F",
+                        help="also fine-tune each encoder with its learning rate scaled by F")
+    parser.add_argument("--encoder-warmup", type=int, nargs="+", default=[], metavar="STEPS",
+                        help="also fine-tune each encoder held still, then raised over STEPS")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary from runs.jsonl, train nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     suffix = PAPER if args.recipe == "paper" else ""
-    inits: dict[str, Path | None] = {RANDOM + suffix: None}
+    # Each arm: its init and what it changes in the fine-tuning config.
+    inits: dict[str, tuple[Path | None, dict]] = {RANDOM + suffix: (None, {})}
     for item in args.encoder:
         name, _, run_dir = item.partition("=")
-        inits[name + suffix] = Path(run_dir)
+        inits[name + suffix] = (Path(run_dir), {})
+        for said, changes in fine_tuning_variants(args):
+            inits[f"{name}, {said}{suffix}"] = (Path(run_dir), changes)
     images = chosen_images(args.data, None, None)
     names = structure_names(args.data)
     if args.test >= len(images):
@@ -180,12 +195,13 @@ def main() -> None:
                                          model=ModelConfig(features=args.features))
                     if args.recipe == "paper":
                         cfg = paper_finetuning(cfg)
-                    for init_name, init in inits.items():
+                    for init_name, (init, changes) in inits.items():
                         if (fold, n, seed, init_name) in done:
                             continue
+                        arm_cfg = dataclasses.replace(cfg, **changes)
                         row = {"fold": fold, "n": n, "seed": seed, "init": init_name,
                                "train": [p.name for p in train], "test": [p.name for p in test],
-                               **run(train, tests, init, cfg, args.data, names)}
+                               **run(train, tests, init, arm_cfg, args.data, names)}
                         with log.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         print(f"fold {fold} n={n} seed {seed} {init_name}: Dice {row['dice']:.3f} "
@@ -204,6 +220,7 @@ def main() -> None:
             + paired_table(rows, order, "n", ("fold", "seed"))
             + "".join("\n" + line
                       for line in seed_lines(rows, repeated_by_name(order), "n", ("fold", "seed")))
+            + variant_table(rows)
             + paper_table(rows, order)
             + "\n\nMedian seconds to fine-tune + predict the test set: "
             + ", ".join(f"{i}: {np.median([r['seconds'] for r in rows if r['init'] == i]):.0f} s"
@@ -213,6 +230,35 @@ def main() -> None:
     if rows:
         plot_paired(rows, order, "n", ("fold", "seed"), args.out / "dice_vs_n.png",
                     "labelled volumes n")
+
+
+#: How an arm's name says it is a fine-tuning variant of an encoder's arm: "PCL 50 ep, encoder
+#: lr 0.1" varies "PCL 50 ep".
+VARIANT_IN_NAME = re.compile(r"(.+), encoder (lr \S+|warm-up \d+)(, paper fine-tuning)?")
+
+
+def fine_tuning_variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """``(how an arm's name says it, its changes to FinetuneConfig)`` of each variant asked for
+    with ``--encoder-lr`` and ``--encoder-warmup``."""
+    return ([(f"encoder lr {scale:g}", {"encoder_lr": scale}) for scale in args.encoder_lr]
+            + [(f"encoder warm-up {steps}", {"encoder_warmup": steps})
+               for steps in args.encoder_warmup])
+
+
+def variant_table(rows: list[dict]) -> str:
+    """Each logged fine-tuning variant paired with its encoder fine-tuned with the defaults
+    (the arm its name extends), or nothing when there are none."""
+    logged = list(dict.fromkeys(r["init"] for r in rows))
+    by_base: dict[str, list[str]] = {}
+    for init in logged:
+        if (match := VARIANT_IN_NAME.fullmatch(init)) and match[1] + (match[3] or "") in logged:
+            by_base.setdefault(match[1] + (match[3] or ""), []).append(init)
+    if not by_base:
+        return ""
+    return ("\n\nThe fine-tuning variants against their encoder fine-tuned with the defaults "
+            "(paired difference, runs ahead):\n" + "".join(
+                "\n" + paired_table(rows, arms, "n", ("fold", "seed"), baseline=base)
+                for base, arms in by_base.items()))
 
 
 def paper_table(rows: list[dict], order: list[str]) -> str:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from pclseg.config import ModelConfig, PreprocessConfig, PretrainConfig
 from pclseg.errors import PCLSegError
 from pclseg.model import UNet, load_encoder
 from pclseg.pretrain import epoch_batches, get_lr, pretrain
+from pclseg.pretrain_stages import encoder_stage
 from pclseg.progress import Progress
 
 TINY = ["--size", "32", "--features", "4", "--batch-size", "8", "--device", "cpu"]
@@ -234,18 +236,35 @@ def test_a_decoder_stage_resumes_where_an_uninterrupted_one_ends(a_sample_folder
 # --- the command line -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flips", [False, True])
-def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path, flips):
+@pytest.mark.parametrize("option", [None, "flips", "intensity_augment"])
+def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path, option):
     out = tmp_path / "run"
-    extra = ["--flips"] if flips else []
+    extra = ["--" + option.replace("_", "-")] if option else []
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1", *extra))
     assert proc.returncode == 0, proc.stderr
     names = [e["event"] for e in events(proc.stdout)]
     assert "started" in names and names[-1] == "done"
     assert {"step", "epoch", "checkpoint"} <= set(names)
     assert (out / "encoder.safetensors").exists() and (out / "log.jsonl").exists()
-    # Flips are off unless asked for (they hurt lateral labels), and the run records which.
-    assert json.loads((out / "encoder.json").read_text())["config"]["flips"] is flips
+    # Flips (they hurt lateral labels) and intensity augmentation (not the paper's) are off
+    # unless asked for, and the run records which.
+    config = json.loads((out / "encoder.json").read_text())["config"]
+    for name in ("flips", "intensity_augment"):
+        assert config[name] is (name == option)
+
+
+@pytest.mark.parametrize("intensity", [False, True])
+def test_intensity_augment_shades_the_contrastive_views_only_when_asked(intensity):
+    # A flat slice stays flat under rotation, scaling and elastic warps (border padding), so
+    # only the intensity stage can make its views vary.
+    cache = SimpleNamespace(slices=np.full((4, 32, 32), 0.5, np.float32),
+                            positions=np.linspace(0.25, 1.0, 4),
+                            slice_units=lambda unit: np.full(4, 0.25, np.float32))
+    stage = encoder_stage(tiny_config(intensity_augment=intensity), cache, torch.device("cpu"),
+                          place=lambda net: net, gather=lambda t: t)
+    views = [torch.cat(stage.dataset[i][:2]) for i in range(4)]
+    spread = max(float(v.max() - v.min()) for v in views)
+    assert (spread > 0.01) is intensity
 
 
 def test_cli_threshold_slices_trains_and_is_stored_with_the_encoder(a_sample_folder, tmp_path):

@@ -15,7 +15,8 @@ shared, since they do not depend on the pretraining): ``--method simclr`` or ``g
 baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM`` (PCL's positive
 threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder-task restore``
 for the restoration task), ``--pretrain-volumes N``
-(less unlabelled data: the first N volumes only), ``--pretrain-seed S`` (another encoder of
+(less unlabelled data: the first N volumes only), ``--intensity-augment`` (the views differ in
+contrast, shading and noise too), ``--pretrain-seed S`` (another encoder of
 the same pretraining, to see how far two of them differ; the summary then also averages each
 pretraining over its encoders and compares the averages, so that two methods are not told
 apart by one encoder each). Each variant's runs are
@@ -69,6 +70,7 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
             ("threshold_slices", "{:g} slices", "s{:g}"),
             ("threshold_mm", "{:g} mm", "mm{:g}"),
             ("volumes", "{:g} volumes", "v{:g}"),
+            ("intensity_augment", "intensity augmentation", "int"),
             ("seed", "pretraining seed {:g}", "seed{:g}"))
 
 
@@ -84,6 +86,7 @@ class Variant:
     volumes: int | None = None
     decoder_task: str = "local"
     seed: int | None = None
+    intensity_augment: bool | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -235,6 +238,8 @@ def main() -> None:
     parser.add_argument("--decoder-epochs", type=int, default=0,
                         help="add the dense stage for the decoder, N epochs")
     parser.add_argument("--decoder-task", default="local", choices=("local", "restore"))
+    parser.add_argument("--intensity-augment", action="store_const", const=True, default=None,
+                        help="pretrain with the intensity augmentation too")
     parser.add_argument("--pretrain-volumes", type=int, default=None, metavar="N",
                         help="pretrain on the first N volumes only (default: all)")
     parser.add_argument("--report-only", action="store_true",
@@ -245,7 +250,7 @@ def main() -> None:
     lengths = sorted(args.epochs)
     variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
                       args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
-                      args.pretrain_seed or None)
+                      args.pretrain_seed or None, args.intensity_augment)
 
     if not args.report_only:
         threads = use_all_cores()

@@ -110,6 +110,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         threshold_mm=args.threshold_mm,
         temperature=args.temperature,
         flips=args.flips,
+        intensity_augment=args.intensity_augment,
         # Resuming keeps the run's own epochs unless --epochs asks for more.
         epochs=args.epochs or (1 if args.resume else DEFAULT_PRETRAIN_EPOCHS),
         decoder_epochs=args.decoder_epochs,
@@ -309,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--flips",
         action="store_true",
         help="add random flips to the augmentation (the paper's; off: they hurt lateral labels)",
+    )
+    p.add_argument(
+        "--intensity-augment",
+        action="store_true",
+        help="add random contrast, shading, scale and noise to the views (not the paper's)",
     )
     p.add_argument(
         "--epochs",

@@ -87,6 +87,12 @@ class PretrainConfig:
     it on a few slices, the network labels the left kidney and the spleen as the right kidney
     and the liver (``docs/decisions.md``).
 
+    ``intensity_augment`` adds fine-tuning's intensity stage (gamma, bias field, scale, noise)
+    to each view of the contrastive stage. The paper augments spatially only; with it, two
+    views of a slice differ in contrast and shading too, as slices of two patients' MRI do, so
+    the encoder cannot tell positions apart by a volume's intensities. Off by default until it
+    measures better (``docs/decisions.md``, 14).
+
     ``threshold_slices`` or ``threshold_mm`` (PCL only, one of them) lets the positive threshold
     follow each volume: a pair is positive when ``|pos_a - pos_b| < max(threshold, K * u)``,
     with ``u = 1 / min(N_a, N_b)`` for ``K = threshold_slices`` (slices fewer than ``K`` apart in
@@ -110,6 +116,7 @@ class PretrainConfig:
     temperature: float = 0.1
     gcl_partitions: int = 4
     flips: bool = False
+    intensity_augment: bool = False
     epochs: int = 50
     decoder_epochs: int = 0
     decoder_task: DecoderTask = "local"

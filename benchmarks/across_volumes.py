@@ -19,8 +19,8 @@ on a label: a user pretrains on their whole folder).
 ``--encoder-lr F`` and ``--encoder-warmup STEPS`` add, for each encoder, an arm fine-tuned with
 the encoder's learning rate scaled by ``F`` (``FinetuneConfig.encoder_lr``) or held still and
 raised over the first ``STEPS`` steps (``encoder_warmup``), named "PCL 50 ep, encoder lr 0.1",
-"PCL 50 ep, encoder warm-up 200": fine-tuning on whole volumes runs up to 2000 steps at the
-full rate, enough to overwrite what pretraining taught an encoder about other patients. Those
+"PCL 50 ep, encoder warm-up 200": fine-tuning on a whole volume runs hundreds of steps at the
+full rate, which may overwrite what pretraining taught the encoder about other patients. Those
 arms are also paired with their encoder fine-tuned with the defaults.
 
 ``--recipe paper`` fine-tunes every init with the paper's fine-tuning recipe instead (Adam at

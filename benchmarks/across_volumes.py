@@ -21,7 +21,9 @@ the encoder's learning rate scaled by ``F`` (``FinetuneConfig.encoder_lr``) or h
 raised over the first ``STEPS`` steps (``encoder_warmup``), named "PCL 50 ep, encoder lr 0.1",
 "PCL 50 ep, encoder warm-up 200": fine-tuning on a whole volume runs hundreds of steps at the
 full rate, which may overwrite what pretraining taught the encoder about other patients. Those
-arms are also paired with their encoder fine-tuned with the defaults.
+arms are also paired with their encoder fine-tuned with the defaults, as an encoder of
+``pretrain_length.py --intensity-augment`` ("PCL 50 ep, intensity augmentation") is with the
+one pretrained without it.
 
 ``--recipe paper`` fine-tunes every init with the paper's fine-tuning recipe instead (Adam at
 5e-5 with cosine decay, plain cross-entropy, 100 epochs, no intensity augmentation; the region of
@@ -232,9 +234,11 @@ def main() -> None:
                     "labelled volumes n")
 
 
-#: How an arm's name says it is a fine-tuning variant of an encoder's arm: "PCL 50 ep, encoder
-#: lr 0.1" varies "PCL 50 ep".
-VARIANT_IN_NAME = re.compile(r"(.+), encoder (lr \S+|warm-up \d+)(, paper fine-tuning)?")
+#: How an arm's name says it varies another arm: "PCL 50 ep, encoder lr 0.1" (fine-tuning) and
+#: "PCL 50 ep, intensity augmentation" (pretraining, ``pretrain_length.py --intensity-augment``)
+#: vary "PCL 50 ep".
+VARIANT_IN_NAME = re.compile(
+    r"(.+), (encoder lr \S+|encoder warm-up \d+|intensity augmentation)(, paper fine-tuning)?")
 
 
 def fine_tuning_variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
@@ -246,8 +250,8 @@ def fine_tuning_variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 
 def variant_table(rows: list[dict]) -> str:
-    """Each logged fine-tuning variant paired with its encoder fine-tuned with the defaults
-    (the arm its name extends), or nothing when there are none."""
+    """Each logged variant paired with the arm its name extends (its encoder fine-tuned with the
+    defaults, or pretrained with them), or nothing when there are none."""
     logged = list(dict.fromkeys(r["init"] for r in rows))
     by_base: dict[str, list[str]] = {}
     for init in logged:
@@ -255,8 +259,8 @@ def variant_table(rows: list[dict]) -> str:
             by_base.setdefault(match[1] + (match[3] or ""), []).append(init)
     if not by_base:
         return ""
-    return ("\n\nThe fine-tuning variants against their encoder fine-tuned with the defaults "
-            "(paired difference, runs ahead):\n" + "".join(
+    return ("\n\nThe variants against the arm they vary, with the defaults (paired difference, "
+            "runs ahead):\n" + "".join(
                 "\n" + paired_table(rows, arms, "n", ("fold", "seed"), baseline=base)
                 for base, arms in by_base.items()))
 

@@ -298,8 +298,11 @@ def main() -> None:
     lines = [f"Few-slice Dice against pretraining length ({len({r['volume'] for r in rows})} "
              f"volumes; mean ± std over volumes x seeds; in brackets: paired difference to random "
              "init ± std, runs ahead)", "", table, "",
-             "Pretraining: " + ", ".join(f"{r['name']} {r['seconds'] / 60:.0f} min "
-                                         f"(final loss {r['final_loss']:.3f})" for r in inits),
+             # A resumed run's minutes are those after the restart only.
+             "Pretraining: " + ", ".join(f"{r['name']} {r['seconds'] / 60:.0f} min"
+                                         + (" after resuming" if r.get("resumed") else "")
+                                         + f" (final loss {r['final_loss']:.3f})"
+                                         for r in inits),
              *seed_lines(rows, repeated_by_name([r["name"] for r in inits]), "k",
                          ("volume", "seed"))]
     text = "\n".join(lines) + "\n"

@@ -46,7 +46,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +63,7 @@ from dataset_runs import (
     seed_lines,
     structure_dice,
     structure_names,
+    variant_lines,
 )
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, StopRule
@@ -222,7 +222,8 @@ def main() -> None:
             + paired_table(rows, order, "n", ("fold", "seed"))
             + "".join("\n" + line
                       for line in seed_lines(rows, repeated_by_name(order), "n", ("fold", "seed")))
-            + variant_table(rows)
+            + "".join("\n" + line for line in variant_lines(
+                rows, [i for i in order if not i.endswith(PAPER)], "n", ("fold", "seed")))
             + paper_table(rows, order)
             + "\n\nMedian seconds to fine-tune + predict the test set: "
             + ", ".join(f"{i}: {np.median([r['seconds'] for r in rows if r['init'] == i]):.0f} s"
@@ -234,35 +235,12 @@ def main() -> None:
                     "labelled volumes n")
 
 
-#: How an arm's name says it varies another arm: "PCL 50 ep, encoder lr 0.1" (fine-tuning) and
-#: "PCL 50 ep, intensity augmentation" (pretraining, ``pretrain_length.py --intensity-augment``)
-#: vary "PCL 50 ep".
-VARIANT_IN_NAME = re.compile(
-    r"(.+), (encoder lr \S+|encoder warm-up \d+|intensity augmentation)(, paper fine-tuning)?")
-
-
 def fine_tuning_variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """``(how an arm's name says it, its changes to FinetuneConfig)`` of each variant asked for
     with ``--encoder-lr`` and ``--encoder-warmup``."""
     return ([(f"encoder lr {scale:g}", {"encoder_lr": scale}) for scale in args.encoder_lr]
             + [(f"encoder warm-up {steps}", {"encoder_warmup": steps})
                for steps in args.encoder_warmup])
-
-
-def variant_table(rows: list[dict]) -> str:
-    """Each logged variant paired with the arm its name extends (its encoder fine-tuned with the
-    defaults, or pretrained with them), or nothing when there are none."""
-    logged = list(dict.fromkeys(r["init"] for r in rows))
-    by_base: dict[str, list[str]] = {}
-    for init in logged:
-        if (match := VARIANT_IN_NAME.fullmatch(init)) and match[1] + (match[3] or "") in logged:
-            by_base.setdefault(match[1] + (match[3] or ""), []).append(init)
-    if not by_base:
-        return ""
-    return ("\n\nThe variants against the arm they vary, with the defaults (paired difference, "
-            "runs ahead):\n" + "".join(
-                "\n" + paired_table(rows, arms, "n", ("fold", "seed"), baseline=base)
-                for base, arms in by_base.items()))
 
 
 def paper_table(rows: list[dict], order: list[str]) -> str:

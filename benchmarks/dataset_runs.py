@@ -116,6 +116,31 @@ def repeats_after_seed_0(inits: list[str]) -> list[str]:
     return sorted(inits, key=place)
 
 
+def variants_by_base(inits: list[str]) -> dict[str, list[str]]:
+    """The inits whose names add settings to another's ("PCL 50 ep, 20 mm" and "PCL 50 ep,
+    encoder lr 0.1" vary "PCL 50 ep"), by the init they vary (the longest such name); another
+    pretraining seed is a repeat, not a variant (:func:`repeated_by_name`)."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for init in inits:
+        bases = [base for base in inits if init.startswith(base + ", ")]
+        if bases and not SEED_IN_NAME.search(init):
+            groups[max(bases, key=len)].append(init)
+    return dict(groups)
+
+
+def variant_lines(rows: list[dict], inits: list[str], column: str,
+                  pair_by: tuple[str, ...]) -> list[str]:
+    """The summary's part on variants: each paired with the init it varies, so that a setting
+    is measured against the same pretraining and fine-tuning without it."""
+    groups = variants_by_base(inits)
+    if not groups:
+        return []
+    lines = ["", "Each variant against the init it varies (paired difference, runs ahead):"]
+    for base, variants in groups.items():
+        lines += ["", paired_table(rows, variants, column, pair_by, baseline=base)]
+    return lines
+
+
 def pooled_name(base: str, encoders: int) -> str:
     return f"{base}, {encoders} encoders"
 

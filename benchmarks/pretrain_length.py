@@ -52,6 +52,7 @@ from dataset_runs import (
     seed_lines,
     structure_dice,
     structure_names,
+    variant_lines,
 )
 from few_slices import DEFAULT, run_arms
 
@@ -304,7 +305,8 @@ def main() -> None:
                                          + f" (final loss {r['final_loss']:.3f})"
                                          for r in inits),
              *seed_lines(rows, repeated_by_name([r["name"] for r in inits]), "k",
-                         ("volume", "seed"))]
+                         ("volume", "seed")),
+             *variant_lines(rows, [r["name"] for r in inits], "k", ("volume", "seed"))]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "summary.md").write_text(text)

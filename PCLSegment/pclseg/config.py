@@ -90,8 +90,8 @@ class PretrainConfig:
     ``intensity_augment`` adds fine-tuning's intensity stage (gamma, bias field, scale, noise)
     to each view of the contrastive stage. The paper augments spatially only; with it, two
     views of a slice differ in contrast and shading too, as slices of two patients' MRI do, so
-    the encoder cannot tell positions apart by a volume's intensities. Off by default until it
-    measures better (``docs/decisions.md``, 14).
+    the encoder cannot tell positions apart by a volume's intensities. Off by default: it was a
+    little ahead across volumes but lost 0.098 on single volumes (``docs/decisions.md``, 10).
 
     ``threshold_slices`` or ``threshold_mm`` (PCL only, one of them) lets the positive threshold
     follow each volume: a pair is positive when ``|pos_a - pos_b| < max(threshold, K * u)``,

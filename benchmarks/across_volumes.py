@@ -20,7 +20,10 @@ on a label: a user pretrains on their whole folder).
 the encoder's learning rate scaled by ``F`` (``FinetuneConfig.encoder_lr``) or held still and
 raised over the first ``STEPS`` steps (``encoder_warmup``), named "PCL 50 ep, encoder lr 0.1",
 "PCL 50 ep, encoder warm-up 200": fine-tuning on a whole volume runs hundreds of steps at the
-full rate, which may overwrite what pretraining taught the encoder about other patients. Those
+full rate, which may overwrite what pretraining taught the encoder about other patients.
+``--positional-weight W`` adds an arm that keeps the pretraining's contrastive task on while
+fine-tuning, on the run's own slices (``FinetuneConfig.positional_weight``), named "PCL 50 ep,
+positional task 0.5": the encoder keeps learning every volume of the folder. Those
 arms are also paired with their encoder fine-tuned with the defaults, as an encoder of
 ``pretrain_length.py --intensity-augment`` ("PCL 50 ep, intensity augmentation") is with the
 one pretrained without it.
@@ -156,6 +159,9 @@ def main() -> None:
                         help="also fine-tune each encoder with its learning rate scaled by F")
     parser.add_argument("--encoder-warmup", type=int, nargs="+", default=[], metavar="STEPS",
                         help="also fine-tune each encoder held still, then raised over STEPS")
+    parser.add_argument("--positional-weight", type=float, nargs="+", default=[], metavar="W",
+                        help="also fine-tune each encoder with its pretraining's contrastive "
+                        "task kept on at weight W")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary from runs.jsonl, train nothing")
     args = parser.parse_args()
@@ -237,10 +243,12 @@ def main() -> None:
 
 def fine_tuning_variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """``(how an arm's name says it, its changes to FinetuneConfig)`` of each variant asked for
-    with ``--encoder-lr`` and ``--encoder-warmup``."""
+    with ``--encoder-lr``, ``--encoder-warmup`` and ``--positional-weight``."""
     return ([(f"encoder lr {scale:g}", {"encoder_lr": scale}) for scale in args.encoder_lr]
             + [(f"encoder warm-up {steps}", {"encoder_warmup": steps})
-               for steps in args.encoder_warmup])
+               for steps in args.encoder_warmup]
+            + [(f"positional task {weight:g}", {"positional_weight": weight})
+               for weight in args.positional_weight])
 
 
 def paper_table(rows: list[dict], order: list[str]) -> str:

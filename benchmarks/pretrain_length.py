@@ -19,7 +19,10 @@ for the restoration task), ``--pretrain-volumes N``
 contrast, shading and noise too), ``--pretrain-seed S`` (another encoder of
 the same pretraining, to see how far two of them differ; the summary then also averages each
 pretraining over its encoders and compares the averages, so that two methods are not told
-apart by one encoder each). Each variant's runs are
+apart by one encoder each). ``--positional-weight W`` also fine-tunes from each encoder with
+its pretraining's contrastive task kept on at weight ``W`` (``FinetuneConfig.positional_weight``;
+"GCL 50 ep, positional task 0.5", paired with the encoder fine-tuned without it). Each variant's
+runs are
 named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
 "PCL 50 ep + restore 20 ep").
 
@@ -171,6 +174,17 @@ def ordered_inits(pretraining: list[dict]) -> list[dict]:
     return sorted(rows.values(), key=order)
 
 
+def with_finetuning_variants(names: list[str], rows: list[dict]) -> list[str]:
+    """``names`` with each logged arm that fine-tunes one of them another way ("GCL 50 ep,
+    positional task 0.5") right after the init it varies (the longest name it extends)."""
+    variants: dict[str, list[str]] = {}
+    for init in dict.fromkeys(r["init"] for r in rows):
+        bases = [n for n in names if init.startswith(n + ", ")]
+        if init not in names and bases:
+            variants.setdefault(max(bases, key=len), []).append(init)
+    return [arm for name in names for arm in (name, *variants.get(name, []))]
+
+
 def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
     """Dice against pretraining epochs, one line per curve and k (mean ± std), random init
     as a dashed line per k."""
@@ -243,6 +257,9 @@ def main() -> None:
                         help="pretrain with the intensity augmentation too")
     parser.add_argument("--pretrain-volumes", type=int, default=None, metavar="N",
                         help="pretrain on the first N volumes only (default: all)")
+    parser.add_argument("--positional-weight", type=float, nargs="+", default=[], metavar="W",
+                        help="also fine-tune from each encoder with its pretraining's "
+                        "contrastive task kept on at weight W")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary and plot from runs.jsonl, train nothing")
     args = parser.parse_args()
@@ -259,10 +276,15 @@ def main() -> None:
                    else f"{platform.machine()} CPU, {threads} threads")
         print(f"{machine}; size {args.size}, features {args.features}; {variant.family}, "
               f"epochs {lengths}", flush=True)
-        inits: dict[str, Path | None] = {RANDOM: None}
+        # Each arm: its init and what it changes in the fine-tuning config.
+        inits: dict[str, tuple[Path | None, dict]] = {RANDOM: (None, {})}
         for epochs in lengths:
-            inits[variant.name(epochs)] = pretrained(
+            run_dir = pretrained(
                 args.data, args.runs or args.out / "pretraining", epochs, variant, args)
+            inits[variant.name(epochs)] = (run_dir, {})
+            for weight in args.positional_weight:
+                inits[f"{variant.name(epochs)}, positional task {weight:g}"] = (
+                    run_dir, {"positional_weight": weight})
         names = structure_names(args.data)
         done = {(r["volume"], r["k"], r["seed"], r["init"]) for r in finished_runs(log)}
         for image in chosen_images(args.data, args.volumes, args.first):
@@ -276,11 +298,12 @@ def main() -> None:
                     base = FinetuneConfig(seed=seed, device=args.device,
                                           preprocess=PreprocessConfig(size=args.size),
                                           model=ModelConfig(features=args.features))
-                    for init_name, init in inits.items():
+                    for init_name, (init, changes) in inits.items():
                         if (volume.name, k, seed, init_name) in done:
                             continue
                         (pred, seconds, steps, fit), = run_arms(
-                            volume, truth, chosen, init, [DEFAULT], base, args, names
+                            volume, truth, chosen, init, [DEFAULT], replace(base, **changes),
+                            args, names
                         ).values()
                         dice = mean_foreground_dice(pred[others], truth[others], classes)
                         row = {"volume": volume.name, "k": k, "seed": seed, "init": init_name,
@@ -295,7 +318,8 @@ def main() -> None:
     rows = finished_runs(log)
     pretraining = finished_runs(args.out / "pretraining.jsonl")
     inits = ordered_inits(pretraining)
-    table = paired_table(rows, [r["name"] for r in inits], "k", ("volume", "seed"))
+    arms = with_finetuning_variants([r["name"] for r in inits], rows)
+    table = paired_table(rows, arms, "k", ("volume", "seed"))
     lines = [f"Few-slice Dice against pretraining length ({len({r['volume'] for r in rows})} "
              f"volumes; mean ± std over volumes x seeds; in brackets: paired difference to random "
              "init ± std, runs ahead)", "", table, "",
@@ -306,13 +330,13 @@ def main() -> None:
                                          for r in inits),
              *seed_lines(rows, repeated_by_name([r["name"] for r in inits]), "k",
                          ("volume", "seed")),
-             *variant_lines(rows, [r["name"] for r in inits], "k", ("volume", "seed"))]
+             *variant_lines(rows, arms, "k", ("volume", "seed"))]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "summary.md").write_text(text)
     if rows:
         plot(rows, pretraining, args.out / "dice_vs_epochs.png")
-        plot_paired(rows, [r["name"] for r in inits], "k", ("volume", "seed"),
+        plot_paired(rows, arms, "k", ("volume", "seed"),
                     args.out / "dice_vs_k.png", "annotated slices k")
 
 

@@ -167,6 +167,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         lr=args.lr,
         encoder_lr=args.encoder_lr,
         encoder_warmup=args.encoder_warmup,
+        positional_weight=args.positional_weight,
         transfer_levels=args.transfer_levels,
         transfer_norm=not args.no_transfer_norm,
         loss=args.loss,
@@ -415,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoder-warmup", type=int, default=0, metavar="STEPS",
         help="hold the encoder still at first: its learning rate rises from 0 over the first "
         "STEPS steps (default 0: off)",
+    )
+    p.add_argument(
+        "--positional-weight", type=float, default=0.0, metavar="W",
+        help="with --init: keep the pretraining's contrastive task on, on the run's own slices, "
+        "at W x its loss (default 0: off)",
     )
     p.add_argument(
         "--transfer-levels", type=int, default=5, metavar="L",

@@ -256,6 +256,10 @@ class FinetuneConfig:
     ``encoder_warmup`` > 0 holds the encoder still at first and lets its rate rise linearly
     from 0 to that over the network's first ``encoder_warmup`` steps: the fresh decoder
     learns to read the pretrained features before their gradients can reshape them.
+    ``positional_weight`` > 0 keeps the pretraining's contrastive task on while fine-tuning from
+    a pretraining run: each step adds that weight times its loss on ``positional_batch`` slices
+    of the run's own folder (:mod:`pclseg.positional_task`), so the encoder keeps what it learned
+    of every volume there while it fits the labelled ones.
 
     What a pretrained init passes on: ``transfer_levels`` of the encoder's five levels, from the
     input down (the deeper levels, which contrastive pretraining shapes most for its own task,
@@ -275,6 +279,8 @@ class FinetuneConfig:
     lr: float = 1e-3
     encoder_lr: float = 1.0
     encoder_warmup: int = 0
+    positional_weight: float = 0.0
+    positional_batch: int = 16
     transfer_levels: int = 5
     transfer_norm: bool = True
     weight_decay: float = 0.0
@@ -309,6 +315,14 @@ class FinetuneConfig:
         if self.encoder_warmup < 0:
             raise PCLSegError(
                 f"encoder warm-up must be 0 or more steps, got {self.encoder_warmup}"
+            )
+        if self.positional_weight < 0:
+            raise PCLSegError(
+                f"positional weight must not be negative, got {self.positional_weight}"
+            )
+        if self.positional_batch < 2:
+            raise PCLSegError(
+                f"positional batch must be at least 2 slices, got {self.positional_batch}"
             )
         if not 0 <= self.transfer_levels <= 5:
             raise PCLSegError(

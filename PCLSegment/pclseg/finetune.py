@@ -59,6 +59,7 @@ from .labels import (
     resolve_labels,
 )
 from .model import UNet, load_pretrained, untransferred
+from .positional_task import positional_task
 from .predict import MODEL, MODEL_FORMAT
 from .preprocess import prepare_volume
 from .pretrain import get_lr
@@ -70,6 +71,8 @@ from .training_slices import TrainingSlices, annotated_slices, prepared_annotati
 
 CHECKPOINT = "checkpoint"
 CHECKPOINT_FORMAT = "pclseg-finetune"
+#: The prefix of the positional task's head in a fine-tuning checkpoint.
+POSITIONAL = "positional."
 ENCODER = "encoder"
 UNET = "unet"
 #: The pretraining pairs fine-tuning starts from: format -> ``init["kind"]``.
@@ -381,11 +384,16 @@ def finetune(
     train, held_out = data.split(cfg)
 
     device = resolve_device(cfg.device)
-    trainer = Trainer(build_model(cfg, encoder, str(init)), cfg, device)
+    unet = build_model(cfg, encoder, str(init))
+    positional = positional_task(cfg, init_info.get("path"), unet.encoder)
+    trainer = Trainer(unet, cfg, device, positional=positional)
     if resume:
         trainer.unet.load_state_dict(
             {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         )
+        if positional is not None:
+            positional.load_state_dict({k[len(POSITIONAL):]: v for k, v in state.items()
+                                        if k.startswith(POSITIONAL)})
         checkpoint.optimizer_from_tensors(trainer.optimizer, state, meta["optimizer"])
     data_summary = {"volumes": volumes, "annotated_slices": len(data),
                     "training_slices": len(train), "held_out_slices": len(held_out)}
@@ -398,6 +406,8 @@ def finetune(
         save_model(out, trainer.unet, cfg, model_labels, init_info, **extra)
         opt_tensors, opt_meta = checkpoint.optimizer_to_tensors(trainer.optimizer)
         tensors = {f"model.{k}": v for k, v in trainer.unet.state_dict().items()} | opt_tensors
+        if positional is not None:
+            tensors |= {POSITIONAL + k: v for k, v in positional.state_dict().items()}
         checkpoint.save_pair(out / CHECKPOINT, tensors, {
             "format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "optimizer": opt_meta,
             "labels": labels_to_json(model_labels), "init": init_info, **extra,

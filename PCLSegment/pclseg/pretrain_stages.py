@@ -73,7 +73,7 @@ def _sgd(groups: list[dict], cfg: PretrainConfig) -> torch.optim.SGD:
     )
 
 
-def _view_augment(
+def view_augment(
     cfg: PretrainConfig, intensity: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The spatial augmentation of a slice, followed by the intensity one with ``intensity``."""
@@ -93,7 +93,7 @@ def encoder_stage(
     """The paper's contrastive stage. ``place`` moves a new model to the device (layout, sync
     batch norm); ``gather`` collects a tensor's rows from every process."""
     dataset = TwoViewSliceDataset(
-        cache.slices, cache.positions, _view_augment(cfg, cfg.intensity_augment),
+        cache.slices, cache.positions, view_augment(cfg, cfg.intensity_augment),
         seed=cfg.seed,
         units=cache.slice_units(cfg.position_unit),
     )
@@ -135,12 +135,12 @@ def decoder_stage(
     net: RestorationNet | DenseContrastiveNet
     if cfg.decoder_task == "restore":
         dataset: AlignedViewsDataset | CorruptedSlicesDataset = CorruptedSlicesDataset(
-            cache.slices, _view_augment(cfg), corruption(cfg.preprocess.size), seed=cfg.seed
+            cache.slices, view_augment(cfg), corruption(cfg.preprocess.size), seed=cfg.seed
         )
         net = RestorationNet(cfg.model, freeze_encoder=frozen)
     else:
         dataset = AlignedViewsDataset(
-            cache.slices, _view_augment(cfg), view_intensity_augment(), seed=cfg.seed
+            cache.slices, view_augment(cfg), view_intensity_augment(), seed=cfg.seed
         )
         net = DenseContrastiveNet(cfg.model, cfg.decoder_grid, freeze_encoder=frozen)
     if encoder is not None:

@@ -58,6 +58,7 @@ from .finetune import (
 from .interpolate import prior_channels, shape_prior
 from .io import Volume, read_label, read_volume, write_image
 from .labels import Label, check_label_values, labels_from_names, names_of
+from .positional_task import positional_task
 from .postprocess import clean_prediction
 from .predict import load_model, model_stem, network_inputs, slice_probabilities, to_canonical
 from .preprocess import prepare_label, prepare_volume
@@ -140,9 +141,15 @@ class RefineSession:
         volume = _as_volume(image, loaded.config.preprocess.slice_axis)
         init = {"kind": "model", "path": str(model_stem(model_dir).parent),
                 "from": loaded.metadata.get("init", {})}
-        # A fine-tuned network is past the encoder's warm-up.
+        # A fine-tuned network is past the encoder's warm-up. Its positional task goes on
+        # where its pretraining run is still at hand; a model outlives its run.
+        try:
+            positional = positional_task(loaded.config, init["from"].get("path"),
+                                         loaded.unet.encoder)
+        except PCLSegError:
+            positional = None
         trainer = Trainer(loaded.unet, loaded.config, loaded.device,
-                          updates=loaded.config.encoder_warmup)
+                          updates=loaded.config.encoder_warmup, positional=positional)
         region = RegionOfInterest.from_dict(loaded.metadata.get("roi"))
         return cls(volume, trainer, loaded.labels, init, region)
 
@@ -170,7 +177,8 @@ class RefineSession:
                            max(lb.value for lb in named) + 1)
         volume = _as_volume(image, cfg.preprocess.slice_axis)
         unet = build_model(cfg, encoder, str(run_dir))
-        trainer = Trainer(unet, cfg, resolve_device(cfg.device))
+        trainer = Trainer(unet, cfg, resolve_device(cfg.device),
+                          positional=positional_task(cfg, init.get("path"), unet.encoder))
         return cls(volume, trainer, named, init)
 
     @classmethod

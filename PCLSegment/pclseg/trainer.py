@@ -25,6 +25,7 @@ from .device import autocast, channels_last, grad_scaler, network_input
 from .errors import PCLSegError
 from .evaluate import dice_per_class
 from .model import UNet
+from .positional_task import PositionalTask
 from .predict import slice_probabilities
 from .stopping import FitProgress
 from .training_slices import SliceDraws, TrainingSlices
@@ -77,20 +78,23 @@ class Trainer:
     Shared by :func:`finetune` and the refine session (a few steps per click, continuing from
     the current weights and optimizer moments). ``updates`` counts the network's optimizer
     steps across runs (the encoder warm-up, ``cfg.encoder_warmup``, follows it); a trainer of a
-    network that was already fine-tuned starts it past the warm-up.
+    network that was already fine-tuned starts it past the warm-up. With ``positional`` every
+    step adds ``cfg.positional_weight`` times its loss, and its projection head trains along.
     """
 
     def __init__(
-        self, unet: UNet, cfg: FinetuneConfig, device: torch.device, updates: int = 0
+        self, unet: UNet, cfg: FinetuneConfig, device: torch.device, updates: int = 0,
+        positional: PositionalTask | None = None,
     ) -> None:
         self.unet = channels_last(unet, device)
         self.cfg = cfg
         self.device = device
         self.updates = updates
-        self.optimizer = torch.optim.Adam(
-            parameter_groups(unet, cfg.encoder_lr, separate=cfg.encoder_warmup > 0),
-            lr=cfg.lr, weight_decay=cfg.weight_decay,
-        )
+        self.positional = positional.to(device) if positional is not None else None
+        groups = parameter_groups(unet, cfg.encoder_lr, separate=cfg.encoder_warmup > 0)
+        if self.positional is not None:
+            groups.append({"params": list(self.positional.parameters())})
+        self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.loss_fn = make_loss(cfg.loss)
         self.scaler = grad_scaler(device, cfg.amp)
         self.augment = (
@@ -122,6 +126,8 @@ class Trainer:
         with autocast(self.device, self.cfg.amp):
             logits = self.unet(images)
         loss = self.loss_fn(logits.float(), labels)
+        if self.positional is not None:
+            loss = loss + self.cfg.positional_weight * self.positional.loss(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

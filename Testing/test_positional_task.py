@@ -131,6 +131,8 @@ def test_a_refine_session_keeps_the_task_and_a_saved_model_outlives_its_run(
     session.save(tmp_path / "model")
     again = RefineSession.from_model(image, tmp_path / "model")
     assert again.trainer.positional is not None and again.cfg.positional_weight == 0.5
+    again.save(tmp_path / "model-of-a-model")  # its init names the model, which names the run
+    assert RefineSession.from_model(image, tmp_path / "model-of-a-model").trainer.positional
 
     shutil.rmtree(run)  # the run is gone: the model still refines, without the task
     orphan = RefineSession.from_model(image, tmp_path / "model")

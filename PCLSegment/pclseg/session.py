@@ -143,9 +143,11 @@ class RefineSession:
                 "from": loaded.metadata.get("init", {})}
         # A fine-tuned network is past the encoder's warm-up. Its positional task goes on
         # where its pretraining run is still at hand; a model outlives its run.
+        source = init["from"]
+        while source.get("kind") == "model":  # a model refined from a model, ...
+            source = source.get("from", {})
         try:
-            positional = positional_task(loaded.config, init["from"].get("path"),
-                                         loaded.unet.encoder)
+            positional = positional_task(loaded.config, source.get("path"), loaded.unet.encoder)
         except PCLSegError:
             positional = None
         trainer = Trainer(loaded.unet, loaded.config, loaded.device,

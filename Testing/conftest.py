@@ -21,6 +21,13 @@ def a_sample_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_sample(tmp_path_factory.mktemp("sample"), n_volumes=4, shape=(12, 48, 48), seed=0)
 
 
+@pytest.fixture
+def one_pair(a_sample_folder: Path) -> tuple[Path, Path]:
+    """The sample's first image and its label map."""
+    return (a_sample_folder / "imagesTr" / "sample_00.nii.gz",
+            a_sample_folder / "labelsTr" / "sample_00.nii.gz")
+
+
 @pytest.fixture(scope="session")
 def chaos_dir() -> Path:
     """The CHAOS T2 folder (``imagesTr``, ``labelsTr``, ``dataset.json``); skips when absent."""

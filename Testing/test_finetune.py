@@ -53,12 +53,6 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-@pytest.fixture
-def one_pair(a_sample_folder: Path) -> tuple[Path, Path]:
-    return (a_sample_folder / "imagesTr" / "sample_00.nii.gz",
-            a_sample_folder / "labelsTr" / "sample_00.nii.gz")
-
-
 @pytest.fixture(scope="module")
 def an_encoder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with an encoder as pretraining writes it (features 4, size 32)."""

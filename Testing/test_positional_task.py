@@ -30,12 +30,6 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-@pytest.fixture
-def one_pair(a_sample_folder: Path) -> tuple[Path, Path]:
-    return (a_sample_folder / "imagesTr" / "sample_00.nii.gz",
-            a_sample_folder / "labelsTr" / "sample_00.nii.gz")
-
-
 def test_the_task_starts_from_the_runs_head_and_trains_the_unets_encoder(
     a_pretraining_run: Path,
 ) -> None:

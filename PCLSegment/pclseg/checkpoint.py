@@ -229,6 +229,12 @@ def load_metadata(stem: Path | str, expect_format: str | None = None) -> dict[st
     return document
 
 
+def under(tensors: Tensors, prefix: str) -> Tensors:
+    """The tensors whose names start with ``prefix``, named without it: one part of a state
+    saved with others in one pair (``model.`` beside an optimizer's tensors, ``positional.``)."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def load_pair(stem: Path | str, expect_format: str | None = None) -> tuple[Tensors, dict[str, Any]]:
     """Read a pair written by :func:`save_pair`; every problem is a one-line :class:`PCLSegError`.
 

@@ -388,12 +388,9 @@ def finetune(
     positional = positional_task(cfg, init_info.get("path"), unet.encoder)
     trainer = Trainer(unet, cfg, device, positional=positional)
     if resume:
-        trainer.unet.load_state_dict(
-            {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-        )
+        trainer.unet.load_state_dict(checkpoint.under(state, "model."))
         if positional is not None:
-            positional.load_state_dict({k[len(POSITIONAL):]: v for k, v in state.items()
-                                        if k.startswith(POSITIONAL)})
+            positional.load_state_dict(checkpoint.under(state, POSITIONAL))
         checkpoint.optimizer_from_tensors(trainer.optimizer, state, meta["optimizer"])
     data_summary = {"volumes": volumes, "annotated_slices": len(data),
                     "training_slices": len(train), "held_out_slices": len(held_out)}

@@ -27,11 +27,8 @@ from .device import autocast, network_input
 from .errors import PCLSegError
 from .losses import make_contrastive_loss
 from .model import ProjectionHead, UNetEncoder
+from .pretrain import CHECKPOINT
 from .pretrain_stages import view_augment
-
-#: The pretraining run's state file, which holds its projection head.
-PRETRAIN_CHECKPOINT = "checkpoint"
-HEAD_PREFIX = "model.head."
 
 
 class PositionalTask(nn.Module):
@@ -51,7 +48,7 @@ class PositionalTask(nn.Module):
     ) -> None:
         super().__init__()
         run_dir = Path(run_dir)
-        if not (run_dir / PRETRAIN_CHECKPOINT).with_suffix(".json").is_file() or not (
+        if not (run_dir / CHECKPOINT).with_suffix(".json").is_file() or not (
             run_dir / "cache"
         ).is_dir():
             raise PCLSegError(
@@ -59,24 +56,24 @@ class PositionalTask(nn.Module):
                 "its checkpoint and cache/ (not a copied encoder file)"
             )
         tensors, meta = checkpoint.load_pair(
-            run_dir / PRETRAIN_CHECKPOINT, expect_format="pclseg-checkpoint"
+            run_dir / CHECKPOINT, expect_format="pclseg-checkpoint"
         )
         pretrain_cfg = from_dict(PretrainConfig, meta["config"])
-        self.cache = SliceCache.open(run_dir / "cache")
-        if len(self.cache) < 2:
+        cache = SliceCache.open(run_dir / "cache")
+        if len(cache) < 2:
             raise PCLSegError(f"{run_dir}: too few slices for the positional task")
-        self.batch_size = min(batch_size, len(self.cache))
+        self.batch_size = min(batch_size, len(cache))
         self.dataset = TwoViewSliceDataset(
-            self.cache.slices, self.cache.positions,
+            cache.slices, cache.positions,
             view_augment(pretrain_cfg, pretrain_cfg.intensity_augment), seed=seed,
-            units=self.cache.slice_units(pretrain_cfg.position_unit),
+            units=cache.slice_units(pretrain_cfg.position_unit),
         )
         self.criterion = make_contrastive_loss(pretrain_cfg)
         self.encoder = [encoder]  # in a list: the U-Net owns and saves it, not this module
         width = encoder.channels[-1]
         torch.manual_seed(seed)
         self.head = ProjectionHead(width, width, pretrain_cfg.model.projection_dim)
-        head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+        head = checkpoint.under(tensors, "model.head.")
         if head:  # the run's own head; after a dense stage the checkpoint holds none: a fresh one
             self.head.load_state_dict(head)
         self.in_channels = encoder.levels[0].conv_0.conv.in_channels

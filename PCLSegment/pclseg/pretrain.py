@@ -192,9 +192,7 @@ def _pretrain(
             yield decoder_stage(cfg, cache, device, place, encoder)
 
     def restore(stage: Stage) -> None:
-        stage.model.load_state_dict(
-            {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-        )
+        stage.model.load_state_dict(checkpoint.under(state, "model."))
         checkpoint.optimizer_from_tensors(stage.optimizer, state, meta["optimizer"])
 
     start_epoch, start_step = (meta["epoch"], meta["step"]) if resume else (0, 0)

@@ -177,6 +177,21 @@ def test_default_augmentations_never_mirror_a_slice() -> None:
     assert any(mirrored(flipping(image)) for _ in range(30))
 
 
+def test_a_crop_views_part_of_the_slice_resized_back(a_slice: np.ndarray) -> None:
+    # Without rotation, scaling and warps a whole-slice view is the slice itself; a cropped
+    # view of the ramp spans less of its range at the same size, and its sides are at least
+    # the crop's fraction of the slice's, so it never spans less than that fraction of it.
+    still = replace(NO_FLIP_PARAMS, affine_prob=0.0, elastic_prob=0.0)
+    ramp = np.broadcast_to(np.arange(SIZE, dtype=np.float32) / (SIZE - 1), (1, SIZE, SIZE))
+    whole = pretrain_augment(SIZE, seed=0, params=still)
+    assert torch.equal(whole(a_slice), torch.from_numpy(a_slice))
+    cropped = pretrain_augment(SIZE, seed=0, params=still, crop=0.5)
+    spans = [float(view.max() - view.min()) for view in (cropped(ramp) for _ in range(20))]
+    assert all(view.shape == (1, SIZE, SIZE) for view in (cropped(ramp), cropped(a_slice)))
+    assert min(spans) >= 0.5 - 2 / SIZE and min(spans) < 0.9
+    assert len({round(span, 4) for span in spans}) > 1
+
+
 def test_two_views_are_independent_augmentations(slices: np.ndarray) -> None:
     batch = torch.from_numpy(slices[:3, None])
     first, second = two_views(batch, pretrain_augment(SIZE, seed=0))
@@ -233,6 +248,9 @@ def test_two_view_dataset_gives_the_same_batches_with_workers(slices: np.ndarray
 def test_bad_arguments_are_refused(slices: np.ndarray) -> None:
     with pytest.raises(PCLSegError, match="size"):
         pretrain_augment(8)
+    for crop in (0.0, 1.5):
+        with pytest.raises(PCLSegError, match=r"crop must be in \(0, 1\]"):
+            pretrain_augment(SIZE, crop=crop)
     with pytest.raises(PCLSegError, match="size"):
         finetune_augment(0)
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):

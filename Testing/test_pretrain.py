@@ -22,7 +22,7 @@ from pclseg.config import ModelConfig, PreprocessConfig, PretrainConfig
 from pclseg.errors import PCLSegError
 from pclseg.model import UNet, load_encoder
 from pclseg.pretrain import epoch_batches, get_lr, pretrain
-from pclseg.pretrain_stages import encoder_stage
+from pclseg.pretrain_stages import encoder_stage, view_augment
 from pclseg.progress import Progress
 
 TINY = ["--size", "32", "--features", "4", "--batch-size", "8", "--device", "cpu"]
@@ -265,6 +265,28 @@ def test_intensity_augment_shades_the_contrastive_views_only_when_asked(intensit
     views = [torch.cat(stage.dataset[i][:2]) for i in range(4)]
     spread = max(float(v.max() - v.min()) for v in views)
     assert (spread > 0.01) is intensity
+
+
+def test_crop_starts_the_contrastive_views_and_the_positional_task_alike():
+    def crops(cfg):
+        return [type(t).__name__ for t in view_augment(cfg).transforms][:2]
+
+    assert crops(tiny_config()) != ["RandScaleCrop", "Resize"]
+    assert crops(tiny_config(crop=0.6)) == ["RandScaleCrop", "Resize"]
+    with pytest.raises(PCLSegError, match=r"crop must be in \(0, 1\]"):
+        tiny_config(crop=0)
+
+
+def test_cli_crop_trains_and_is_stored_with_the_encoder(a_sample_folder, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
+                                  "--crop", "0.5"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "encoder.json").read_text())["config"]["crop"] == 0.5
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "bad",
+                                  "--crop", "1.2"))
+    assert proc.returncode == 2 and "crop must be in (0, 1]" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()
 
 
 def test_cli_threshold_slices_trains_and_is_stored_with_the_encoder(a_sample_folder, tmp_path):

@@ -16,7 +16,8 @@ baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM``
 threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder-task restore``
 for the restoration task), ``--pretrain-volumes N``
 (less unlabelled data: the first N volumes only), ``--intensity-augment`` (the views differ in
-contrast, shading and noise too), ``--pretrain-seed S`` (another encoder of
+contrast, shading and noise too), ``--crop F`` (each view a random crop, each side at least F
+of the slice's), ``--pretrain-seed S`` (another encoder of
 the same pretraining, to see how far two of them differ; the summary then also averages each
 pretraining over its encoders and compares the averages, so that two methods are not told
 apart by one encoder each). ``--positional-weight W`` also fine-tunes from each encoder with
@@ -75,6 +76,7 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
             ("threshold_mm", "{:g} mm", "mm{:g}"),
             ("volumes", "{:g} volumes", "v{:g}"),
             ("intensity_augment", "intensity augmentation", "int"),
+            ("crop", "crops {:g}", "crop{:g}"),
             ("seed", "pretraining seed {:g}", "seed{:g}"))
 
 
@@ -91,6 +93,7 @@ class Variant:
     decoder_task: str = "local"
     seed: int | None = None
     intensity_augment: bool | None = None
+    crop: float | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -255,6 +258,8 @@ def main() -> None:
     parser.add_argument("--decoder-task", default="local", choices=("local", "restore"))
     parser.add_argument("--intensity-augment", action="store_const", const=True, default=None,
                         help="pretrain with the intensity augmentation too")
+    parser.add_argument("--crop", type=float, default=None, metavar="F",
+                        help="pretrain on random crops, each side at least F of the slice's")
     parser.add_argument("--pretrain-volumes", type=int, default=None, metavar="N",
                         help="pretrain on the first N volumes only (default: all)")
     parser.add_argument("--positional-weight", type=float, nargs="+", default=[], metavar="W",
@@ -268,7 +273,7 @@ def main() -> None:
     lengths = sorted(args.epochs)
     variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
                       args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
-                      args.pretrain_seed or None, args.intensity_augment)
+                      args.pretrain_seed or None, args.intensity_augment, args.crop)
 
     if not args.report_only:
         threads = use_all_cores()

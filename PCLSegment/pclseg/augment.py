@@ -39,8 +39,10 @@ from monai.transforms import (
     RandGaussianNoise,
     RandGaussianNoised,
     Randomizable,
+    RandScaleCrop,
     RandScaleIntensity,
     RandScaleIntensityd,
+    Resize,
 )
 from torch.utils.data import Dataset
 
@@ -138,17 +140,31 @@ def _spatial_kwargs(size: int, params: AugmentParams) -> tuple[dict, dict]:
 
 
 def pretrain_augment(
-    size: int, seed: int = 0, intensity: bool = False, params: AugmentParams = NO_FLIP_PARAMS
+    size: int,
+    seed: int = 0,
+    intensity: bool = False,
+    params: AugmentParams = NO_FLIP_PARAMS,
+    crop: float = 1.0,
 ) -> Compose:
     """A random augmentation of one slice: ``(C, size, size)`` -> float32 tensor, same shape.
 
-    Flips along both in-plane axes (with ``params.flip_prob`` > 0), rotation and scaling,
-    elastic deformation, then (with ``intensity``) gamma, bias field, scaling and noise. Seeded
-    by ``seed``; reseed with ``set_random_state``.
+    With ``crop`` < 1 a random crop comes first, each side between ``crop`` and all of the
+    slice's, resized back to ``size`` (what a view of a slice is in SimCLR). Then flips along
+    both in-plane axes (with ``params.flip_prob`` > 0), rotation and scaling, elastic
+    deformation, then (with ``intensity``) gamma, bias field, scaling and noise. Seeded by
+    ``seed``; reseed with ``set_random_state``.
     """
     _check_size(size)
+    if not 0 < crop <= 1:
+        raise PCLSegError(f"crop must be in (0, 1], got {crop}")
     affine, elastic = _spatial_kwargs(size, params)
-    transforms: list[Callable] = [
+    transforms: list[Callable] = []
+    if crop < 1:
+        transforms += [
+            RandScaleCrop(roi_scale=crop, max_roi_scale=1.0, random_size=True),
+            Resize((size, size), mode="bilinear"),
+        ]
+    transforms += [
         RandFlip(prob=params.flip_prob, spatial_axis=0),
         RandFlip(prob=params.flip_prob, spatial_axis=1),
         RandAffine(**affine),

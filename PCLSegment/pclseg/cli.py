@@ -111,6 +111,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         flips=args.flips,
         intensity_augment=args.intensity_augment,
+        crop=args.crop,
         # Resuming keeps the run's own epochs unless --epochs asks for more.
         epochs=args.epochs or (1 if args.resume else DEFAULT_PRETRAIN_EPOCHS),
         decoder_epochs=args.decoder_epochs,
@@ -316,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--intensity-augment",
         action="store_true",
         help="add random contrast, shading, scale and noise to the views (not the paper's)",
+    )
+    p.add_argument(
+        "--crop",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="start each view with a random crop, each side between F and all of the slice's "
+        "(default 1: whole slices, the paper's)",
     )
     p.add_argument(
         "--epochs",

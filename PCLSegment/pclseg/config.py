@@ -93,6 +93,11 @@ class PretrainConfig:
     the encoder cannot tell positions apart by a volume's intensities. Off by default: it was a
     little ahead across volumes but lost 0.098 on single volumes (``docs/decisions.md``, 10).
 
+    ``crop`` < 1 starts each view with a random crop, each side between ``crop`` and all of
+    the slice's, resized back. The paper's views are whole slices, whose position an encoder may
+    read from the body's outline alone; a view of part of the slice must be placed by the
+    anatomy it shows. 1, the default, is the paper's.
+
     ``threshold_slices`` or ``threshold_mm`` (PCL only, one of them) lets the positive threshold
     follow each volume: a pair is positive when ``|pos_a - pos_b| < max(threshold, K * u)``,
     with ``u = 1 / min(N_a, N_b)`` for ``K = threshold_slices`` (slices fewer than ``K`` apart in
@@ -117,6 +122,7 @@ class PretrainConfig:
     gcl_partitions: int = 4
     flips: bool = False
     intensity_augment: bool = False
+    crop: float = 1.0
     epochs: int = 50
     decoder_epochs: int = 0
     decoder_task: DecoderTask = "local"
@@ -151,6 +157,8 @@ class PretrainConfig:
             )
         if self.temperature <= 0:
             raise PCLSegError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.crop <= 1:
+            raise PCLSegError(f"crop must be in (0, 1] (a fraction of the slice), got {self.crop}")
         if self.epochs < 1:
             raise PCLSegError(f"epochs must be at least 1, got {self.epochs}")
         if self.decoder_epochs < 0:

@@ -76,10 +76,11 @@ def _sgd(groups: list[dict], cfg: PretrainConfig) -> torch.optim.SGD:
 def view_augment(
     cfg: PretrainConfig, intensity: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The spatial augmentation of a slice, followed by the intensity one with ``intensity``."""
+    """The spatial augmentation of a slice (``cfg.crop`` included), followed by the intensity
+    one with ``intensity``."""
     return pretrain_augment(
         cfg.preprocess.size, intensity=intensity,
-        params=FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS,
+        params=FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS, crop=cfg.crop,
     )
 
 

@@ -84,6 +84,10 @@ def test_the_task_without_a_pretraining_run_is_a_clear_error(
     with pytest.raises(PCLSegError, match="needs a pretraining run"):
         finetune(*one_pair, tmp_path / "random", cfg)
     assert not (tmp_path / "random").exists()
+    # Refused before any volume is read: the images here do not even exist.
+    missing = (tmp_path / "no-images", tmp_path / "no-labels")
+    with pytest.raises(PCLSegError, match="needs a pretraining run"):
+        finetune(*missing, tmp_path / "random", cfg)
     # An encoder copied out of its run folder has no slices to keep the task on.
     copied = tmp_path / "encoder-only"
     copied.mkdir()
@@ -91,6 +95,8 @@ def test_the_task_without_a_pretraining_run_is_a_clear_error(
         shutil.copy(a_pretraining_run / f"encoder{suffix}", copied)
     with pytest.raises(PCLSegError, match="needs the pretraining run folder itself"):
         finetune(*one_pair, tmp_path / "copied", cfg, init=copied)
+    with pytest.raises(PCLSegError, match="needs the pretraining run folder itself"):
+        finetune(*missing, tmp_path / "copied", cfg, init=copied)
     assert finetune(*one_pair, tmp_path / "copied", TINY, init=copied).steps_done > 0
     with pytest.raises(PCLSegError, match="positional weight must not be negative"):
         FinetuneConfig(positional_weight=-0.1)

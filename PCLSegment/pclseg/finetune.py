@@ -59,7 +59,7 @@ from .labels import (
     resolve_labels,
 )
 from .model import UNet, load_pretrained, untransferred
-from .positional_task import positional_task
+from .positional_task import check_positional_source, positional_task
 from .predict import MODEL, MODEL_FORMAT
 from .preprocess import prepare_volume
 from .pretrain import get_lr
@@ -363,6 +363,7 @@ def finetune(
         )
     else:
         encoder, init_info = init_source(init)
+        check_positional_source(cfg, init_info.get("path"))
         if encoder is not None:
             cfg = with_encoder_config(cfg, init_info.pop("meta"), encoder_stem(init))
 

@@ -48,13 +48,7 @@ class PositionalTask(nn.Module):
     ) -> None:
         super().__init__()
         run_dir = Path(run_dir)
-        if not (run_dir / CHECKPOINT).with_suffix(".json").is_file() or not (
-            run_dir / "cache"
-        ).is_dir():
-            raise PCLSegError(
-                f"{run_dir}: the positional task needs the pretraining run folder itself, with "
-                "its checkpoint and cache/ (not a copied encoder file)"
-            )
+        _check_run_folder(run_dir)
         tensors, meta = checkpoint.load_pair(
             run_dir / CHECKPOINT, expect_format="pclseg-checkpoint"
         )
@@ -100,16 +94,36 @@ class PositionalTask(nn.Module):
         return self.criterion(z1, z2, positions.to(device), unit)
 
 
-def positional_task(
-    cfg: FinetuneConfig, run_dir: Path | str | None, encoder: UNetEncoder
-) -> PositionalTask | None:
-    """The task ``cfg.positional_weight`` asks for, on pretraining run ``run_dir`` (``None``:
-    random init, where a weight above 0 is a clear error), or ``None`` when it is off."""
+def _check_run_folder(run_dir: Path) -> None:
+    if not (run_dir / CHECKPOINT).with_suffix(".json").is_file() or not (
+        run_dir / "cache"
+    ).is_dir():
+        raise PCLSegError(
+            f"{run_dir}: the positional task needs the pretraining run folder itself, with "
+            "its checkpoint and cache/ (not a copied encoder file)"
+        )
+
+
+def check_positional_source(cfg: FinetuneConfig, run_dir: Path | str | None) -> None:
+    """Refuse a positional weight without a usable pretraining run, before anything is read:
+    ``run_dir`` ``None`` is random init; a folder must be the run itself, not a copied encoder.
+    """
     if cfg.positional_weight <= 0:
-        return None
+        return
     if run_dir is None:
         raise PCLSegError(
             "a positional weight needs a pretraining run to start from (--init RUN_DIR): "
             "the positional task trains on that run's slices"
         )
+    _check_run_folder(Path(run_dir))
+
+
+def positional_task(
+    cfg: FinetuneConfig, run_dir: Path | str | None, encoder: UNetEncoder
+) -> PositionalTask | None:
+    """The task ``cfg.positional_weight`` asks for, on pretraining run ``run_dir`` (``None``:
+    random init, where a weight above 0 is a clear error), or ``None`` when it is off."""
+    check_positional_source(cfg, run_dir)
+    if cfg.positional_weight <= 0:
+        return None
     return PositionalTask(run_dir, encoder, cfg.positional_batch, cfg.seed, cfg.amp)

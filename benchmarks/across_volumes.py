@@ -25,8 +25,8 @@ full rate, which may overwrite what pretraining taught the encoder about other p
 fine-tuning, on the run's own slices (``FinetuneConfig.positional_weight``), named "PCL 50 ep,
 positional task 0.5": the encoder keeps learning every volume of the folder. Those
 arms are also paired with their encoder fine-tuned with the defaults, as an encoder of
-``pretrain_length.py --intensity-augment`` ("PCL 50 ep, intensity augmentation") is with the
-one pretrained without it.
+``pretrain_length.py --intensity-augment`` ("PCL 50 ep, intensity augmentation") or ``--crop
+F`` ("PCL 50 ep, crops 0.5") is with the one pretrained without it.
 
 ``--recipe paper`` fine-tunes every init with the paper's fine-tuning recipe instead (Adam at
 5e-5 with cosine decay, plain cross-entropy, 100 epochs, no intensity augmentation; the region of

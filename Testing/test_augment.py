@@ -16,6 +16,7 @@ from pclseg.augment import (
     finetune_augment,
     plain_tensors,
     pretrain_augment,
+    random_crop,
     reseed,
     two_views,
 )
@@ -192,6 +193,27 @@ def test_a_crop_views_part_of_the_slice_resized_back(a_slice: np.ndarray) -> Non
     assert len({round(span, 4) for span in spans}) > 1
 
 
+def test_a_shared_crop_gives_both_views_one_place_in_the_slice() -> None:
+    # Without rotation, scaling and warps the two views of a shared crop are the same pixels;
+    # on a ramp across the width a view's mean is the crop centre's place along it.
+    still = pretrain_augment(SIZE, params=replace(NO_FLIP_PARAMS, affine_prob=0.0,
+                                                  elastic_prob=0.0))
+    ramp = np.broadcast_to(np.arange(SIZE, dtype=np.float32) / SIZE, (4, SIZE, SIZE)).copy()
+    dataset = TwoViewSliceDataset(ramp, np.linspace(0.25, 1, 4), still, seed=3,
+                                  units=np.full(4, 0.25), shared_crop=0.5)
+    centres = []
+    for index in range(4):
+        view1, view2, position, unit, centre = dataset[index]
+        assert view1.shape == (1, SIZE, SIZE) and torch.equal(view1, view2)
+        assert centre.shape == (2,) and ((0.25 <= centre) & (centre <= 0.75)).all()
+        assert float(view1.mean()) == pytest.approx(float(centre[1]) - 0.5 / SIZE, abs=0.02)
+        centres.append(centre)
+    assert len({tuple(c.tolist()) for c in centres}) == 4
+    assert all(torch.equal(a, b) for a, b in zip(dataset[2], dataset[2], strict=True))
+    plain = TwoViewSliceDataset(ramp, np.linspace(0.25, 1, 4), still)
+    assert len(plain[0]) == 3
+
+
 def test_two_views_are_independent_augmentations(slices: np.ndarray) -> None:
     batch = torch.from_numpy(slices[:3, None])
     first, second = two_views(batch, pretrain_augment(SIZE, seed=0))
@@ -251,6 +273,8 @@ def test_bad_arguments_are_refused(slices: np.ndarray) -> None:
     for crop in (0.0, 1.5):
         with pytest.raises(PCLSegError, match=r"crop must be in \(0, 1\]"):
             pretrain_augment(SIZE, crop=crop)
+        with pytest.raises(PCLSegError, match=r"crop must be in \(0, 1\]"):
+            random_crop(torch.zeros(1, SIZE, SIZE), crop, np.random.default_rng(0))
     with pytest.raises(PCLSegError, match="size"):
         finetune_augment(0)
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):

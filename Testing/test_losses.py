@@ -254,6 +254,48 @@ def test_config_refuses_bad_scaled_thresholds(settings, message) -> None:
         PretrainConfig(**settings)
 
 
+@pytest.mark.parametrize("loss_type", [GCLLoss, PCLLoss])
+def test_an_inplane_threshold_keeps_only_crops_near_each_other(
+    loss_type: type, generator: torch.Generator
+) -> None:
+    # One GCL partition (or a PCL threshold of 1) makes every slice a positive by height, so
+    # the in-plane rule alone decides: crops far apart leave SimCLR's positives, crops at one
+    # place leave the method's, and a mix gives the naive loop over the AND of both masks.
+    z1, z2 = torch.randn(6, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    positions = torch.linspace(0.1, 1.0, 6)
+    everything = {"partitions": 1} if loss_type is GCLLoss else {"threshold": 1.0}
+    loss = loss_type(**everything, inplane_threshold=0.1)
+    apart = torch.stack([torch.linspace(0.0, 1.0, 6), torch.full((6,), 0.5)], dim=1)
+    together = torch.full((6, 2), 0.5)
+    assert float(loss(z1, z2, positions, None, apart)) == pytest.approx(
+        float(SimCLRLoss()(z1, z2, positions)))
+    assert float(loss(z1, z2, positions, None, together)) == pytest.approx(
+        float(loss_type(**everything)(z1, z2, positions)))
+    mixed = torch.tensor([[0.5, 0.5], [0.52, 0.5], [0.5, 0.9], [0.1, 0.1], [0.15, 0.12],
+                          [0.9, 0.5]])
+    close = (mixed[:, None] - mixed[None]).abs().amax(-1) < 0.1
+    assert float(loss(z1, z2, positions, None, mixed)) == pytest.approx(
+        naive_supcon(z1, z2, close, 0.1), rel=1e-4)
+    with pytest.raises(ValueError, match="needs centres"):
+        loss(z1, z2, positions)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"inplane_threshold": 0.1}, "needs crop below 1"),
+        ({"crop": 0.5, "method": "simclr", "inplane_threshold": 0.1}, "pcl or gcl"),
+        ({"crop": 0.5, "inplane_threshold": 0.0}, r"in \(0, 1\]"),
+        ({"crop": 0.0}, r"crop must be in \(0, 1\]"),
+    ],
+)
+def test_config_refuses_bad_crop_settings(settings, message) -> None:
+    with pytest.raises(PCLSegError, match=message):
+        PretrainConfig(**settings)
+    assert make_contrastive_loss(
+        PretrainConfig(crop=0.5, inplane_threshold=0.2)).inplane_threshold == 0.2
+
+
 # --- the local loss of the dense stage -------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,24 @@ def test_the_task_starts_from_the_runs_head_and_trains_the_unets_encoder(
     assert all(p.grad is None for p in unet.decoder.parameters())
     # Each call draws afresh: another batch, other augmentations.
     assert not torch.equal(loss.detach(), task.loss(torch.device("cpu")).detach())
+
+
+def test_the_task_of_a_run_with_shared_crops_compares_their_places(
+    a_pretraining_run: Path, tmp_path: Path,
+) -> None:
+    # The task draws the views the run was pretrained on: crops shared by the two views of a
+    # slice, with their centres, when the run compared places in the slice plane.
+    run = tmp_path / "cropped"
+    shutil.copytree(a_pretraining_run, run)
+    meta_file = run / "checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"].update(crop=0.5, inplane_threshold=0.2)
+    meta_file.write_text(json.dumps(meta))
+    unet = UNet(ModelConfig(features=4, in_channels=1, num_classes=2))
+    task = PositionalTask(run, unet.encoder, batch_size=4, seed=0, amp=False)
+    assert task.dataset.shared_crop == 0.5 and task.criterion.inplane_threshold == 0.2
+    assert len(task.dataset[0]) == 5
+    assert torch.isfinite(task.loss(torch.device("cpu")))
 
 
 def test_fine_tuning_with_the_task_moves_the_encoder_and_keeps_its_head_for_resuming(

@@ -10,6 +10,7 @@ from pclseg.errors import PCLSegError
 from pclseg.positions import (
     gcl_partition,
     gcl_positive_mask,
+    inplane_positive_mask,
     pair_thresholds,
     pcl_positive_mask,
     simclr_positive_mask,
@@ -201,3 +202,17 @@ def test_scaled_mask_rejects_bad_arguments() -> None:
         pcl_positive_mask(positions, 0.1, units[:3], reach=2.0)
     # Units without a reach change nothing.
     assert torch.equal(pcl_positive_mask(positions, 0.1, units), pcl_positive_mask(positions, 0.1))
+
+
+def test_inplane_mask_needs_both_axes_close_and_is_strict() -> None:
+    centres = torch.tensor([[0.5, 0.5], [0.55, 0.5], [0.5, 0.65], [0.6, 0.6], [0.3, 0.3]])
+    mask = inplane_positive_mask(centres, 0.1)
+    assert mask.diagonal().all() and torch.equal(mask, mask.T)
+    assert mask[0, 1] and not mask[0, 2]  # 0.15 apart in the second axis alone
+    assert not mask[0, 3]  # exactly 0.1 apart in both: not closer than the threshold
+    assert not mask[0, 4].item() and inplane_positive_mask(centres, 1.0).all()
+    with pytest.raises(ValueError, match=r"\(B, 2\)"):
+        inplane_positive_mask(torch.rand(4), 0.1)
+    with pytest.raises(PCLSegError):
+        inplane_positive_mask(centres, 0.0)
+

@@ -22,7 +22,7 @@ from pclseg.config import ModelConfig, PreprocessConfig, PretrainConfig
 from pclseg.errors import PCLSegError
 from pclseg.model import UNet, load_encoder
 from pclseg.pretrain import epoch_batches, get_lr, pretrain
-from pclseg.pretrain_stages import encoder_stage, view_augment
+from pclseg.pretrain_stages import contrastive_views, encoder_stage, view_augment
 from pclseg.progress import Progress
 
 TINY = ["--size", "32", "--features", "4", "--batch-size", "8", "--device", "cpu"]
@@ -273,16 +273,26 @@ def test_crop_starts_the_contrastive_views_and_the_positional_task_alike():
 
     assert crops(tiny_config()) != ["RandScaleCrop", "Resize"]
     assert crops(tiny_config(crop=0.6)) == ["RandScaleCrop", "Resize"]
+    # With an in-plane threshold the dataset crops once per slice, for both views.
+    shared = tiny_config(crop=0.6, inplane_threshold=0.1)
+    cache = SimpleNamespace(slices=np.zeros((4, 32, 32), np.float32),
+                            positions=np.linspace(0.25, 1.0, 4),
+                            slice_units=lambda unit: np.full(4, 0.25, np.float32))
+    dataset = contrastive_views(shared, cache, seed=0)
+    assert dataset.shared_crop == 0.6 and crops(shared) == ["RandScaleCrop", "Resize"]
+    assert [type(t).__name__ for t in dataset.transform.transforms][0] != "RandScaleCrop"
+    assert contrastive_views(tiny_config(crop=0.6), cache, seed=0).shared_crop is None
     with pytest.raises(PCLSegError, match=r"crop must be in \(0, 1\]"):
         tiny_config(crop=0)
 
 
-def test_cli_crop_trains_and_is_stored_with_the_encoder(a_sample_folder, tmp_path):
+def test_cli_crops_and_inplane_threshold_are_stored_with_the_encoder(a_sample_folder, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
-                                  "--crop", "0.5"))
+                                  "--crop", "0.5", "--inplane-threshold", "0.2"))
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "encoder.json").read_text())["config"]["crop"] == 0.5
+    config = json.loads((out / "encoder.json").read_text())["config"]
+    assert (config["crop"], config["inplane_threshold"]) == (0.5, 0.2)
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "bad",
                                   "--crop", "1.2"))
     assert proc.returncode == 2 and "crop must be in (0, 1]" in proc.stderr

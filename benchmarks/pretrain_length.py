@@ -17,7 +17,8 @@ threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder
 for the restoration task), ``--pretrain-volumes N``
 (less unlabelled data: the first N volumes only), ``--intensity-augment`` (the views differ in
 contrast, shading and noise too), ``--crop F`` (each view a random crop, each side at least F
-of the slice's), ``--pretrain-seed S`` (another encoder of
+of the slice's; with ``--inplane-threshold T`` both views share one crop, and crops T or more
+apart in the slice plane are negatives), ``--pretrain-seed S`` (another encoder of
 the same pretraining, to see how far two of them differ; the summary then also averages each
 pretraining over its encoders and compares the averages, so that two methods are not told
 apart by one encoder each). ``--positional-weight W`` also fine-tunes from each encoder with
@@ -77,6 +78,7 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
             ("volumes", "{:g} volumes", "v{:g}"),
             ("intensity_augment", "intensity augmentation", "int"),
             ("crop", "crops {:g}", "crop{:g}"),
+            ("inplane_threshold", "in-plane {:g}", "ip{:g}"),
             ("seed", "pretraining seed {:g}", "seed{:g}"))
 
 
@@ -94,6 +96,7 @@ class Variant:
     seed: int | None = None
     intensity_augment: bool | None = None
     crop: float | None = None
+    inplane_threshold: float | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -260,6 +263,9 @@ def main() -> None:
                         help="pretrain with the intensity augmentation too")
     parser.add_argument("--crop", type=float, default=None, metavar="F",
                         help="pretrain on random crops, each side at least F of the slice's")
+    parser.add_argument("--inplane-threshold", type=float, default=None, metavar="T",
+                        help="with --crop: one crop for both views, and crops T or more apart "
+                        "in the slice plane are never positives")
     parser.add_argument("--pretrain-volumes", type=int, default=None, metavar="N",
                         help="pretrain on the first N volumes only (default: all)")
     parser.add_argument("--positional-weight", type=float, nargs="+", default=[], metavar="W",
@@ -273,7 +279,8 @@ def main() -> None:
     lengths = sorted(args.epochs)
     variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
                       args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
-                      args.pretrain_seed or None, args.intensity_augment, args.crop)
+                      args.pretrain_seed or None, args.intensity_augment, args.crop,
+                      args.inplane_threshold)
 
     if not args.report_only:
         threads = use_all_cores()

@@ -238,6 +238,22 @@ def two_views(
     return first, second
 
 
+def random_crop(
+    image: torch.Tensor, fraction: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random crop of ``image`` ``(C, H, W)``, each side between ``fraction`` and all of the
+    image's, and its centre ``(2,)`` in fractions of the height and width."""
+    if not 0 < fraction <= 1:
+        raise PCLSegError(f"crop must be in (0, 1], got {fraction}")
+    box, centre = [], []
+    for length in image.shape[1:]:
+        side = int(rng.integers(max(1, math.ceil(fraction * length)), length + 1))
+        start = int(rng.integers(0, length - side + 1))
+        box.append(slice(start, start + side))
+        centre.append((start + side / 2) / length)
+    return image[:, box[0], box[1]], torch.tensor(centre, dtype=torch.float32)
+
+
 class EpochSeededSlices(Dataset):
     """Slices whose augmentation is seeded from ``(seed, epoch, index)``: the draws depend
     neither on the number of DataLoader workers nor on which worker draws an item, and a run
@@ -274,7 +290,10 @@ class TwoViewSliceDataset(EpochSeededSlices):
 
     ``dataset[i]`` is ``(view1 (1, H, W), view2 (1, H, W), position ())``, float32 tensors,
     followed by ``unit ()`` when ``units`` are given (what a PCL threshold that follows the
-    volume needs: :meth:`pclseg.cache.SliceCache.slice_units`).
+    volume needs: :meth:`pclseg.cache.SliceCache.slice_units`), then by ``centre (2,)`` with
+    ``shared_crop``: both views are then made from one random crop of the slice
+    (:func:`random_crop`, each side at least ``shared_crop`` of the slice's, resized back), and
+    the crop's centre places the views in the slice plane.
 
     Both views of item ``i`` come from one seed drawn from ``(seed, epoch, i)``
     (:class:`EpochSeededSlices`): call :meth:`set_epoch` at the start of every epoch.
@@ -285,6 +304,8 @@ class TwoViewSliceDataset(EpochSeededSlices):
         transform: a seedable MONAI transform such as :func:`pretrain_augment`'s.
         seed: base seed of the augmentation.
         units: ``(N,)`` length of one slice (or mm) in each slice's positions, or ``None``.
+        shared_crop: the smallest side of the crop both views share, as a fraction of the
+            slice's, or ``None`` (whole slices, or crops inside ``transform``).
     """
 
     def __init__(
@@ -294,6 +315,7 @@ class TwoViewSliceDataset(EpochSeededSlices):
         transform: Compose,
         seed: int = 0,
         units: np.ndarray | None = None,
+        shared_crop: float | None = None,
     ) -> None:
         super().__init__(slices, seed)
         positions = np.asarray(positions, dtype=np.float32)
@@ -305,13 +327,21 @@ class TwoViewSliceDataset(EpochSeededSlices):
         self.positions = positions
         self.units = None if units is None else np.asarray(units, dtype=np.float32)
         self.transform = transform
+        self.shared_crop = shared_crop
+        self.resize = Resize(slices.shape[1:], mode="bilinear")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        (seed,) = self.item_seeds(index, 1)
+        seed, *crop_seed = self.item_seeds(index, 1 if self.shared_crop is None else 2)
         reseed(self.transform, seed)
         image = self.image(index)
         with plain_tensors():
+            if self.shared_crop is not None:
+                crop, centre = random_crop(image, self.shared_crop,
+                                           np.random.default_rng(crop_seed[0]))
+                image = self.resize(crop)
             view1 = self.transform(image)
             view2 = self.transform(image)
-        item = (view1, view2, torch.tensor(self.positions[index]))
-        return item if self.units is None else (*item, torch.tensor(self.units[index]))
+        item: tuple[torch.Tensor, ...] = (view1, view2, torch.tensor(self.positions[index]))
+        if self.units is not None:
+            item = (*item, torch.tensor(self.units[index]))
+        return item if self.shared_crop is None else (*item, centre)

@@ -112,6 +112,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         flips=args.flips,
         intensity_augment=args.intensity_augment,
         crop=args.crop,
+        inplane_threshold=args.inplane_threshold,
         # Resuming keeps the run's own epochs unless --epochs asks for more.
         epochs=args.epochs or (1 if args.resume else DEFAULT_PRETRAIN_EPOCHS),
         decoder_epochs=args.decoder_epochs,
@@ -325,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="start each view with a random crop, each side between F and all of the slice's "
         "(default 1: whole slices, the paper's)",
+    )
+    p.add_argument(
+        "--inplane-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --crop: the two views of a slice share one crop, and crops whose centres "
+        "are T or more of the slice apart are never positives (default: off)",
     )
     p.add_argument(
         "--epochs",

@@ -98,6 +98,12 @@ class PretrainConfig:
     read from the body's outline alone; a view of part of the slice must be placed by the
     anatomy it shows. 1, the default, is the paper's.
 
+    ``inplane_threshold`` (PCL or GCL, with ``crop`` < 1) makes the positional rule
+    three-dimensional: the two views of a slice share one crop, and two crops are positives only
+    when their centres are also closer than this fraction of the slice in both in-plane axes
+    (:func:`pclseg.positions.inplane_positive_mask`), so the encoder must tell where in the
+    body a region lies, not only at which height. ``None``, the default, compares heights only.
+
     ``threshold_slices`` or ``threshold_mm`` (PCL only, one of them) lets the positive threshold
     follow each volume: a pair is positive when ``|pos_a - pos_b| < max(threshold, K * u)``,
     with ``u = 1 / min(N_a, N_b)`` for ``K = threshold_slices`` (slices fewer than ``K`` apart in
@@ -123,6 +129,7 @@ class PretrainConfig:
     flips: bool = False
     intensity_augment: bool = False
     crop: float = 1.0
+    inplane_threshold: float | None = None
     epochs: int = 50
     decoder_epochs: int = 0
     decoder_task: DecoderTask = "local"
@@ -159,6 +166,16 @@ class PretrainConfig:
             raise PCLSegError(f"temperature must be positive, got {self.temperature}")
         if not 0 < self.crop <= 1:
             raise PCLSegError(f"crop must be in (0, 1] (a fraction of the slice), got {self.crop}")
+        if self.inplane_threshold is not None:
+            if not 0 < self.inplane_threshold <= 1:
+                raise PCLSegError(
+                    f"in-plane threshold must be in (0, 1], got {self.inplane_threshold}"
+                )
+            if self.crop == 1 or self.method == "simclr":
+                raise PCLSegError(
+                    "an in-plane threshold compares crops of slices by place: it needs crop "
+                    "below 1 and the pcl or gcl method"
+                )
         if self.epochs < 1:
             raise PCLSegError(f"epochs must be at least 1, got {self.epochs}")
         if self.decoder_epochs < 0:

@@ -14,7 +14,12 @@ from torch import nn
 
 from .config import PretrainConfig
 from .errors import PCLSegError
-from .positions import gcl_positive_mask, pcl_positive_mask, simclr_positive_mask
+from .positions import (
+    gcl_positive_mask,
+    inplane_positive_mask,
+    pcl_positive_mask,
+    simclr_positive_mask,
+)
 
 
 def _check_temperature(temperature: float) -> float:
@@ -92,14 +97,20 @@ class SupConLoss(nn.Module):
 class ContrastiveLoss(nn.Module):
     """A SupCon loss whose positive mask comes from slice positions; subclasses give the rule.
 
-    Shapes: ``forward(z1 (B, D), z2 (B, D), positions (B,), units (B,) or None) -> scalar``;
-    ``units`` is the length of one slice (or millimetre) in each slice's relative positions,
-    for rules that scale with the volume (:func:`pclseg.positions.pair_thresholds`).
+    Shapes: ``forward(z1 (B, D), z2 (B, D), positions (B,), units (B,) or None, centres (B, 2)
+    or None) -> scalar``; ``units`` is the length of one slice (or millimetre) in each slice's
+    relative positions, for rules that scale with the volume
+    (:func:`pclseg.positions.pair_thresholds`). With an ``inplane_threshold`` the views are
+    crops and ``centres`` their centres: positives must also be that close in the slice plane
+    (:func:`pclseg.positions.inplane_positive_mask`).
     """
 
-    def __init__(self, temperature: float = 0.1) -> None:
+    def __init__(self, temperature: float = 0.1, inplane_threshold: float | None = None) -> None:
         super().__init__()
         self.supcon = SupConLoss(temperature)
+        if inplane_threshold is not None and not 0 < inplane_threshold <= 1:
+            raise PCLSegError(f"in-plane threshold must be in (0, 1], got {inplane_threshold}")
+        self.inplane_threshold = inplane_threshold
 
     def positive_mask(
         self, positions: torch.Tensor, units: torch.Tensor | None = None
@@ -113,6 +124,7 @@ class ContrastiveLoss(nn.Module):
         z2: torch.Tensor,
         positions: torch.Tensor,
         units: torch.Tensor | None = None,
+        centres: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for name, values in (("positions", positions), ("units", units)):
             if values is not None and values.shape != z1.shape[:1]:
@@ -121,7 +133,15 @@ class ContrastiveLoss(nn.Module):
                 )
         if units is not None:
             units = units.to(z1.device)
-        return self.supcon(z1, z2, self.positive_mask(positions.to(z1.device), units))
+        mask = self.positive_mask(positions.to(z1.device), units)
+        if self.inplane_threshold is not None:
+            if centres is None or centres.shape != (z1.shape[0], 2):
+                raise ValueError(
+                    f"an in-plane threshold needs centres of shape ({z1.shape[0]}, 2), got "
+                    f"{None if centres is None else tuple(centres.shape)}"
+                )
+            mask = mask & inplane_positive_mask(centres.to(z1.device), self.inplane_threshold)
+        return self.supcon(z1, z2, mask)
 
 
 class PCLLoss(ContrastiveLoss):
@@ -135,9 +155,13 @@ class PCLLoss(ContrastiveLoss):
     """
 
     def __init__(
-        self, threshold: float = 0.1, temperature: float = 0.1, reach: float | None = None
+        self,
+        threshold: float = 0.1,
+        temperature: float = 0.1,
+        reach: float | None = None,
+        inplane_threshold: float | None = None,
     ) -> None:
-        super().__init__(temperature)
+        super().__init__(temperature, inplane_threshold)
         if not 0 < threshold <= 1:
             raise PCLSegError(f"PCL threshold must be in (0, 1], got {threshold}")
         if reach is not None and not reach > 0:
@@ -169,8 +193,10 @@ class GCLLoss(ContrastiveLoss):
     SupCon with positives the slices in the same of ``partitions`` equal parts along the axis.
     """
 
-    def __init__(self, partitions: int = 4, temperature: float = 0.1) -> None:
-        super().__init__(temperature)
+    def __init__(
+        self, partitions: int = 4, temperature: float = 0.1, inplane_threshold: float | None = None
+    ) -> None:
+        super().__init__(temperature, inplane_threshold)
         if partitions < 1:
             raise PCLSegError(f"GCL partitions must be at least 1, got {partitions}")
         self.partitions = int(partitions)
@@ -236,9 +262,10 @@ class LocalContrastiveLoss(nn.Module):
 def make_contrastive_loss(cfg: PretrainConfig) -> ContrastiveLoss:
     """The loss of ``cfg.method`` (``pcl``, ``simclr`` or ``gcl``) with its settings."""
     if cfg.method == "pcl":
-        return PCLLoss(cfg.threshold, cfg.temperature, cfg.positional_reach)
+        return PCLLoss(cfg.threshold, cfg.temperature, cfg.positional_reach,
+                       cfg.inplane_threshold)
     if cfg.method == "simclr":
         return SimCLRLoss(cfg.temperature)
     if cfg.method == "gcl":
-        return GCLLoss(cfg.gcl_partitions, cfg.temperature)
+        return GCLLoss(cfg.gcl_partitions, cfg.temperature, cfg.inplane_threshold)
     raise PCLSegError(f"method must be pcl, simclr or gcl, got {cfg.method!r}")

@@ -20,7 +20,6 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from . import checkpoint
-from .augment import TwoViewSliceDataset
 from .cache import SliceCache
 from .config import FinetuneConfig, PretrainConfig, from_dict
 from .device import autocast, network_input
@@ -28,7 +27,7 @@ from .errors import PCLSegError
 from .losses import make_contrastive_loss
 from .model import ProjectionHead, UNetEncoder
 from .pretrain import CHECKPOINT
-from .pretrain_stages import view_augment
+from .pretrain_stages import contrastive_views
 
 
 class PositionalTask(nn.Module):
@@ -57,11 +56,7 @@ class PositionalTask(nn.Module):
         if len(cache) < 2:
             raise PCLSegError(f"{run_dir}: too few slices for the positional task")
         self.batch_size = min(batch_size, len(cache))
-        self.dataset = TwoViewSliceDataset(
-            cache.slices, cache.positions,
-            view_augment(pretrain_cfg, pretrain_cfg.intensity_augment), seed=seed,
-            units=cache.slice_units(pretrain_cfg.position_unit),
-        )
+        self.dataset = contrastive_views(pretrain_cfg, cache, seed)
         self.criterion = make_contrastive_loss(pretrain_cfg)
         self.encoder = [encoder]  # in a list: the U-Net owns and saves it, not this module
         width = encoder.channels[-1]
@@ -80,7 +75,7 @@ class PositionalTask(nn.Module):
         self.dataset.set_epoch(self.draws)
         self.draws += 1
         chosen = self.rng.choice(len(self.dataset), self.batch_size, replace=False)
-        view1, view2, positions, *units = default_collate(
+        view1, view2, positions, units, *centres = default_collate(
             [self.dataset[int(i)] for i in chosen]
         )
         views = torch.cat([view1, view2])
@@ -90,8 +85,8 @@ class PositionalTask(nn.Module):
         with autocast(device, self.amp):
             z = self.head(self.encoder[0](network_input(views, device))[-1])
         z1, z2 = z.float().chunk(2)
-        unit = units[0].to(device) if units else None
-        return self.criterion(z1, z2, positions.to(device), unit)
+        places = [t.to(device) for t in (positions, units, *centres)]
+        return self.criterion(z1, z2, *places)
 
 
 def _check_run_folder(run_dir: Path) -> None:

@@ -19,6 +19,11 @@ Learning for Volumetric Medical Image Segmentation", MICCAI 2021):
 - **GCL** (Chaitanya et al., NeurIPS 2020): each volume is cut into ``S`` equal partitions along
   the axis; slices in the same partition index (of any volume) are positives.
 
+With views that are crops of their slices (``PretrainConfig.inplane_threshold``), a view's
+place has two more coordinates, the centre of its crop in fractions of the slice's height and
+width; positives must then also lie within the in-plane threshold of each other in both
+(:func:`inplane_positive_mask`), the positional rule in three dimensions.
+
 Every mask here is ``(B, B)`` bool with ``mask[a, b]`` True when ``a`` and ``b`` are positives. The
 diagonal is always True: the two augmented views of one slice are positives.
 """
@@ -152,3 +157,16 @@ def gcl_positive_mask(positions: torch.Tensor, partitions: int) -> torch.Tensor:
     """GCL positives: ``mask[a, b] = partition(a) == partition(b)``, ``(B, B)`` bool."""
     index = gcl_partition(positions, partitions)
     return index[:, None] == index[None, :]
+
+
+def inplane_positive_mask(centres: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Crops near each other in the slice plane: ``mask[a, b] = max |c_a - c_b| < threshold``
+    over the two in-plane axes, ``(B, B)`` bool; ``centres`` ``(B, 2)`` in fractions of the
+    slice's height and width. Two views of one slice share their crop, so the diagonal holds.
+    """
+    if centres.ndim != 2 or centres.shape[1] != 2:
+        raise ValueError(f"centres must have shape (B, 2), got {tuple(centres.shape)}")
+    _check_threshold(threshold)
+    c = _as_float(centres)
+    distance = (c[:, None, :] - c[None, :, :]).abs().amax(dim=-1)
+    return distance < threshold - POSITION_TOLERANCE

@@ -74,13 +74,25 @@ def _sgd(groups: list[dict], cfg: PretrainConfig) -> torch.optim.SGD:
 
 
 def view_augment(
-    cfg: PretrainConfig, intensity: bool = False
+    cfg: PretrainConfig, intensity: bool = False, crop: bool = True
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The spatial augmentation of a slice (``cfg.crop`` included), followed by the intensity
-    one with ``intensity``."""
+    """The spatial augmentation of a slice (``cfg.crop`` included unless ``crop`` is False),
+    followed by the intensity one with ``intensity``."""
     return pretrain_augment(
         cfg.preprocess.size, intensity=intensity,
-        params=FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS, crop=cfg.crop,
+        params=FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS, crop=cfg.crop if crop else 1.0,
+    )
+
+
+def contrastive_views(cfg: PretrainConfig, cache: SliceCache, seed: int) -> TwoViewSliceDataset:
+    """The two-view slices of the contrastive stage (and of the positional task kept on while
+    fine-tuning): ``cfg``'s augmentation, and with an in-plane threshold one crop shared by
+    the two views of a slice, whose centre the loss compares."""
+    shared = cfg.inplane_threshold is not None
+    return TwoViewSliceDataset(
+        cache.slices, cache.positions,
+        view_augment(cfg, cfg.intensity_augment, crop=not shared), seed=seed,
+        units=cache.slice_units(cfg.position_unit), shared_crop=cfg.crop if shared else None,
     )
 
 
@@ -93,22 +105,18 @@ def encoder_stage(
 ) -> Stage:
     """The paper's contrastive stage. ``place`` moves a new model to the device (layout, sync
     batch norm); ``gather`` collects a tensor's rows from every process."""
-    dataset = TwoViewSliceDataset(
-        cache.slices, cache.positions, view_augment(cfg, cfg.intensity_augment),
-        seed=cfg.seed,
-        units=cache.slice_units(cfg.position_unit),
-    )
+    dataset = contrastive_views(cfg, cache, cfg.seed)
     model = place(ContrastiveNet(cfg.model))
     criterion = make_contrastive_loss(cfg)
 
     def loss(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        view1, view2, positions, units = batch
+        view1, view2, positions, units, *centres = batch
         views = network_input(torch.cat([view1, view2]), device)
         with autocast(device, cfg.amp):
             z = net(views)
         z1, z2 = z.float().chunk(2)
-        positions, units = positions.to(device), units.to(device)
-        return criterion(gather(z1), gather(z2), gather(positions), gather(units))
+        places = [gather(t.to(device)) for t in (positions, units, *centres)]
+        return criterion(gather(z1), gather(z2), *places)
 
     return Stage(
         name="encoder",

@@ -65,6 +65,7 @@ from dataset_runs import (
     repeats_after_seed_0,
     seed_lines,
     structure_dice,
+    structure_lines,
     structure_names,
     variant_lines,
 )
@@ -231,6 +232,7 @@ def main() -> None:
             + "".join("\n" + line for line in variant_lines(
                 rows, [i for i in order if not i.endswith(PAPER)], "n", ("fold", "seed")))
             + paper_table(rows, order)
+            + "".join("\n" + line for line in structure_lines(rows, order, "n"))
             + "\n\nMedian seconds to fine-tune + predict the test set: "
             + ", ".join(f"{i}: {np.median([r['seconds'] for r in rows if r['init'] == i]):.0f} s"
                         for i in dict.fromkeys(r["init"] for r in rows)) + "\n")

@@ -92,6 +92,49 @@ def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple
     return "\n".join(lines)
 
 
+#: A structure scored under this Dice in a run counts as missed there (the fine-tuning stop
+#: rule's "unlearned" threshold, on the slices a run is scored on).
+MISSED = 0.3
+
+
+def run_structures(row: dict) -> dict[str, float]:
+    """A run's Dice of each structure: a few-slice run's own, or an across-volume run's mean
+    over its test volumes; structures absent from every scored volume are left out."""
+    scored = row.get("structures") or {}
+    per_volume = (list(scored.values()) if scored and isinstance(next(iter(scored.values())), dict)
+                  else [scored])
+    names = dict.fromkeys(name for volume in per_volume for name in volume)
+    means = {}
+    for name in names:
+        values = [v[name] for v in per_volume if v.get(name) is not None]
+        if values:
+            means[name] = float(np.mean(values))
+    return means
+
+
+def structure_lines(rows: list[dict], inits: list[str], column: str) -> list[str]:
+    """The summary's part on structures: per init and value of ``column``, the mean Dice of
+    each structure and the runs that missed one (under :data:`MISSED`); a mean that moves is
+    often one structure learned or lost in a few runs."""
+    names = list(dict.fromkeys(n for r in rows for n in run_structures(r)))
+    if not names:
+        return []
+    lines = ["", f"By structure (mean Dice; runs with a structure under {MISSED}):", "",
+             f"| init | {column} | " + " | ".join(names) + " | missed one |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for init in [RANDOM, *(i for i in inits if i != RANDOM)]:
+        for value in sorted({r[column] for r in rows}):
+            runs = [run_structures(r) for r in rows if r["init"] == init and r[column] == value]
+            if not runs:
+                continue
+            means = [np.mean([s[n] for s in runs if n in s]) if any(n in s for s in runs)
+                     else float("nan") for n in names]
+            missed = sum(any(d < MISSED for d in s.values()) for s in runs)
+            lines.append(f"| {init} | {value} | " + " | ".join(f"{m:.3f}" for m in means)
+                         + f" | {missed}/{len(runs)} |")
+    return lines
+
+
 #: How an init's name says that its encoder repeats another's pretraining with another seed
 #: (``pretrain_length.py --pretrain-seed``): "PCL 50 ep, pretraining seed 1" repeats "PCL 50 ep".
 SEED_IN_NAME = re.compile(r", pretraining seed \d+")

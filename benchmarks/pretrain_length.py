@@ -56,6 +56,7 @@ from dataset_runs import (
     repeated_by_name,
     seed_lines,
     structure_dice,
+    structure_lines,
     structure_names,
     variant_lines,
 )
@@ -342,7 +343,8 @@ def main() -> None:
                                          for r in inits),
              *seed_lines(rows, repeated_by_name([r["name"] for r in inits]), "k",
                          ("volume", "seed")),
-             *variant_lines(rows, arms, "k", ("volume", "seed"))]
+             *variant_lines(rows, arms, "k", ("volume", "seed")),
+             *structure_lines(rows, arms, "k")]
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "summary.md").write_text(text)

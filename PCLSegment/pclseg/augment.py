@@ -118,6 +118,11 @@ def _check_size(size: int) -> None:
         raise PCLSegError(f"augmentation size must be at least 16, got {size}")
 
 
+def _check_crop(fraction: float) -> None:
+    if not 0 < fraction <= 1:
+        raise PCLSegError(f"crop must be in (0, 1], got {fraction}")
+
+
 def _spatial_kwargs(size: int, params: AugmentParams) -> tuple[dict, dict]:
     """Keyword arguments shared by the array and dictionary versions: (affine, elastic)."""
     low, high = params.scale_range
@@ -155,8 +160,7 @@ def pretrain_augment(
     ``seed``; reseed with ``set_random_state``.
     """
     _check_size(size)
-    if not 0 < crop <= 1:
-        raise PCLSegError(f"crop must be in (0, 1], got {crop}")
+    _check_crop(crop)
     affine, elastic = _spatial_kwargs(size, params)
     transforms: list[Callable] = []
     if crop < 1:
@@ -243,8 +247,7 @@ def random_crop(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A random crop of ``image`` ``(C, H, W)``, each side between ``fraction`` and all of the
     image's, and its centre ``(2,)`` in fractions of the height and width."""
-    if not 0 < fraction <= 1:
-        raise PCLSegError(f"crop must be in (0, 1], got {fraction}")
+    _check_crop(fraction)
     box, centre = [], []
     for length in image.shape[1:]:
         side = int(rng.integers(max(1, math.ceil(fraction * length)), length + 1))

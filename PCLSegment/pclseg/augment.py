@@ -250,7 +250,7 @@ def random_crop(
     _check_crop(fraction)
     box, centre = [], []
     for length in image.shape[1:]:
-        side = int(rng.integers(max(1, math.ceil(fraction * length)), length + 1))
+        side = int(rng.integers(math.ceil(fraction * length), length + 1))
         start = int(rng.integers(0, length - side + 1))
         box.append(slice(start, start + side))
         centre.append((start + side / 2) / length)

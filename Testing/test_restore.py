@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader
 
 from pclseg.augment import pretrain_augment
 from pclseg.config import ModelConfig
+from pclseg.dense import MapNet
 from pclseg.model import UNet
-from pclseg.restore import CorruptedSlicesDataset, RestorationNet, corruption
+from pclseg.restore import CorruptedSlicesDataset, corruption
 
 SIZE = 32
 
@@ -32,7 +33,7 @@ def slices() -> np.ndarray:
 
 
 def test_the_network_restores_one_channel_and_transfers_by_name() -> None:
-    net = RestorationNet(ModelConfig(features=4))
+    net = MapNet(ModelConfig(features=4), 1)
     assert net(torch.randn(2, 1, SIZE, SIZE)).shape == (2, 1, SIZE, SIZE)
     unet_keys = set(UNet(ModelConfig(features=4)).state_dict())
     own = {k for k in net.state_dict() if not k.startswith("head.")}
@@ -41,7 +42,7 @@ def test_the_network_restores_one_channel_and_transfers_by_name() -> None:
 
 def test_a_frozen_encoder_stays_as_it_was_while_the_decoder_learns(slices: np.ndarray) -> None:
     torch.manual_seed(0)
-    net = RestorationNet(ModelConfig(features=4), freeze_encoder=True)
+    net = MapNet(ModelConfig(features=4), 1, freeze_encoder=True)
     encoder = {k: v.clone() for k, v in net.encoder.state_dict().items()}
     decoder = {k: v.clone() for k, v in net.decoder.state_dict().items()}
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)

@@ -160,12 +160,14 @@ def repeats_after_seed_0(inits: list[str]) -> list[str]:
 
 
 def variants_by_base(inits: list[str]) -> dict[str, list[str]]:
-    """The inits whose names add settings to another's ("PCL 50 ep, 20 mm" and "PCL 50 ep,
-    encoder lr 0.1" vary "PCL 50 ep"), by the init they vary (the longest such name); another
-    pretraining seed is a repeat, not a variant (:func:`repeated_by_name`)."""
+    """The inits whose names add settings or a stage to another's ("PCL 50 ep, 20 mm", "PCL 50
+    ep, encoder lr 0.1" and "PCL 50 ep + decoder 10 ep" vary "PCL 50 ep"), by the init they vary
+    (the longest such name); another pretraining seed is a repeat, not a variant
+    (:func:`repeated_by_name`)."""
     groups: dict[str, list[str]] = defaultdict(list)
     for init in inits:
-        bases = [base for base in inits if init.startswith(base + ", ")]
+        bases = [base for base in inits
+                 if init.startswith(base + ", ") or init.startswith(base + " + ")]
         if bases and not SEED_IN_NAME.search(init):
             groups[max(bases, key=len)].append(init)
     return dict(groups)

@@ -14,7 +14,7 @@ The same curve for another pretraining, into the same ``--out`` (its random-init
 shared, since they do not depend on the pretraining): ``--method simclr`` or ``gcl`` (the
 baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM`` (PCL's positive
 threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder-task restore``
-for the restoration task), ``--pretrain-volumes N``
+for the restoration task, ``position`` for the position maps), ``--pretrain-volumes N``
 (less unlabelled data: the first N volumes only), ``--intensity-augment`` (the views differ in
 contrast, shading and noise too), ``--crop F`` (each view a random crop, each side at least F
 of the slice's; with ``--inplane-threshold T`` both views share one crop, and crops T or more
@@ -26,7 +26,9 @@ its pretraining's contrastive task kept on at weight ``W`` (``FinetuneConfig.pos
 "GCL 50 ep, positional task 0.5", paired with the encoder fine-tuned without it). Each variant's
 runs are
 named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
-"PCL 50 ep + restore 20 ep").
+"PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A pretraining run
+folder that is already there is continued, so a dense stage can be added to an encoder of an
+earlier curve by copying its run folder to the new variant's folder name.
 
 Everything is resumable, since the whole curve takes hours on a CPU: a pretraining run that was
 stopped continues from its checkpoint, a finished one is reused, and every fine-tuning run is
@@ -83,6 +85,11 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
             ("seed", "pretraining seed {:g}", "seed{:g}"))
 
 
+#: Each decoder task's stage as a name says it and as a folder name does.
+DECODER_STAGES = {"local": ("decoder", "dec"), "restore": ("restore", "res"),
+                  "position": ("position", "pos")}
+
+
 @dataclass(frozen=True)
 class Variant:
     """Which pretraining a curve is of: the method and what differs from its defaults."""
@@ -105,7 +112,7 @@ class Variant:
                 if (value := getattr(self, field)) is not None]
 
     def _suffix(self) -> str:
-        stage = "restore" if self.decoder_task == "restore" else "decoder"
+        stage = DECODER_STAGES[self.decoder_task][0]
         decoder = f" + {stage} {self.decoder_epochs} ep" if self.decoder_epochs else ""
         return "".join(f", {said}" for said, _ in self._changed()) + decoder
 
@@ -120,7 +127,7 @@ class Variant:
 
     def folder(self, epochs: int) -> str:
         """The pretraining run's folder name: ``pcl_50``, ``simclr_50``, ``pcl_50_mm20``, ..."""
-        stage = "res" if self.decoder_task == "restore" else "dec"
+        stage = DECODER_STAGES[self.decoder_task][1]
         decoder = [f"{stage}{self.decoder_epochs}"] if self.decoder_epochs else []
         return "_".join([self.method, str(epochs), *(tag for _, tag in self._changed()),
                          *decoder])
@@ -259,7 +266,7 @@ def main() -> None:
     parser.add_argument("--threshold-mm", type=float, default=None, metavar="MM")
     parser.add_argument("--decoder-epochs", type=int, default=0,
                         help="add the dense stage for the decoder, N epochs")
-    parser.add_argument("--decoder-task", default="local", choices=("local", "restore"))
+    parser.add_argument("--decoder-task", default="local", choices=tuple(DECODER_STAGES))
     parser.add_argument("--intensity-augment", action="store_const", const=True, default=None,
                         help="pretrain with the intensity augmentation too")
     parser.add_argument("--crop", type=float, default=None, metavar="F",

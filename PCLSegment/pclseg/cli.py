@@ -13,8 +13,16 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import get_args
 
-from .config import FinetuneConfig, ModelConfig, PredictConfig, PreprocessConfig, PretrainConfig
+from .config import (
+    DecoderTask,
+    FinetuneConfig,
+    ModelConfig,
+    PredictConfig,
+    PreprocessConfig,
+    PretrainConfig,
+)
 from .errors import PCLSegError
 from .progress import Progress
 
@@ -352,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decoder-task",
         default="local",
-        choices=("local", "restore"),
-        help="decoder stage: local (contrast regions of two views) or restore (rebuild slices "
-        "from corrupted copies)",
+        choices=get_args(DecoderTask),
+        help="decoder stage: local (contrast regions of two views), restore (rebuild slices "
+        "from corrupted copies) or position (map each pixel of a view to where it lies in "
+        "its volume)",
     )
     p.add_argument(
         "--decoder-grid",

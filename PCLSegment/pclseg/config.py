@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from .errors import PCLSegError
 
 Method = Literal["pcl", "simclr", "gcl"]
-DecoderTask = Literal["local", "restore"]
+DecoderTask = Literal["local", "restore", "position"]
 SliceAxis = Literal["auto", "axial", "coronal", "sagittal"]
 
 T = TypeVar("T")
@@ -117,8 +117,10 @@ class PretrainConfig:
     the encoder frozen, or trained at ``decoder_encoder_lr`` times ``lr`` when that is above 0.
     Its ``decoder_task`` is ``"local"``, a local contrastive loss of the decoder's levels over a
     ``decoder_grid`` x ``decoder_grid`` grid of regions at temperature ``decoder_temperature``
-    (:mod:`pclseg.dense`), or ``"restore"``: the whole U-Net restores slices from corrupted
-    copies (shuffled patches, painted-over regions, a remapped histogram; :mod:`pclseg.restore`).
+    (:mod:`pclseg.dense`); ``"restore"``: the whole U-Net restores slices from corrupted
+    copies (shuffled patches, painted-over regions, a remapped histogram; :mod:`pclseg.restore`);
+    or ``"position"``: it maps every pixel of a view (cropped with ``crop``) to its height in
+    the volume and its row and column in the slice (:mod:`pclseg.position_maps`).
     Fine-tuning then starts from the whole U-Net but its classifier. 0, the default, is the
     paper's encoder-only pretraining.
     """
@@ -183,9 +185,10 @@ class PretrainConfig:
             raise PCLSegError(f"epochs must be at least 1, got {self.epochs}")
         if self.decoder_epochs < 0:
             raise PCLSegError(f"decoder epochs must be 0 or more, got {self.decoder_epochs}")
-        if self.decoder_task not in ("local", "restore"):
+        if self.decoder_task not in get_args(DecoderTask):
             raise PCLSegError(
-                f"decoder task must be local or restore, got {self.decoder_task!r}"
+                f"decoder task must be one of {', '.join(get_args(DecoderTask))}, "
+                f"got {self.decoder_task!r}"
             )
         if self.decoder_grid < 1:
             raise PCLSegError(f"decoder grid must be at least 1, got {self.decoder_grid}")

@@ -130,6 +130,21 @@ class DenseContrastiveNet(DecoderStageNet):
         return [head(level) for head, level in zip(self.heads, levels, strict=True)]
 
 
+
+class MapNet(DecoderStageNet):
+    """The U-Net with a 1x1 head to ``channels`` maps at full resolution, no classes:
+    ``(B, C, H, W)`` -> ``(B, channels, H, W)``. What the restoration task (one map, the
+    restored slice; :mod:`pclseg.restore`) and the position task (three;
+    :mod:`pclseg.position_maps`) train; the head (``head.*``) is left behind at fine-tuning."""
+
+    def __init__(self, cfg: ModelConfig, channels: int, freeze_encoder: bool = True) -> None:
+        super().__init__(cfg, freeze_encoder)
+        self.head = nn.Conv2d(cfg.features, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decoder_levels(x)[-1])
+
+
 def view_intensity_augment(seed: int = 0) -> Compose:
     """A random intensity transform of one slice ``(C, H, W)``, geometry untouched: gamma,
     bias field, scale, shift and noise, each likely enough that two draws rarely agree."""

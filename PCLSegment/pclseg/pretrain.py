@@ -45,6 +45,9 @@ from .run_control import Distributed, StopFlag, any_rank, finish, gather
 CHECKPOINT = "checkpoint"
 #: The settings of the dense stage: taken from the caller when a resumed run adds that stage.
 DECODER_SETTINGS = ("decoder_task", "decoder_grid", "decoder_temperature", "decoder_encoder_lr")
+#: Each dense task as the log names it.
+DECODER_TASK_NAMES = {"local": "local contrastive", "restore": "restoration",
+                      "position": "position"}
 
 
 @dataclass
@@ -272,7 +275,7 @@ def _pretrain(
             if ddp.main and stage.name == "decoder" and start_epoch < stage.end:
                 frozen = "frozen" if cfg.decoder_encoder_lr == 0 else \
                     f"at {cfg.decoder_encoder_lr:g} x lr"
-                task = "restoration" if cfg.decoder_task == "restore" else "local contrastive"
+                task = DECODER_TASK_NAMES[cfg.decoder_task]
                 progress.message(
                     f"decoder stage: {cfg.decoder_epochs} epoch(s) of {task} "
                     f"pretraining, encoder {frozen}"

@@ -4,14 +4,15 @@ and what it leaves in the run folder; :mod:`pclseg.pretrain` runs them in one lo
 1. **Contrastive** (``"encoder"``, the paper): encoder + projection head, two spatially
    augmented views per slice, the method's SupCon loss over the gathered global batch. Leaves
    ``encoder.*``.
-2. **Dense** (``"decoder"``, with ``decoder_epochs``), one of two tasks (``decoder_task``):
+2. **Dense** (``"decoder"``, with ``decoder_epochs``), one of three tasks (``decoder_task``):
    ``"local"``, encoder + decoder levels + local heads
    (:class:`~pclseg.dense.DenseContrastiveNet`), two views that differ in intensity only, the
-   local contrastive loss averaged over the decoder levels; or ``"restore"``, the U-Net with a
-   one-channel head (:class:`~pclseg.restore.RestorationNet`), a corrupted slice in, the mean
-   squared error to the clean one. Both are per slice, so nothing is gathered across
-   processes. Leaves ``unet.*`` (encoder and decoder levels in one pair, so they always come
-   from one save) and ``encoder.*``.
+   local contrastive loss averaged over the decoder levels; ``"restore"``, the U-Net with a
+   one-channel head (:class:`~pclseg.dense.MapNet`), a corrupted slice in, the mean squared
+   error to the clean one; or ``"position"``, the U-Net with a three-channel head, a view in,
+   the mean squared error to where each of its pixels lies (:mod:`pclseg.position_maps`). All
+   are per slice, so nothing is gathered across processes. Leaves ``unet.*`` (encoder and
+   decoder levels in one pair, so they always come from one save) and ``encoder.*``.
 
 Epochs count across stages: the contrastive stage covers epochs ``[0, epochs)``, the dense
 stage ``[epochs, epochs + decoder_epochs)``; each has its own cosine schedule and optimizer.
@@ -27,14 +28,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .augment import FLIP_PARAMS, NO_FLIP_PARAMS, TwoViewSliceDataset, pretrain_augment
+from .augment import (
+    FLIP_PARAMS,
+    NO_FLIP_PARAMS,
+    EpochSeededSlices,
+    TwoViewSliceDataset,
+    pretrain_augment,
+)
 from .cache import SliceCache
 from .config import PretrainConfig
-from .dense import AlignedViewsDataset, DenseContrastiveNet, view_intensity_augment
+from .dense import AlignedViewsDataset, DenseContrastiveNet, MapNet, view_intensity_augment
 from .device import autocast, network_input
 from .losses import LocalContrastiveLoss, make_contrastive_loss
 from .model import ContrastiveNet, encoder_state_dict, load_encoder, pretrained_state_dict
-from .restore import CorruptedSlicesDataset, RestorationNet, corruption
+from .position_maps import POSITION_MAPS, PositionMapsDataset
+from .restore import CorruptedSlicesDataset, corruption
 
 ENCODER = "encoder"
 UNET = "unet"
@@ -62,7 +70,7 @@ class Stage:
     end: int
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    dataset: TwoViewSliceDataset | AlignedViewsDataset | CorruptedSlicesDataset
+    dataset: EpochSeededSlices
     loss: StageLoss
     outputs: Callable[[], dict[str, tuple[dict[str, torch.Tensor], str]]]
 
@@ -141,12 +149,17 @@ def decoder_stage(
     when a checkpoint of this stage will be restored over it), its task ``cfg.decoder_task``."""
     frozen = cfg.decoder_encoder_lr == 0
     torch.manual_seed(cfg.seed)  # the same decoder whether the run was resumed or not
-    net: RestorationNet | DenseContrastiveNet
+    net: MapNet | DenseContrastiveNet
+    dataset: EpochSeededSlices
     if cfg.decoder_task == "restore":
-        dataset: AlignedViewsDataset | CorruptedSlicesDataset = CorruptedSlicesDataset(
+        dataset = CorruptedSlicesDataset(
             cache.slices, view_augment(cfg), corruption(cfg.preprocess.size), seed=cfg.seed
         )
-        net = RestorationNet(cfg.model, freeze_encoder=frozen)
+        net = MapNet(cfg.model, 1, freeze_encoder=frozen)
+    elif cfg.decoder_task == "position":
+        dataset = PositionMapsDataset(cache.slices, cache.positions, view_augment(cfg),
+                                      seed=cfg.seed)
+        net = MapNet(cfg.model, POSITION_MAPS, freeze_encoder=frozen)
     else:
         dataset = AlignedViewsDataset(
             cache.slices, view_augment(cfg), view_intensity_augment(), seed=cfg.seed
@@ -163,11 +176,11 @@ def decoder_stage(
     criterion = LocalContrastiveLoss(cfg.decoder_temperature)
 
     def loss(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        if cfg.decoder_task == "restore":
-            corrupted, target = batch
+        if cfg.decoder_task in ("restore", "position"):
+            view, target = batch  # a corrupted slice and the clean one, or a view and its maps
             with autocast(device, cfg.amp):
-                restored = net(network_input(corrupted, device))
-            return F.mse_loss(restored.float(), target.to(device).float())
+                maps = net(network_input(view, device))
+            return F.mse_loss(maps.float(), target.to(device).float())
         view1, view2 = batch
         views = network_input(torch.cat([view1, view2]), device)
         with autocast(device, cfg.amp):

@@ -13,11 +13,11 @@ context to get there: in the manner of Models Genesis (Zhou et al., MICCAI 2019)
   shuffled inside themselves, and either some regions painted over with noise (in-painting) or
   everything outside some regions painted over (out-painting).
 
-The network is the U-Net (:class:`RestorationNet`: encoder, decoder levels, a 1x1 convolution
-to one channel) trained with the mean squared error against the target. The encoder stays
-frozen by default, as in the local task, so that restoration cannot undo what the positional
-stage taught it. Only encoder and decoder levels are saved for fine-tuning; the restoration
-head, like a classifier, is left behind.
+The network is the U-Net with a 1x1 convolution to one channel (:class:`~pclseg.dense.MapNet`),
+trained with the mean squared error against the target. The encoder stays frozen by default, as
+in the local task, so that restoration cannot undo what the positional stage taught it. Only
+encoder and decoder levels are saved for fine-tuning; the restoration head, like a classifier,
+is left behind.
 """
 
 from __future__ import annotations
@@ -33,24 +33,8 @@ from monai.transforms import (
     RandCoarseShuffle,
     RandHistogramShift,
 )
-from torch import nn
 
 from .augment import EpochSeededSlices, plain_tensors, reseed
-from .config import ModelConfig
-from .dense import DecoderStageNet
-
-
-class RestorationNet(DecoderStageNet):
-    """The U-Net with one output channel: ``(B, C, H, W)`` -> the restored slice
-    ``(B, 1, H, W)``; the encoder frozen or not as in :class:`~pclseg.dense.DecoderStageNet`,
-    the head (``head.*``) left behind at fine-tuning."""
-
-    def __init__(self, cfg: ModelConfig, freeze_encoder: bool = True) -> None:
-        super().__init__(cfg, freeze_encoder)
-        self.head = nn.Conv2d(cfg.features, 1, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decoder_levels(x)[-1])
 
 
 def corruption(size: int, seed: int = 0) -> Compose:

@@ -18,7 +18,9 @@ whole U-Net for that, a dense positional objective:
   by default, as in the other dense tasks; the head is left behind at fine-tuning.
 
 Unlike restoration, the skip connections cannot carry the answer: a shallow feature of a view
-says nothing about where the view came from.
+says nothing about where the view came from. Measured on CHAOS it still cost few-slice
+fine-tuning much, as the other dense tasks did (``docs/decisions.md``, 10), so it stays an
+option, off by default.
 """
 
 from __future__ import annotations

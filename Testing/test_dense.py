@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from monai.transforms import Randomizable
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from pclseg.augment import pretrain_augment
@@ -15,11 +16,13 @@ from pclseg.dense import (
     AlignedViewsDataset,
     DenseContrastiveNet,
     LocalProjectionHead,
+    MapNet,
     region_grid,
     view_intensity_augment,
 )
 from pclseg.errors import PCLSegError
 from pclseg.losses import LocalContrastiveLoss
+from pclseg.model import UNet
 
 SIZE = 32
 
@@ -113,6 +116,34 @@ class Counting(Randomizable):
         self.calls += 1
         return self.inner(x)
 
+
+@pytest.mark.parametrize("channels", [1, 3])  # the restoration and the position task
+def test_a_map_net_learns_its_maps_with_the_encoder_frozen(a_config: ModelConfig,
+                                                           slices: np.ndarray,
+                                                           channels: int) -> None:
+    torch.manual_seed(0)
+    net = MapNet(a_config, channels, freeze_encoder=True)
+    own = {k for k in net.state_dict() if not k.startswith("head.")}
+    unet = set(UNet(a_config).state_dict())
+    assert own == {k for k in unet if not k.startswith("decoder.classifier.")}
+    encoder = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in net.decoder.state_dict().items()}
+    images = torch.from_numpy(slices[:, None])
+    targets = torch.cat([images.flip(-1) * (c + 1) for c in range(channels)], dim=1)
+    assert net(images).shape == targets.shape
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    net.train()
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(net(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert not net.encoder.training and not any(p.requires_grad for p in net.encoder.parameters())
+    assert all(torch.equal(v, net.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert not all(torch.equal(v, net.decoder.state_dict()[k]) for k, v in decoder.items())
+    assert losses[-1] < 0.5 * losses[0], losses
 
 def test_aligned_views_share_one_spatial_draw(slices: np.ndarray) -> None:
     spatial = Counting(pretrain_augment(SIZE))

@@ -283,7 +283,7 @@ def test_an_inplane_threshold_keeps_only_crops_near_each_other(
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"inplane_threshold": 0.1}, "needs crop below 1"),
+        ({"crop": 1.0, "inplane_threshold": 0.1}, "needs crop below 1"),
         ({"crop": 0.5, "method": "simclr", "inplane_threshold": 0.1}, "pcl or gcl"),
         ({"crop": 0.5, "inplane_threshold": 0.0}, r"in \(0, 1\]"),
         ({"crop": 0.0}, r"crop must be in \(0, 1\]"),

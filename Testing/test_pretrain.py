@@ -271,8 +271,8 @@ def test_crop_starts_the_contrastive_views_and_the_positional_task_alike():
     def crops(cfg):
         return [type(t).__name__ for t in view_augment(cfg).transforms][:2]
 
-    assert crops(tiny_config()) != ["RandScaleCrop", "Resize"]
-    assert crops(tiny_config(crop=0.6)) == ["RandScaleCrop", "Resize"]
+    assert crops(tiny_config(crop=1.0)) != ["RandScaleCrop", "Resize"]
+    assert crops(tiny_config()) == ["RandScaleCrop", "Resize"]  # crops by default
     # With an in-plane threshold the dataset crops once per slice, for both views.
     shared = tiny_config(crop=0.6, inplane_threshold=0.1)
     cache = SimpleNamespace(slices=np.zeros((4, 32, 32), np.float32),
@@ -289,10 +289,16 @@ def test_crop_starts_the_contrastive_views_and_the_positional_task_alike():
 def test_cli_crops_and_inplane_threshold_are_stored_with_the_encoder(a_sample_folder, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
-                                  "--crop", "0.5", "--inplane-threshold", "0.2"))
+                                  "--crop", "0.7", "--inplane-threshold", "0.2"))
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "encoder.json").read_text())["config"]
-    assert (config["crop"], config["inplane_threshold"]) == (0.5, 0.2)
+    assert (config["crop"], config["inplane_threshold"]) == (0.7, 0.2)
+    # Without --crop the views are crops of at least half the slice (the default); 1: whole.
+    for asked, stored in (((), 0.5), (("--crop", "1"), 1.0)):
+        run = tmp_path / f"crop{stored:g}"
+        proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", run, "--epochs", "1", *asked))
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((run / "encoder.json").read_text())["config"]["crop"] == stored
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "bad",
                                   "--crop", "1.2"))
     assert proc.returncode == 2 and "crop must be in (0, 1]" in proc.stderr

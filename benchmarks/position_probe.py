@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flips", action="store_true", help="pretrain with random flips")
+    parser.add_argument("--crop", type=float, default=1.0, metavar="F",
+                        help="views are random crops, each side at least F of the slice's "
+                        "(default 1: whole slices, the paper's and the published probe's)")
     parser.add_argument("--threshold", type=float, default=0.1, help="PCL threshold")
     reach = parser.add_mutually_exclusive_group()
     reach.add_argument("--threshold-slices", type=float, default=None, metavar="K",
@@ -103,6 +106,7 @@ def main() -> None:
             threshold_mm=args.threshold_mm if positional else None,
             decoder_epochs=args.decoder_epochs,
             flips=args.flips,
+            crop=args.crop,
             epochs=args.epochs,
             batch_size=args.batch_size,
             device=args.device,

@@ -85,6 +85,10 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
             ("seed", "pretraining seed {:g}", "seed{:g}"))
 
 
+#: What a variant's name is measured from where the product's default differs: the paper's
+#: whole-slice views. So "GCL 50 ep" names the same pretraining whatever the default becomes.
+PAPER = {"crop": 1.0}
+
 #: Each decoder task's stage as a name says it and as a folder name does.
 DECODER_STAGES = {"local": ("decoder", "dec"), "restore": ("restore", "res"),
                   "position": ("position", "pos")}
@@ -137,7 +141,7 @@ class Variant:
         changed = {k: v for k, v in asdict(self).items() if v is not None and k in settings}
         return PretrainConfig(epochs=epochs, device=args.device,
                               preprocess=PreprocessConfig(size=args.size),
-                              model=ModelConfig(features=args.features), **changed)
+                              model=ModelConfig(features=args.features), **{**PAPER, **changed})
 
 
 def logged_name(row: dict) -> str:
@@ -270,7 +274,8 @@ def main() -> None:
     parser.add_argument("--intensity-augment", action="store_const", const=True, default=None,
                         help="pretrain with the intensity augmentation too")
     parser.add_argument("--crop", type=float, default=None, metavar="F",
-                        help="pretrain on random crops, each side at least F of the slice's")
+                        help="pretrain on random crops, each side at least F of the slice's "
+                        "(default: whole slices, the paper's; the product's default is 0.5)")
     parser.add_argument("--inplane-threshold", type=float, default=None, metavar="T",
                         help="with --crop: one crop for both views, and crops T or more apart "
                         "in the slice plane are never positives")

@@ -330,10 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--crop",
         type=float,
-        default=1.0,
+        default=PretrainConfig.crop,
         metavar="F",
         help="start each view with a random crop, each side between F and all of the slice's "
-        "(default 1: whole slices, the paper's)",
+        f"(default {PretrainConfig.crop:g}; 1: whole slices, the paper's)",
     )
     p.add_argument(
         "--inplane-threshold",

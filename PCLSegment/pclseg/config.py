@@ -96,9 +96,9 @@ class PretrainConfig:
     ``crop`` < 1 starts each view with a random crop, each side between ``crop`` and all of
     the slice's, resized back. The paper's views are whole slices, whose position an encoder may
     read from the body's outline alone; a view of part of the slice must be placed by the
-    anatomy it shows. 1, the default, is the paper's: crops of at least half the slice were
-    ahead of random init in all 9 across-volume runs (two encoders averaged, +0.029) but gained
-    less than whole slices on single volumes (``docs/decisions.md``, 10).
+    anatomy it shows. 0.5, the default, measured best (GCL, three encoders averaged, against
+    whole slices: level on single volumes, ahead across volumes, where it was ahead of random
+    init in all 9 runs; ``docs/decisions.md``, 14); 1 is the paper's whole slices.
 
     ``inplane_threshold`` (PCL or GCL, with ``crop`` < 1) makes the positional rule
     three-dimensional: the two views of a slice share one crop, and two crops are positives only
@@ -133,7 +133,7 @@ class PretrainConfig:
     gcl_partitions: int = 4
     flips: bool = False
     intensity_augment: bool = False
-    crop: float = 1.0
+    crop: float = 0.5
     inplane_threshold: float | None = None
     epochs: int = 50
     decoder_epochs: int = 0

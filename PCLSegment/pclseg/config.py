@@ -96,9 +96,9 @@ class PretrainConfig:
     ``crop`` < 1 starts each view with a random crop, each side between ``crop`` and all of
     the slice's, resized back. The paper's views are whole slices, whose position an encoder may
     read from the body's outline alone; a view of part of the slice must be placed by the
-    anatomy it shows. 0.5, the default, measured best (GCL, three encoders averaged, against
-    whole slices: level on single volumes, ahead across volumes, where it was ahead of random
-    init in all 9 runs; ``docs/decisions.md``, 14); 1 is the paper's whole slices.
+    anatomy it shows. 0.5, the default, measured best (GCL, three encoders averaged against
+    three on whole slices: ahead on single volumes and across volumes, where it was ahead of
+    random init in all 9 runs; ``docs/decisions.md``, 14); 1 is the paper's whole slices.
 
     ``inplane_threshold`` (PCL or GCL, with ``crop`` < 1) makes the positional rule
     three-dimensional: the two views of a slice share one crop, and two crops are positives only

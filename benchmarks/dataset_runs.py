@@ -166,8 +166,7 @@ def variants_by_base(inits: list[str]) -> dict[str, list[str]]:
     (:func:`repeated_by_name`)."""
     groups: dict[str, list[str]] = defaultdict(list)
     for init in inits:
-        bases = [base for base in inits
-                 if init.startswith(base + ", ") or init.startswith(base + " + ")]
+        bases = [base for base in inits if init.startswith((base + ", ", base + " + "))]
         if bases and not SEED_IN_NAME.search(init):
             groups[max(bases, key=len)].append(init)
     return dict(groups)

@@ -130,7 +130,6 @@ class DenseContrastiveNet(DecoderStageNet):
         return [head(level) for head, level in zip(self.heads, levels, strict=True)]
 
 
-
 class MapNet(DecoderStageNet):
     """The U-Net with a 1x1 head to ``channels`` maps at full resolution, no classes:
     ``(B, C, H, W)`` -> ``(B, channels, H, W)``. What the restoration task (one map, the

@@ -174,9 +174,10 @@ def decoder_stage(
         encoder_params = list(model.encoder.parameters())  # type: ignore[union-attr]
         groups.append({"params": encoder_params, "lr_scale": cfg.decoder_encoder_lr})
     criterion = LocalContrastiveLoss(cfg.decoder_temperature)
+    maps_task = isinstance(net, MapNet)  # a map per pixel to regress, not regions to contrast
 
     def loss(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        if cfg.decoder_task in ("restore", "position"):
+        if maps_task:
             view, target = batch  # a corrupted slice and the clean one, or a view and its maps
             with autocast(device, cfg.amp):
                 maps = net(network_input(view, device))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pclseg.config import StopRule
@@ -12,14 +14,15 @@ RULE = StopRule(check_every=10, fit_dice=0.9, min_gain=0.01, patience=2, min_ste
                 steps_per_slice=10, max_steps=200, anneal=0.5)
 
 
-def run(dices: list[float | dict[int, float]], slices: int = 4) -> FitProgress:
+def run(dices: list[float | dict[int, float]], slices: int = 4,
+        rule: StopRule = RULE) -> FitProgress:
     """Feed one Dice per check (one number: a single structure, or one per structure) until
     the rule ends the first phase (or the Dice run out)."""
     fit = FitProgress(slices)
     for dice in dices:
         scores = dice if isinstance(dice, dict) else {1: dice}
-        fit.steps += fit.next_chunk(RULE)
-        fit.record(scores, scores, RULE)
+        fit.steps += fit.next_chunk(rule)
+        fit.record(scores, scores, rule)
         if fit.fit_steps is not None:
             break
     return fit
@@ -27,6 +30,7 @@ def run(dices: list[float | dict[int, float]], slices: int = 4) -> FitProgress:
 
 def test_the_budget_grows_with_the_slices() -> None:
     assert RULE.cap(2) == 50 and RULE.cap(8) == 110 and RULE.cap(100) == 200
+    assert RULE.cap(2, unlearned=True) == 150 and RULE.cap(8, unlearned=True) == 200
 
 
 def test_fit_ends_the_first_phase_but_not_before_the_minimum() -> None:
@@ -49,8 +53,18 @@ def test_an_unlearned_structure_keeps_a_plateau_from_ending_it() -> None:
     stalled = [{1: 0.95, 2: 0.95, 3: 0.98, 4: 0.0}] * 5
     fit = run(stalled + [{1: 0.95, 2: 0.95, 3: 0.98, 4: 0.6}] * 5, slices=10)
     assert fit.reason == "plateau" and fit.fit_steps == 80 and fit.unlearned == []
-    fit = run(stalled * 3, slices=4)
-    assert fit.reason == "cap" and fit.fit_steps == RULE.cap(4) and fit.unlearned == [4]
+    fit = run(stalled * 30, slices=4)
+    assert fit.reason == "cap" and fit.fit_steps == RULE.cap(4, unlearned=True) == 200
+    assert fit.unlearned == [4]
+
+
+def test_an_unlearned_structure_stretches_the_cap_until_it_is_learned() -> None:
+    # the cap for 2 slices is 50 steps; the fourth structure is learned at step 90
+    late = [{1: 0.9, 2: 0.9, 3: 0.9, 4: 0.0}] * 8 + [{1: 0.9, 2: 0.9, 3: 0.9, 4: 0.5}] * 3
+    fit = run(late, slices=2)
+    assert fit.reason == "cap" and fit.fit_steps == 90 and fit.unlearned == []
+    fixed = run(late, slices=2, rule=dataclasses.replace(RULE, stretch=1.0))
+    assert fixed.fit_steps == 50 and fixed.unlearned == [4]
 
 
 def test_a_structure_only_predicted_lowers_the_mean_but_is_not_unlearned() -> None:
@@ -83,6 +97,8 @@ def test_bad_rules_are_clear_errors() -> None:
         StopRule(fit_dice=1.5)
     with pytest.raises(PCLSegError, match="learned_dice"):
         StopRule(learned_dice=-0.1)
+    with pytest.raises(PCLSegError, match="stretch"):
+        StopRule(stretch=0.5)
 
 
 def test_a_round_names_the_structures_it_did_not_learn() -> None:

@@ -33,6 +33,8 @@ fast                  twice the learning rate and a shorter first phase: the sto
                       it after 60 steps (not 100) and after 3 checks without a gain (not 5)
 mean-only stop        the stop rule before it watched each structure: a plateau of the mean
                       training Dice ends the run even while a structure is still unlearned
+fixed cap             the stop rule before it stretched its cap for an unlearned structure:
+                      the cap ends the run even while a structure is still unlearned
 encoder lr 0.1        the encoder at a tenth of the learning rate (the decoder at the full
                       one): a pretrained encoder kept closer to its pretraining
 encoder warm-up 100   the encoder held still at first, its learning rate rising from 0 over
@@ -90,7 +92,7 @@ DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST, 
     "default", "default, no post", "no prior", "prior between only", "whole slice", "fused",
     "old default", "batch 4", "lr 2e-3", "lr 3e-3", "fast", "mean-only stop",
 )
-LR_LOW = "lr 3e-4"
+LR_LOW, FIXED_CAP = "lr 3e-4", "fixed cap"
 ENCODER_SLOW, FIT90, WARMUP = "encoder lr 0.1", "fit 0.90", "encoder warm-up 100"
 GAP1, GAP2 = "prior by 1/gap", "prior by 2/gap"
 SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
@@ -98,7 +100,7 @@ SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
 COMMAND_SIZE, COMMAND_FEATURES = PreprocessConfig().size, ModelConfig().features
 LARGE = f"{COMMAND_SIZE} px, f = {COMMAND_FEATURES}"
 ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, LR_LOW, FAST,
-        MEAN_STOP, ENCODER_SLOW, WARMUP, FIT90, SHALLOW, NO_NORMS, LARGE, GAP1, GAP2)
+        MEAN_STOP, FIXED_CAP, ENCODER_SLOW, WARMUP, FIT90, SHALLOW, NO_NORMS, LARGE, GAP1, GAP2)
 #: Arms scored from another arm's network, and which.
 SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR, GAP1: DEFAULT, GAP2: DEFAULT}
 OLD_STEPS = 300
@@ -138,6 +140,8 @@ def arm_config(arm: str, base: FinetuneConfig) -> tuple[FinetuneConfig, int | No
     if arm == MEAN_STOP:  # a plateau of the mean ends the run even with a structure unlearned
         stop = dataclasses.replace(base.stop, learned_dice=0.0)
         return dataclasses.replace(base, stop=stop), None
+    if arm == FIXED_CAP:  # the cap ends the run even with a structure unlearned
+        return dataclasses.replace(base, stop=dataclasses.replace(base.stop, stretch=1.0)), None
     if arm == OLD:
         return dataclasses.replace(base, roi=False, prior=False, postprocess=False), OLD_STEPS
     return base, None

@@ -30,6 +30,9 @@ named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
 folder that is already there is continued, so a dense stage can be added to an encoder of an
 earlier curve by copying its run folder to the new variant's folder name.
 
+``--stretch 1`` fine-tunes under the stop rule before it stretched its cap for an unlearned
+structure (into another ``--out``; ``compare_results.py`` pairs the two folders run for run).
+
 Everything is resumable, since the whole curve takes hours on a CPU: a pretraining run that was
 stopped continues from its checkpoint, a finished one is reused, and every fine-tuning run is
 appended to ``--out``/runs.jsonl as it finishes and skipped when started again. The table (mean ±
@@ -64,7 +67,13 @@ from dataset_runs import (
 )
 from few_slices import DEFAULT, run_arms
 
-from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig
+from pclseg.config import (
+    FinetuneConfig,
+    ModelConfig,
+    PreprocessConfig,
+    PretrainConfig,
+    StopRule,
+)
 from pclseg.device import use_all_cores
 from pclseg.evaluate import mean_foreground_dice
 from pclseg.io import read_label, read_volume
@@ -284,6 +293,9 @@ def main() -> None:
     parser.add_argument("--positional-weight", type=float, nargs="+", default=[], metavar="W",
                         help="also fine-tune from each encoder with its pretraining's "
                         "contrastive task kept on at weight W")
+    parser.add_argument("--stretch", type=float, default=StopRule.stretch, metavar="S",
+                        help="fine-tuning's stop rule: how much longer the cap is while a "
+                        "structure is unlearned (1: the rule before it was stretched)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary and plot from runs.jsonl, train nothing")
     args = parser.parse_args()
@@ -322,7 +334,8 @@ def main() -> None:
                 for seed in args.seeds:
                     base = FinetuneConfig(seed=seed, device=args.device,
                                           preprocess=PreprocessConfig(size=args.size),
-                                          model=ModelConfig(features=args.features))
+                                          model=ModelConfig(features=args.features),
+                                          stop=StopRule(stretch=args.stretch))
                     for init_name, (init, changes) in inits.items():
                         if (volume.name, k, seed, init_name) in done:
                             continue

@@ -5,10 +5,11 @@ while more slices, or small structures such as the kidneys, need several times t
 lateral organs are learned last). :class:`FitProgress` applies a
 :class:`~pclseg.config.StopRule`: the learning rate stays at its base value while the Dice on
 the training slices still improves, and a short cosine anneal ends the run once it is fit,
-stalls, or reaches the cap, which grows with the number of training slices. A stall does not
-count while a structure annotated on the training slices is not learned yet (its Dice there
-below ``learned_dice``); the structures still unlearned when the run ends are kept in
-:attr:`FitProgress.unlearned`, so the user is told which organ the annotations did not teach.
+stalls, or reaches the cap, which grows with the number of training slices. While a structure
+annotated on the training slices is not learned yet (its Dice there below ``learned_dice``) a
+stall does not count and the cap is stretched; the structures still unlearned when the run ends
+are kept in :attr:`FitProgress.unlearned`, so the user is told which organ the annotations did
+not teach.
 
 :class:`FitProgress` is pure bookkeeping (no torch), JSON-ready, so a checkpoint can carry it
 and a resumed run stops exactly where an uninterrupted one would.
@@ -64,7 +65,11 @@ class FitProgress:
         """Steps to run before the next check (or to the end of the anneal)."""
         if self.fit_steps is not None:
             return max(0, self.fit_steps + self.anneal_steps - self.steps)
-        return min(rule.check_every, max(1, rule.cap(self.slices) - self.steps))
+        return min(rule.check_every, max(1, self.cap(rule) - self.steps))
+
+    def cap(self, rule: StopRule) -> int:
+        """The cap as it stands: stretched while a structure is unlearned."""
+        return rule.cap(self.slices, unlearned=bool(self.unlearned))
 
     def record(self, dice: Mapping[int, float], annotated: Iterable[int], rule: StopRule) -> float:
         """Take the training-slice Dice of each structure after :attr:`steps` steps; may end
@@ -86,7 +91,7 @@ class FitProgress:
         else:
             self.best, self.stale = max(self.best, mean), self.stale + 1
         reason = ""
-        if self.steps >= rule.cap(self.slices):
+        if self.steps >= self.cap(rule):
             reason = "cap"
         elif self.steps >= rule.min_steps and mean >= rule.fit_dice:
             reason = "fit"

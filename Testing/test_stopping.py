@@ -33,6 +33,16 @@ def test_the_budget_grows_with_the_slices() -> None:
     assert RULE.cap(2, unlearned=True) == 150 and RULE.cap(8, unlearned=True) == 200
 
 
+def test_the_expected_length_follows_the_cap_as_it_stands() -> None:
+    fit = FitProgress(2)
+    assert fit.expected_steps(RULE) == 75  # the cap, 50, and its anneal
+    fit.steps += fit.next_chunk(RULE)
+    fit.record({1: 0.9, 2: 0.0}, [1, 2], RULE)
+    assert fit.expected_steps(RULE) == 225  # stretched while structure 2 is unlearned
+    fit = run([0.95, 0.96, 0.97])
+    assert fit.expected_steps(RULE) == 30 + 15  # phase 1 ended: its steps and the anneal
+
+
 def test_fit_ends_the_first_phase_but_not_before_the_minimum() -> None:
     fit = run([0.95, 0.96, 0.97, 0.97])
     assert (fit.reason, fit.fit_steps, fit.anneal_steps) == ("fit", 30, 15)

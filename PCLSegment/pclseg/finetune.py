@@ -435,14 +435,14 @@ def _train_by_rule(
     """Fine-tune until the training slices are fit (``cfg.stop``); a checkpoint per check."""
     cfg = trainer.cfg
     fit = FitProgress.from_dict(meta["fit"]) if meta.get("fit") else FitProgress(len(train))
-    estimate = round(cfg.stop.cap(len(train)) * (1 + cfg.stop.anneal))
-    progress.event("started", total_steps=estimate, done_steps=fit.steps, **started)
+    progress.event("started", total_steps=fit.expected_steps(cfg.stop), done_steps=fit.steps,
+                   **started)
     start = time.monotonic()
     val_dice: float | None = meta.get("val_dice")
 
     def on_step(step: int, loss: float) -> None:
-        total = fit.fit_steps + fit.anneal_steps if fit.fit_steps is not None else estimate
-        progress.event("step", step=step, steps=max(step, total), loss=loss)
+        progress.event("step", step=step, steps=max(step, fit.expected_steps(cfg.stop)),
+                       loss=loss)
 
     def on_check(state: FitProgress, dice: float) -> None:
         nonlocal val_dice

@@ -307,19 +307,16 @@ class RefineSession:
                                     self.volume.name, self.trainer.with_prior,
                                     self.cfg.prior_beyond)
         rule = self.cfg.stop
-        estimate = steps or round(rule.cap(len(data)) * (1 + rule.anneal))
-        progress.event("started", total_steps=estimate, annotated=len(self.annotated),
-                       desc="refining")
+        fit = FitProgress(len(data))
+        progress.event("started", total_steps=steps or fit.expected_steps(rule),
+                       annotated=len(self.annotated), desc="refining")
         start = time.monotonic()
         seed = (self.cfg.seed, 1 + self.refines)
         self._network_probabilities = None
         if steps is None:
-            fit = FitProgress(len(data))
-
             def on_step(step: int, loss: float) -> None:
-                ended = fit.fit_steps is not None
-                total = fit.fit_steps + fit.anneal_steps if ended else estimate  # type: ignore
-                progress.event("step", step=step, steps=max(step, total), loss=loss)
+                progress.event("step", step=step, steps=max(step, fit.expected_steps(rule)),
+                               loss=loss)
 
             def on_check(state: FitProgress, dice: float) -> None:
                 progress.event("check", step=state.steps, train_dice=dice,

@@ -71,6 +71,14 @@ class FitProgress:
         """The cap as it stands: stretched while a structure is unlearned."""
         return rule.cap(self.slices, unlearned=bool(self.unlearned))
 
+    def expected_steps(self, rule: StopRule) -> int:
+        """The run's length as it stands, a progress bar's total: the end of the anneal once
+        the first phase has ended, else the cap as it stands and its anneal (so the total
+        grows when the cap stretches, and the bar does not sit at its end meanwhile)."""
+        if self.fit_steps is not None:
+            return self.fit_steps + self.anneal_steps
+        return round(self.cap(rule) * (1 + rule.anneal))
+
     def record(self, dice: Mapping[int, float], annotated: Iterable[int], rule: StopRule) -> float:
         """Take the training-slice Dice of each structure after :attr:`steps` steps; may end
         phase 1. Returns their mean, the number the rule follows.

@@ -137,6 +137,19 @@ def test_a_folder_with_nothing_usable_is_one_line_and_leaves_the_output_folder_a
         assert not out.exists()
 
 
+def test_a_terminal_bar_follows_a_run_whose_length_changes(capsys):
+    progress = Progress("bar")
+    progress.event("started", total_steps=10, desc="refining")
+    for step in range(1, 13):  # the cap stretched from 10 to 30 steps at step 5
+        progress.event("step", step=step, steps=10 if step < 5 else 30)
+    assert progress._bar is not None and (progress._bar.n, progress._bar.total) == (12, 30)
+    progress.event("step", step=13, steps=13)  # fit: the anneal ends the run at 13
+    assert progress._bar.total == 13
+    progress.event("step", step=14, epoch=1, epochs=2, steps=7)  # an epoch's steps, not the run's
+    assert progress._bar.total == 13
+    progress.close()
+
+
 def test_a_terminal_lists_the_skipped_files_again_when_the_job_is_done(capsys):
     progress = Progress("bar")
     progress.event("skipped", path="/data/a.nii.gz", reason="damaged: cut short")

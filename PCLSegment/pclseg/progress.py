@@ -105,6 +105,9 @@ class Progress:
                 file=sys.stderr,
             )
         elif name == "step" and self._bar is not None:
+            if "epoch" not in record and record.get("steps", self._bar.total) != self._bar.total:
+                # A run until fit: its length grows when the cap stretches, shrinks once fit.
+                self._bar.total = record["steps"]
             self._bar.update(record.get("advance", 1))
             postfix = {}
             if "epoch" in record:

@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from dataset_runs import MISSED, finished_runs, run_structures
+from dataset_runs import MISSED, finished_runs, missed_one, run_structures
 
 #: What identifies a run across folders, for the few-slice and the across-volume benchmarks.
 KEYS = (("volume", "k", "seed", "init"), ("fold", "n", "seed", "init"))
@@ -31,10 +31,6 @@ def run_key(row: dict) -> tuple:
         if all(k in row for k in keys):
             return tuple(row[k] for k in keys)
     raise SystemExit(f"a run without the fields that identify it: {sorted(row)}")
-
-
-def missed(row: dict) -> bool:
-    return any(d < MISSED for d in run_structures(row).values())
 
 
 def change_table(before: list[dict], after: list[dict]) -> str:
@@ -51,16 +47,18 @@ def change_table(before: list[dict], after: list[dict]) -> str:
     groups = dict.fromkeys((r["init"], r[column]) for _, r in pairs)
     for init, value in groups:
         group = [(b, a) for b, a in pairs if (a["init"], a[column]) == (init, value)]
-        old = np.array([b["dice"] for b, _ in group])
-        new = np.array([a["dice"] for _, a in group])
+        before_runs, after_runs = [b for b, _ in group], [a for _, a in group]
+        old = np.array([r["dice"] for r in before_runs])
+        new = np.array([r["dice"] for r in after_runs])
         diff = new - old
+        missed = [sum(missed_one(run_structures(r)) for r in side)
+                  for side in (before_runs, after_runs)]
+        seconds = [np.median([r["seconds"] for r in side]) for side in (before_runs, after_runs)]
         lines.append(
             f"| {init} | {value} | {old.mean():.3f} ± {old.std():.3f} | "
             f"{new.mean():.3f} ± {new.std():.3f} | {diff.mean():+.3f} ± {diff.std():.3f} | "
             f"{int((diff > 0).sum())} / {int((diff < 0).sum())} / {int((diff == 0).sum())} | "
-            f"{sum(missed(b) for b, _ in group)} -> {sum(missed(a) for _, a in group)} of "
-            f"{len(group)} | {np.median([b['seconds'] for b, _ in group]):.0f} -> "
-            f"{np.median([a['seconds'] for _, a in group]):.0f} |")
+            f"{missed[0]} -> {missed[1]} of {len(group)} | {seconds[0]:.0f} -> {seconds[1]:.0f} |")
     return "\n".join(lines)
 
 

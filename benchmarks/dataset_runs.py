@@ -112,6 +112,12 @@ def run_structures(row: dict) -> dict[str, float]:
     return means
 
 
+def missed_one(structures: dict[str, float]) -> bool:
+    """Whether a run's Dice of each structure (:func:`run_structures`) has one under
+    :data:`MISSED`."""
+    return any(d < MISSED for d in structures.values())
+
+
 def structure_lines(rows: list[dict], inits: list[str], column: str) -> list[str]:
     """The summary's part on structures: per init and value of ``column``, the mean Dice of
     each structure and the runs that missed one (under :data:`MISSED`); a mean that moves is
@@ -129,7 +135,7 @@ def structure_lines(rows: list[dict], inits: list[str], column: str) -> list[str
                 continue
             means = [np.mean([s[n] for s in runs if n in s]) if any(n in s for s in runs)
                      else float("nan") for n in names]
-            missed = sum(any(d < MISSED for d in s.values()) for s in runs)
+            missed = sum(map(missed_one, runs))
             lines.append(f"| {init} | {value} | " + " | ".join(f"{m:.3f}" for m in means)
                          + f" | {missed}/{len(runs)} |")
     return lines

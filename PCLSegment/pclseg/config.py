@@ -90,8 +90,11 @@ class PretrainConfig:
     ``intensity_augment`` adds fine-tuning's intensity stage (gamma, bias field, scale, noise)
     to each view of the contrastive stage. The paper augments spatially only; with it, two
     views of a slice differ in contrast and shading too, as slices of two patients' MRI do, so
-    the encoder cannot tell positions apart by a volume's intensities. Off by default: it was a
-    little ahead across volumes but lost 0.098 on single volumes (``docs/decisions.md``, 10).
+    the encoder cannot tell positions apart by a volume's intensities. Still off by default:
+    on cropped views it measured ahead of crops alone by thousandths in every column
+    (``docs/decisions.md``, 10), and is the next default; its earlier loss on single volumes
+    was fine-tuning runs that ended at the step cap with a kidney unlearned, which the
+    stretched cap now prevents.
 
     ``crop`` < 1 starts each view with a random crop, each side between ``crop`` and all of
     the slice's, resized back. The paper's views are whole slices, whose position an encoder may

@@ -107,6 +107,7 @@ def main() -> None:
             decoder_epochs=args.decoder_epochs,
             flips=args.flips,
             crop=args.crop,
+            intensity_augment=False,  # the paper's views, as the published probe
             epochs=args.epochs,
             batch_size=args.batch_size,
             device=args.device,

@@ -95,8 +95,8 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
 
 
 #: What a variant's name is measured from where the product's default differs: the paper's
-#: whole-slice views. So "GCL 50 ep" names the same pretraining whatever the default becomes.
-PAPER = {"crop": 1.0}
+#: whole, unshaded views. So "GCL 50 ep" names the same pretraining whatever the default becomes.
+PAPER = {"crop": 1.0, "intensity_augment": False}
 
 #: Each decoder task's stage as a name says it and as a folder name does.
 DECODER_STAGES = {"local": ("decoder", "dec"), "restore": ("restore", "res"),
@@ -281,7 +281,8 @@ def main() -> None:
                         help="add the dense stage for the decoder, N epochs")
     parser.add_argument("--decoder-task", default="local", choices=tuple(DECODER_STAGES))
     parser.add_argument("--intensity-augment", action="store_const", const=True, default=None,
-                        help="pretrain with the intensity augmentation too")
+                        help="pretrain with the intensity augmentation too (default: "
+                        "without, the paper's; the product's default has it)")
     parser.add_argument("--crop", type=float, default=None, metavar="F",
                         help="pretrain on random crops, each side at least F of the slice's "
                         "(default: whole slices, the paper's; the product's default is 0.5)")

@@ -2,7 +2,9 @@
 
 Side by side in one process, on the same data and machine, slices per second of:
 
-- ``pipeline``: prepared slices -> two augmented views -> batches (DataLoader), no model;
+- ``pipeline``: prepared slices -> two augmented views -> batches (DataLoader), no model,
+  for the paper's views (whole slices, spatial augmentation only) and the default's (random
+  crops, then the intensity augmentation too);
 - ``step``: the full PCL step (forward of both views, loss, backward, SGD update) fed with
   ready tensors, in several settings ("arms"):
 
@@ -20,6 +22,12 @@ Side by side in one process, on the same data and machine, slices per second of:
 
     python benchmarks/pretrain_throughput.py --size 128 --features 32 --batch-size 32
     python benchmarks/pretrain_throughput.py --size 256 --features 32 --device cuda
+    python benchmarks/pretrain_throughput.py --size 96 --features 16 --workers 0 1 2 \
+        --data ../shared/data/chaos-t2/imagesTr --epochs 4 --rounds 2
+
+``--epochs N`` then times whole ``pclseg pretrain`` runs of N epochs on ``--data`` for each
+views x ``--workers`` (the median epoch, the first left out): what loader workers and the
+default's views cost or save with the network and the data pipeline sharing the machine.
 
 Each slice gives two views; "slices/s" counts slices, not views. Arms take turns (``--rounds``
 rounds of ``--steps`` steps each) so that a change in machine load hits every arm alike; the
@@ -30,17 +38,17 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from pclseg.augment import TwoViewSliceDataset, pretrain_augment
 from pclseg.cache import SliceCache
 from pclseg.config import ModelConfig, PreprocessConfig, PretrainConfig
 from pclseg.device import (
@@ -52,7 +60,9 @@ from pclseg.device import (
 )
 from pclseg.losses import make_contrastive_loss
 from pclseg.model import ContrastiveNet
-from pclseg.pretrain import epoch_batches
+from pclseg.pretrain import epoch_batches, pretrain
+from pclseg.pretrain_stages import contrastive_views
+from pclseg.progress import Progress
 from pclseg.sample import make_sample
 
 
@@ -67,8 +77,14 @@ class Arm:
     compile: bool = False
 
 
-def pipeline_rate(cache: SliceCache, size: int, batch: int, workers: int, steps: int) -> float:
-    dataset = TwoViewSliceDataset(cache.slices, cache.positions, pretrain_augment(size), seed=0)
+#: The views the pipeline rows time: the paper's and what ``pclseg pretrain`` makes by default.
+VIEWS = {"the paper's views (whole slices)": {"crop": 1.0, "intensity_augment": False},
+         "the default's views (crops, intensity)": {}}
+
+
+def pipeline_rate(cache: SliceCache, cfg: PretrainConfig, workers: int, steps: int) -> float:
+    dataset = contrastive_views(cfg, cache, seed=0)
+    batch = cfg.batch_size
     batches = [b for e in range(100) for b in epoch_batches(len(cache), batch, e, 0)][: steps + 2]
     loader = DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, persistent_workers=False
@@ -79,6 +95,20 @@ def pipeline_rate(cache: SliceCache, size: int, batch: int, workers: int, steps:
     for _ in range(steps):
         next(it)
     return steps * batch / (time.perf_counter() - start)
+
+
+def epoch_seconds(data: Path, cfg: PretrainConfig, workers: int, epochs: int, tmp: Path) -> float:
+    """Median seconds of an epoch of a whole ``pclseg pretrain`` run (data, step and bookkeeping
+    together), leaving out the first epoch (cache, allocation)."""
+    run_dir = tmp / f"run_{workers}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    ends: list[float] = []
+    progress = Progress("none", callback=lambda e: ends.append(e["time"]) if e["event"] == "epoch"
+                        else None)
+    with progress:
+        pretrain(data, run_dir, replace(cfg, epochs=epochs, num_workers=workers),
+                 progress=progress)
+    return statistics.median(b - a for a, b in zip(ends, ends[1:], strict=False))
 
 
 def make_step(arm: Arm, cfg: PretrainConfig, device: torch.device) -> Callable[[], None]:
@@ -139,6 +169,24 @@ def arms_for(device: torch.device, args: argparse.Namespace) -> list[Arm]:
     return arms
 
 
+def whole_runs(args: argparse.Namespace, cfg: PretrainConfig) -> None:
+    """Seconds per epoch of whole runs for each views x loader workers, the arms in turn."""
+    if args.data is None or args.epochs < 3:
+        raise SystemExit("--epochs needs --data and at least 3 epochs (the first is left out)")
+    cfg = replace(cfg, device=args.device)
+    arms = [(views, workers) for views in VIEWS for workers in args.workers]
+    seconds: dict[tuple[str, int], list[float]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for views, workers in arms:
+                run_cfg = replace(cfg, **VIEWS[views])
+                seconds[views, workers].append(
+                    epoch_seconds(args.data, run_cfg, workers, args.epochs, Path(tmp)))
+    for (views, workers), runs in seconds.items():
+        print(f"| epoch, {views} | {workers} workers | {statistics.median(runs):.2f} s "
+              f"({', '.join(f'{x:.2f}' for x in runs)}) |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -153,6 +201,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 2])
     parser.add_argument("--compile", action="store_true", help="add a torch.compile arm")
     parser.add_argument("--force-bf16", action="store_true", help="add a forced-bf16 arm")
+    parser.add_argument("--epochs", type=int, default=0, metavar="N",
+                        help="also time whole pretraining runs of N epochs (N >= 3) on --data, "
+                        "for each views x --workers, --rounds times in turn (default: off)")
     args = parser.parse_args()
 
     threads = use_all_cores()
@@ -165,19 +216,22 @@ def main() -> None:
         flush=True,
     )
     print("| what | setting | slices/s |\n|---|---|---|")
-    if args.workers:
-        with tempfile.TemporaryDirectory() as tmp:
-            data = args.data or make_sample(Path(tmp) / "sample", n_volumes=6) / "imagesTr"
-            cache = SliceCache.build(data, PreprocessConfig(size=args.size), Path(tmp) / "cache")
-            for workers in args.workers:
-                rate = pipeline_rate(cache, args.size, args.batch_size, workers, args.steps * 3)
-                print(f"| pipeline | {workers} workers | {rate:.1f} |", flush=True)
-
     cfg = PretrainConfig(
         batch_size=args.batch_size,
         preprocess=PreprocessConfig(size=args.size),
         model=ModelConfig(features=args.features),
     )
+    if args.workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = args.data or make_sample(Path(tmp) / "sample", n_volumes=6) / "imagesTr"
+            cache = SliceCache.build(data, cfg.preprocess, Path(tmp) / "cache")
+            for views, changes in VIEWS.items():
+                for workers in args.workers:
+                    rate = pipeline_rate(cache, replace(cfg, **changes), workers, args.steps * 3)
+                    print(f"| pipeline, {views} | {workers} workers | {rate:.1f} |", flush=True)
+    if args.epochs:
+        whole_runs(args, cfg)
+
     arms = arms_for(device, args)
     steps: dict[Arm, Callable[[], None]] = {}
     for arm in arms:

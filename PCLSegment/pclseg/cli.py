@@ -324,8 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--intensity-augment",
-        action="store_true",
-        help="add random contrast, shading, scale and noise to the views (not the paper's)",
+        action=argparse.BooleanOptionalAction,
+        default=PretrainConfig.intensity_augment,
+        help="add random contrast, shading, scale and noise to the views (default: on; "
+        "--no-intensity-augment gives the paper's spatial-only views)",
     )
     p.add_argument(
         "--crop",

@@ -73,7 +73,8 @@ class ModelConfig:
 @dataclass
 class PretrainConfig:
     """Contrastive pretraining. Defaults are the paper's (SGD 0.1, momentum 0.9, wd 1e-5,
-    cosine decay, batch 32, temperature 0.1, threshold 0.1), except for flips and the method.
+    cosine decay, batch 32, temperature 0.1, threshold 0.1), except for the method, flips, the
+    views (cropped and shaded) and the length (``epochs``), each measured (``docs/decisions.md``).
 
     ``method`` is ``"gcl"`` by default: the paper's positional baseline (positives are slices in
     the same of ``gcl_partitions`` parts of their volumes) measured level with or ahead of PCL
@@ -90,11 +91,11 @@ class PretrainConfig:
     ``intensity_augment`` adds fine-tuning's intensity stage (gamma, bias field, scale, noise)
     to each view of the contrastive stage. The paper augments spatially only; with it, two
     views of a slice differ in contrast and shading too, as slices of two patients' MRI do, so
-    the encoder cannot tell positions apart by a volume's intensities. Still off by default:
-    on cropped views it measured ahead of crops alone by thousandths in every column
-    (``docs/decisions.md``, 10), and is the next default; its earlier loss on single volumes
-    was fine-tuning runs that ended at the step cap with a kidney unlearned, which the
-    stretched cap now prevents.
+    the encoder cannot tell positions apart by a volume's intensities. On by default: on
+    cropped views it measured ahead of crops alone in every column, by thousandths, averaged
+    over three encoders each (``docs/decisions.md``, 10 and 14); its earlier loss on single
+    volumes was fine-tuning runs that ended at the step cap with a kidney unlearned, which
+    the stretched cap now prevents. Off gives the paper's spatial-only views.
 
     ``crop`` < 1 starts each view with a random crop, each side between ``crop`` and all of
     the slice's, resized back. The paper's views are whole slices, whose position an encoder may
@@ -135,7 +136,7 @@ class PretrainConfig:
     temperature: float = 0.1
     gcl_partitions: int = 4
     flips: bool = False
-    intensity_augment: bool = False
+    intensity_augment: bool = True
     crop: float = 0.5
     inplane_threshold: float | None = None
     epochs: int = 50

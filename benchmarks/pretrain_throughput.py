@@ -23,7 +23,7 @@ Side by side in one process, on the same data and machine, slices per second of:
     python benchmarks/pretrain_throughput.py --size 128 --features 32 --batch-size 32
     python benchmarks/pretrain_throughput.py --size 256 --features 32 --device cuda
     python benchmarks/pretrain_throughput.py --size 96 --features 16 --workers 0 1 2 \
-        --data ../shared/data/chaos-t2/imagesTr --epochs 4 --rounds 2
+        --data ../shared/data/chaos-t2/imagesTr --epochs 4 --rounds 3
 
 ``--epochs N`` then times whole ``pclseg pretrain`` runs of N epochs on ``--data`` for each
 views x ``--workers`` (the median epoch, the first left out): what loader workers and the
@@ -171,8 +171,6 @@ def arms_for(device: torch.device, args: argparse.Namespace) -> list[Arm]:
 
 def whole_runs(args: argparse.Namespace, cfg: PretrainConfig) -> None:
     """Seconds per epoch of whole runs for each views x loader workers, the arms in turn."""
-    if args.data is None or args.epochs < 3:
-        raise SystemExit("--epochs needs --data and at least 3 epochs (the first is left out)")
     cfg = replace(cfg, device=args.device)
     arms = [(views, workers) for views in VIEWS for workers in args.workers]
     seconds: dict[tuple[str, int], list[float]] = {arm: [] for arm in arms}
@@ -205,6 +203,8 @@ def main() -> None:
                         help="also time whole pretraining runs of N epochs (N >= 3) on --data, "
                         "for each views x --workers, --rounds times in turn (default: off)")
     args = parser.parse_args()
+    if args.epochs and (args.data is None or args.epochs < 3):
+        parser.error("--epochs needs --data and at least 3 epochs (the first is left out)")
 
     threads = use_all_cores()
     device = resolve_device(args.device)

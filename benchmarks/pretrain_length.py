@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from dataset_runs import (
+    PAPER_VIEWS,
     RANDOM,
     chosen_images,
     finished_runs,
@@ -95,8 +96,8 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
 
 
 #: What a variant's name is measured from where the product's default differs: the paper's
-#: whole, unshaded views. So "GCL 50 ep" names the same pretraining whatever the default becomes.
-PAPER = {"crop": 1.0, "intensity_augment": False}
+#: views. So "GCL 50 ep" names the same pretraining whatever the default becomes.
+PAPER = PAPER_VIEWS
 
 #: Each decoder task's stage as a name says it and as a folder name does.
 DECODER_STAGES = {"local": ("decoder", "dec"), "restore": ("restore", "res"),

@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from dataset_runs import PAPER_VIEWS
 from torch.utils.data import DataLoader
 
 from pclseg.cache import SliceCache
@@ -78,7 +79,7 @@ class Arm:
 
 
 #: The views the pipeline rows time: the paper's and what ``pclseg pretrain`` makes by default.
-VIEWS = {"the paper's views (whole slices)": {"crop": 1.0, "intensity_augment": False},
+VIEWS = {"the paper's views (whole slices)": PAPER_VIEWS,
          "the default's views (crops, intensity)": {}}
 
 

@@ -53,8 +53,9 @@ def test_the_task_starts_from_the_runs_head_and_trains_the_unets_encoder(
     assert not torch.equal(loss.detach(), task.loss(torch.device("cpu")).detach())
 
 
+@pytest.mark.parametrize("batch_augment", [False, True])
 def test_the_task_of_a_run_with_shared_crops_compares_their_places(
-    a_pretraining_run: Path, tmp_path: Path,
+    a_pretraining_run: Path, tmp_path: Path, batch_augment: bool,
 ) -> None:
     # The task draws the views the run was pretrained on: crops shared by the two views of a
     # slice, with their centres, when the run compared places in the slice plane.
@@ -62,12 +63,15 @@ def test_the_task_of_a_run_with_shared_crops_compares_their_places(
     shutil.copytree(a_pretraining_run, run)
     meta_file = run / "checkpoint.json"
     meta = json.loads(meta_file.read_text())
-    meta["config"].update(crop=0.5, inplane_threshold=0.2)
+    meta["config"].update(crop=0.5, inplane_threshold=0.2, batch_augment=batch_augment)
     meta_file.write_text(json.dumps(meta))
     unet = UNet(ModelConfig(features=4, in_channels=1, num_classes=2))
     task = PositionalTask(run, unet.encoder, batch_size=4, seed=0, amp=False)
     assert task.dataset.shared_crop == 0.5 and task.criterion.inplane_threshold == 0.2
-    assert len(task.dataset[0]) == 5
+    views1, views2, positions, units, centres = task.dataset.collate(
+        [task.dataset[i] for i in range(3)]
+    )
+    assert views1.shape == views2.shape == (3, 1, 32, 32) and centres.shape == (3, 2)
     assert torch.isfinite(task.loss(torch.device("cpu")))
 
 

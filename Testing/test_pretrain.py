@@ -116,9 +116,12 @@ def test_pretraining_writes_an_encoder_that_loads_into_the_segmentation_network(
         assert unet.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(a_sample_folder, tmp_path):
+@pytest.mark.parametrize("batch_augment", [False, True])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(a_sample_folder, tmp_path,
+                                                            batch_augment):
     images = a_sample_folder / "imagesTr"
-    straight = pretrain(images, tmp_path / "straight", tiny_config(epochs=2))
+    cfg = tiny_config(epochs=2, batch_augment=batch_augment)
+    straight = pretrain(images, tmp_path / "straight", cfg)
 
     def interrupt_after_first_epoch(event: dict) -> None:
         if event["event"] == "epoch" and event["epoch"] == 1:
@@ -127,13 +130,13 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(a_sample_folder, tmp
     stopped = pretrain(
         images,
         tmp_path / "split",
-        tiny_config(epochs=2),
+        cfg,
         progress=Progress("none", callback=interrupt_after_first_epoch),
     )
     assert stopped.stopped
     _, meta = checkpoint.load_pair(tmp_path / "split" / "checkpoint")
     assert (meta["epoch"], meta["step"]) == (1, 1), "saved mid-epoch, one step after the signal"
-    resumed = pretrain(images, tmp_path / "split", tiny_config(epochs=2), resume=True)
+    resumed = pretrain(images, tmp_path / "split", cfg, resume=True)
     assert resumed.epochs_done == 2 and not resumed.stopped
     a, _ = checkpoint.load_pair(tmp_path / "straight" / "encoder")
     b, _ = checkpoint.load_pair(tmp_path / "split" / "encoder")
@@ -236,7 +239,7 @@ def test_a_decoder_stage_resumes_where_an_uninterrupted_one_ends(a_sample_folder
 # --- the command line -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option", [None, "flips", "no_intensity_augment"])
+@pytest.mark.parametrize("option", [None, "flips", "no_intensity_augment", "batch_augment"])
 def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path, option):
     out = tmp_path / "run"
     extra = ["--" + option.replace("_", "-")] if option else []
@@ -251,19 +254,23 @@ def test_cli_pretrain_reports_json_progress(a_sample_folder, tmp_path, option):
     config = json.loads((out / "encoder.json").read_text())["config"]
     assert config["flips"] is (option == "flips")
     assert config["intensity_augment"] is (option != "no_intensity_augment")
+    assert config["batch_augment"] is (option == "batch_augment")
 
 
+@pytest.mark.parametrize("batch_augment", [False, True])
 @pytest.mark.parametrize("intensity", [False, True])
-def test_intensity_augment_shades_the_contrastive_views_only_when_asked(intensity):
+def test_intensity_augment_shades_the_contrastive_views_only_when_asked(intensity,
+                                                                        batch_augment):
     # A flat slice stays flat under rotation, scaling and elastic warps (border padding), so
     # only the intensity stage can make its views vary.
     cache = SimpleNamespace(slices=np.full((4, 32, 32), 0.5, np.float32),
                             positions=np.linspace(0.25, 1.0, 4),
                             slice_units=lambda unit: np.full(4, 0.25, np.float32))
-    stage = encoder_stage(tiny_config(intensity_augment=intensity), cache, torch.device("cpu"),
-                          place=lambda net: net, gather=lambda t: t)
-    views = [torch.cat(stage.dataset[i][:2]) for i in range(4)]
-    spread = max(float(v.max() - v.min()) for v in views)
+    cfg = tiny_config(intensity_augment=intensity, batch_augment=batch_augment)
+    stage = encoder_stage(cfg, cache, torch.device("cpu"), place=lambda net: net,
+                          gather=lambda t: t)
+    view1, view2, *_ = stage.dataset.collate([stage.dataset[i] for i in range(4)])
+    spread = max(float(v.max() - v.min()) for v in torch.cat([view1, view2]))
     assert (spread > 0.01) is intensity
 
 

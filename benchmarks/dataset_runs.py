@@ -16,8 +16,9 @@ from pclseg.evaluate import dice_per_class
 from pclseg.io import discover_volumes
 
 #: The paper's contrastive views, where the product's default differs: whole slices, shaped by
-#: the spatial augmentation only. Benchmarks name and time their pretrainings against these.
-PAPER_VIEWS = {"crop": 1.0, "intensity_augment": False}
+#: the spatial augmentation only, drawn one slice at a time. Benchmarks name and time their
+#: pretrainings against these.
+PAPER_VIEWS = {"crop": 1.0, "intensity_augment": False, "batch_augment": False}
 
 #: The init name of the runs without pretraining.
 RANDOM = "random"

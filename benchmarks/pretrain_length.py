@@ -18,7 +18,8 @@ for the restoration task, ``position`` for the position maps), ``--pretrain-volu
 (less unlabelled data: the first N volumes only), ``--intensity-augment`` (the views differ in
 contrast, shading and noise too), ``--crop F`` (each view a random crop, each side at least F
 of the slice's; with ``--inplane-threshold T`` both views share one crop, and crops T or more
-apart in the slice plane are negatives), ``--pretrain-seed S`` (another encoder of
+apart in the slice plane are negatives), ``--batch-augment`` (the views of a batch drawn at
+once, in one resampling: :mod:`pclseg.batch_views`), ``--pretrain-seed S`` (another encoder of
 the same pretraining, to see how far two of them differ; the summary then also averages each
 pretraining over its encoders and compares the averages, so that two methods are not told
 apart by one encoder each). ``--positional-weight W`` also fine-tunes from each encoder with
@@ -92,6 +93,7 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
             ("intensity_augment", "intensity augmentation", "int"),
             ("crop", "crops {:g}", "crop{:g}"),
             ("inplane_threshold", "in-plane {:g}", "ip{:g}"),
+            ("batch_augment", "views per batch", "batch"),
             ("seed", "pretraining seed {:g}", "seed{:g}"))
 
 
@@ -119,6 +121,7 @@ class Variant:
     intensity_augment: bool | None = None
     crop: float | None = None
     inplane_threshold: float | None = None
+    batch_augment: bool | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -290,6 +293,9 @@ def main() -> None:
     parser.add_argument("--inplane-threshold", type=float, default=None, metavar="T",
                         help="with --crop: one crop for both views, and crops T or more apart "
                         "in the slice plane are never positives")
+    parser.add_argument("--batch-augment", action="store_const", const=True, default=None,
+                        help="draw the views for a whole batch at once (default: one slice at "
+                        "a time, with MONAI transforms)")
     parser.add_argument("--pretrain-volumes", type=int, default=None, metavar="N",
                         help="pretrain on the first N volumes only (default: all)")
     parser.add_argument("--positional-weight", type=float, nargs="+", default=[], metavar="W",
@@ -307,7 +313,7 @@ def main() -> None:
     variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
                       args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
                       args.pretrain_seed or None, args.intensity_augment, args.crop,
-                      args.inplane_threshold)
+                      args.inplane_threshold, args.batch_augment)
 
     if not args.report_only:
         threads = use_all_cores()

@@ -4,7 +4,8 @@ Side by side in one process, on the same data and machine, slices per second of:
 
 - ``pipeline``: prepared slices -> two augmented views -> batches (DataLoader), no model,
   for the paper's views (whole slices, spatial augmentation only) and the default's (random
-  crops, then the intensity augmentation too);
+  crops, then the intensity augmentation too), drawn one slice at a time with MONAI
+  transforms and, for the default's, for a whole batch at once (``--batch-augment``);
 - ``step``: the full PCL step (forward of both views, loss, backward, SGD update) fed with
   ready tensors, in several settings ("arms"):
 
@@ -80,16 +81,16 @@ class Arm:
 
 #: The views the pipeline rows time: the paper's and what ``pclseg pretrain`` makes by default.
 VIEWS = {"the paper's views (whole slices)": PAPER_VIEWS,
-         "the default's views (crops, intensity)": {}}
+         "the default's views (crops, intensity)": {},
+         "the default's views, drawn per batch": {"batch_augment": True}}
 
 
 def pipeline_rate(cache: SliceCache, cfg: PretrainConfig, workers: int, steps: int) -> float:
     dataset = contrastive_views(cfg, cache, seed=0)
     batch = cfg.batch_size
     batches = [b for e in range(100) for b in epoch_batches(len(cache), batch, e, 0)][: steps + 2]
-    loader = DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, persistent_workers=False
-    )
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate,
+                        num_workers=workers, persistent_workers=False)
     it = iter(loader)
     next(it), next(it)  # warm-up: worker start and first allocations
     start = time.perf_counter()

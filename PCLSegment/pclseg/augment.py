@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     Resize,
 )
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .errors import PCLSegError
 
@@ -118,7 +119,7 @@ def _check_size(size: int) -> None:
         raise PCLSegError(f"augmentation size must be at least 16, got {size}")
 
 
-def _check_crop(fraction: float) -> None:
+def check_crop(fraction: float) -> None:
     if not 0 < fraction <= 1:
         raise PCLSegError(f"crop must be in (0, 1], got {fraction}")
 
@@ -160,7 +161,7 @@ def pretrain_augment(
     ``seed``; reseed with ``set_random_state``.
     """
     _check_size(size)
-    _check_crop(crop)
+    check_crop(crop)
     affine, elastic = _spatial_kwargs(size, params)
     transforms: list[Callable] = []
     if crop < 1:
@@ -247,7 +248,7 @@ def random_crop(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A random crop of ``image`` ``(C, H, W)``, each side between ``fraction`` and all of the
     image's, and its centre ``(2,)`` in fractions of the height and width."""
-    _check_crop(fraction)
+    check_crop(fraction)
     box, centre = [], []
     for length in image.shape[1:]:
         side = int(rng.integers(math.ceil(fraction * length), length + 1))
@@ -286,6 +287,11 @@ class EpochSeededSlices(Dataset):
     def image(self, index: int) -> torch.Tensor:
         """Slice ``index`` as a float32 ``(1, H, W)`` tensor (a memory map is read here)."""
         return torch.from_numpy(np.asarray(self.slices[index], dtype=np.float32)[None].copy())
+
+    def collate(self, items: list) -> Any:
+        """Items into a batch: the DataLoader's ``collate_fn`` (a subclass may draw its
+        augmentation here, for the whole batch at once)."""
+        return default_collate(items)
 
 
 class TwoViewSliceDataset(EpochSeededSlices):

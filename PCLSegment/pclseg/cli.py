@@ -121,6 +121,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         intensity_augment=args.intensity_augment,
         crop=args.crop,
         inplane_threshold=args.inplane_threshold,
+        batch_augment=args.batch_augment,
         # Resuming keeps the run's own epochs unless --epochs asks for more.
         epochs=args.epochs or (1 if args.resume else DEFAULT_PRETRAIN_EPOCHS),
         decoder_epochs=args.decoder_epochs,
@@ -328,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=PretrainConfig.intensity_augment,
         help="add random contrast, shading, scale and noise to the views (default: on; "
         "--no-intensity-augment gives the paper's spatial-only views)",
+    )
+    p.add_argument(
+        "--batch-augment",
+        action=argparse.BooleanOptionalAction,
+        default=PretrainConfig.batch_augment,
+        help="draw the views of a whole batch at once, in one resampling: the same "
+        "augmentation in a fraction of the time (--no-batch-augment: one slice at a time)",
     )
     p.add_argument(
         "--crop",

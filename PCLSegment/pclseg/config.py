@@ -111,6 +111,11 @@ class PretrainConfig:
     body a region lies, not only at which height. ``None``, the default, compares heights only;
     at 0.1 it measured level with crops alone (``docs/decisions.md``, 10).
 
+    ``batch_augment`` draws the contrastive stage's views for a whole batch at once, crop,
+    flips, rotation, scaling and elastic deformation in one resampling
+    (:mod:`pclseg.batch_views`), instead of one slice at a time with MONAI transforms. The same
+    distributions, a fraction of the data pipeline's time.
+
     ``threshold_slices`` or ``threshold_mm`` (PCL only, one of them) lets the positive threshold
     follow each volume: a pair is positive when ``|pos_a - pos_b| < max(threshold, K * u)``,
     with ``u = 1 / min(N_a, N_b)`` for ``K = threshold_slices`` (slices fewer than ``K`` apart in
@@ -139,6 +144,7 @@ class PretrainConfig:
     intensity_augment: bool = True
     crop: float = 0.5
     inplane_threshold: float | None = None
+    batch_augment: bool = False
     epochs: int = 50
     decoder_epochs: int = 0
     decoder_task: DecoderTask = "local"

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import default_collate
 
 from . import checkpoint
 from .cache import SliceCache
@@ -75,7 +74,7 @@ class PositionalTask(nn.Module):
         self.dataset.set_epoch(self.draws)
         self.draws += 1
         chosen = self.rng.choice(len(self.dataset), self.batch_size, replace=False)
-        view1, view2, positions, units, *centres = default_collate(
+        view1, view2, positions, units, *centres = self.dataset.collate(
             [self.dataset[int(i)] for i in chosen]
         )
         views = torch.cat([view1, view2])

@@ -291,6 +291,7 @@ def _pretrain(
                 loader = DataLoader(
                     stage.dataset,
                     batch_sampler=batches[first:],
+                    collate_fn=stage.dataset.collate,
                     num_workers=cfg.num_workers,
                     pin_memory=device.type == "cuda",
                 )

@@ -35,6 +35,7 @@ from .augment import (
     TwoViewSliceDataset,
     pretrain_augment,
 )
+from .batch_views import BatchTwoViewDataset, BatchViews
 from .cache import SliceCache
 from .config import PretrainConfig
 from .dense import AlignedViewsDataset, DenseContrastiveNet, MapNet, view_intensity_augment
@@ -92,11 +93,21 @@ def view_augment(
     )
 
 
-def contrastive_views(cfg: PretrainConfig, cache: SliceCache, seed: int) -> TwoViewSliceDataset:
+def contrastive_views(
+    cfg: PretrainConfig, cache: SliceCache, seed: int
+) -> TwoViewSliceDataset | BatchTwoViewDataset:
     """The two-view slices of the contrastive stage (and of the positional task kept on while
     fine-tuning): ``cfg``'s augmentation, and with an in-plane threshold one crop shared by
-    the two views of a slice, whose centre the loss compares."""
+    the two views of a slice, whose centre the loss compares. Batches come from the dataset's
+    ``collate``."""
     shared = cfg.inplane_threshold is not None
+    if cfg.batch_augment:
+        views = BatchViews(FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS,
+                           crop=1.0 if shared else cfg.crop, intensity=cfg.intensity_augment)
+        return BatchTwoViewDataset(
+            cache.slices, cache.positions, views, seed=seed,
+            units=cache.slice_units(cfg.position_unit), shared_crop=cfg.crop if shared else None,
+        )
     return TwoViewSliceDataset(
         cache.slices, cache.positions,
         view_augment(cfg, cfg.intensity_augment, crop=not shared), seed=seed,

@@ -294,7 +294,27 @@ class EpochSeededSlices(Dataset):
         return default_collate(items)
 
 
-class TwoViewSliceDataset(EpochSeededSlices):
+class PlacedSlices(EpochSeededSlices):
+    """Slices with their positions in their volumes, and optionally the length of one slice
+    (or millimetre) in those positions, checked to be one per slice: what the contrastive
+    views of a slice are compared by."""
+
+    def __init__(
+        self, slices: np.ndarray, positions: np.ndarray, seed: int = 0,
+        units: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(slices, seed)
+        positions = np.asarray(positions, dtype=np.float32)
+        for name, values in (("positions", positions), ("units", units)):
+            if values is not None and np.shape(values) != (slices.shape[0],):
+                raise ValueError(
+                    f"{name} must have shape ({slices.shape[0]},), got {tuple(np.shape(values))}"
+                )
+        self.positions = positions
+        self.units = None if units is None else np.asarray(units, dtype=np.float32)
+
+
+class TwoViewSliceDataset(PlacedSlices):
     """Slices with their positions, each returned as two augmented views for contrastive learning.
 
     ``dataset[i]`` is ``(view1 (1, H, W), view2 (1, H, W), position ())``, float32 tensors,
@@ -326,15 +346,7 @@ class TwoViewSliceDataset(EpochSeededSlices):
         units: np.ndarray | None = None,
         shared_crop: float | None = None,
     ) -> None:
-        super().__init__(slices, seed)
-        positions = np.asarray(positions, dtype=np.float32)
-        for name, values in (("positions", positions), ("units", units)):
-            if values is not None and np.shape(values) != (slices.shape[0],):
-                raise ValueError(
-                    f"{name} must have shape ({slices.shape[0]},), got {tuple(np.shape(values))}"
-                )
-        self.positions = positions
-        self.units = None if units is None else np.asarray(units, dtype=np.float32)
+        super().__init__(slices, positions, seed, units)
         self.transform = transform
         self.shared_crop = shared_crop
         self.resize = Resize(slices.shape[1:], mode="bilinear")

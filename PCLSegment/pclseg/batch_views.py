@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .augment import NO_FLIP_PARAMS, AugmentParams, EpochSeededSlices, check_crop
+from .augment import NO_FLIP_PARAMS, AugmentParams, PlacedSlices, check_crop
 
 #: Gamma, bias field coefficient, scale and noise ranges of the intensity stage (those of
 #: :func:`pclseg.augment.pretrain_augment`'s).
@@ -161,7 +161,7 @@ class BatchViews:
         return views
 
 
-class BatchTwoViewDataset(EpochSeededSlices):
+class BatchTwoViewDataset(PlacedSlices):
     """Slices with their positions whose two views are drawn for the whole batch at once, in
     :meth:`collate` (the DataLoader's ``collate_fn``): a batch is ``(view1, view2, positions)``,
     then ``units`` when given, then the crops' centres ``(n, 2)`` (fractions of the height and
@@ -185,17 +185,9 @@ class BatchTwoViewDataset(EpochSeededSlices):
         units: np.ndarray | None = None,
         shared_crop: float | None = None,
     ) -> None:
-        super().__init__(slices, seed)
-        positions = np.asarray(positions, dtype=np.float32)
-        for name, values in (("positions", positions), ("units", units)):
-            if values is not None and np.shape(values) != (slices.shape[0],):
-                raise ValueError(
-                    f"{name} must have shape ({slices.shape[0]},), got {tuple(np.shape(values))}"
-                )
+        super().__init__(slices, positions, seed, units)
         if shared_crop is not None:
             check_crop(shared_crop)
-        self.positions = positions
-        self.units = None if units is None else np.asarray(units, dtype=np.float32)
         self.views = views
         self.shared_crop = shared_crop
 

@@ -107,7 +107,8 @@ def main() -> None:
             decoder_epochs=args.decoder_epochs,
             flips=args.flips,
             crop=args.crop,
-            intensity_augment=False,  # the paper's views, as the published probe
+            intensity_augment=False,  # the paper's views, as the published probe,
+            batch_augment=False,  # drawn one slice at a time, as they were
             epochs=args.epochs,
             batch_size=args.batch_size,
             device=args.device,

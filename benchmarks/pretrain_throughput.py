@@ -79,9 +79,10 @@ class Arm:
     compile: bool = False
 
 
-#: The views the pipeline rows time: the paper's and what ``pclseg pretrain`` makes by default.
+#: The views the pipeline rows time: the paper's, and what ``pclseg pretrain`` makes by default
+#: drawn one slice at a time (as before ``batch_augment``) and per batch (the default).
 VIEWS = {"the paper's views (whole slices)": PAPER_VIEWS,
-         "the default's views (crops, intensity)": {},
+         "the default's views (crops, intensity)": {"batch_augment": False},
          "the default's views, drawn per batch": {"batch_augment": True}}
 
 

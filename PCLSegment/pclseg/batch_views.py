@@ -18,11 +18,15 @@ batch. The draws follow :class:`~pclseg.augment.AugmentParams` as the MONAI pipe
   coefficients in (0, 0.1)), a scale in (0.9, 1.1), Gaussian noise of a standard deviation
   drawn in (0, 0.05).
 
-Why: two MONAI views cost about 3.7 ms a slice on a 2-core CPU, a third of a pretraining
-epoch at 96 px (``benchmarks/pretrain_throughput.py``); for a batch at once the cost is a
-fraction of that, and one interpolation instead of three blurs a view less. The draws are
-seeded by the batch's item seeds (:class:`~pclseg.augment.EpochSeededSlices`), so they do not
-depend on loader workers and a resumed run draws what an uninterrupted one did.
+Why: two MONAI views cost about 3.4 ms a slice on a 2-core CPU, a third of a pretraining
+epoch at 96 px; for a batch at once, 0.45 ms (``benchmarks/pretrain_throughput.py``). Two
+things differ from the MONAI views: one interpolation instead of three blurs a view less, and
+a zoomed-out crop shows the slice around the crop, where MONAI's border padding repeats the
+edge of the already-cropped image. Its encoders measured a hair behind (``docs/decisions.md``,
+11), so :class:`~pclseg.config.PretrainConfig` draws per slice unless ``batch_augment``.
+The draws are seeded by the batch's item seeds (:class:`~pclseg.augment.EpochSeededSlices`),
+so they do not depend on loader workers and a resumed run draws what an uninterrupted one
+did.
 """
 
 from __future__ import annotations

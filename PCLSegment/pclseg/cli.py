@@ -334,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-augment",
         action=argparse.BooleanOptionalAction,
         default=PretrainConfig.batch_augment,
-        help="draw the views of a whole batch at once, in one resampling: the same "
-        "augmentation in a fraction of the time (--no-batch-augment: one slice at a time)",
+        help="draw the views of a whole batch at once, in one resampling: a third faster, "
+        "a hair behind in Dice (default: off, one slice at a time)",
     )
     p.add_argument(
         "--crop",

@@ -114,7 +114,7 @@ class PretrainConfig:
     ``batch_augment`` draws the contrastive stage's views for a whole batch at once, crop,
     flips, rotation, scaling and elastic deformation in one resampling
     (:mod:`pclseg.batch_views`), instead of one slice at a time with MONAI transforms: the same
-    distributions in a seventh of the data pipeline's time, a 50-epoch run of 20 volumes in 4
+    random transforms in a seventh of the data pipeline's time, a 50-epoch run of 20 volumes in 4
     minutes instead of 6 on a 2-core CPU. Off by default: its two encoders measured behind the
     per-slice ones in every column, by 0.003 to 0.011 (``docs/decisions.md``, 11).
 

@@ -80,7 +80,7 @@ class Arm:
 
 
 #: The views the pipeline rows time: the paper's, and what ``pclseg pretrain`` makes by default
-#: drawn one slice at a time (as before ``batch_augment``) and per batch (the default).
+#: drawn one slice at a time (the default) and per batch (``--batch-augment``).
 VIEWS = {"the paper's views (whole slices)": PAPER_VIEWS,
          "the default's views (crops, intensity)": {"batch_augment": False},
          "the default's views, drawn per batch": {"batch_augment": True}}

@@ -54,6 +54,15 @@ IMAGE, LABEL, PRIOR = "image", "label", "prior"
 #: no "zero" background value, and image and label must be padded alike to stay aligned.
 PADDING = "border"
 
+#: The intensity stage's ranges, one place for the per-slice pipelines here and the per-batch
+#: views (:mod:`pclseg.batch_views`): gamma, the bias field's Legendre degree and coefficients,
+#: the scale's half-width around 1, and the largest standard deviation of the noise.
+GAMMA = (0.7, 1.5)
+BIAS_DEGREE = 3
+BIAS_COEFF = (0.0, 0.1)
+SCALE = 0.1
+NOISE_STD = 0.05
+
 
 @dataclass(frozen=True)
 class AugmentParams:
@@ -178,10 +187,10 @@ def pretrain_augment(
     if intensity:
         p = params.intensity_prob
         transforms += [
-            RandAdjustContrast(prob=p, gamma=(0.7, 1.5)),
-            RandBiasField(prob=p, coeff_range=(0.0, 0.1)),
-            RandScaleIntensity(factors=0.1, prob=p),
-            RandGaussianNoise(prob=p, std=0.05),
+            RandAdjustContrast(prob=p, gamma=GAMMA),
+            RandBiasField(prob=p, degree=BIAS_DEGREE, coeff_range=BIAS_COEFF),
+            RandScaleIntensity(factors=SCALE, prob=p),
+            RandGaussianNoise(prob=p, std=NOISE_STD),
         ]
     transforms.append(EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False))
     compose = Compose(transforms)
@@ -214,10 +223,10 @@ def finetune_augment(
     if intensity:
         p = params.intensity_prob
         transforms += [
-            RandAdjustContrastd(IMAGE, prob=p, gamma=(0.7, 1.5)),
-            RandBiasFieldd(IMAGE, prob=p, coeff_range=(0.0, 0.1)),
-            RandScaleIntensityd(IMAGE, factors=0.1, prob=p),
-            RandGaussianNoised(IMAGE, prob=p, std=0.05),
+            RandAdjustContrastd(IMAGE, prob=p, gamma=GAMMA),
+            RandBiasFieldd(IMAGE, prob=p, degree=BIAS_DEGREE, coeff_range=BIAS_COEFF),
+            RandScaleIntensityd(IMAGE, factors=SCALE, prob=p),
+            RandGaussianNoised(IMAGE, prob=p, std=NOISE_STD),
         ]
     transforms.append(
         EnsureTyped(keys, data_type="tensor", dtype=(torch.float32, torch.int64, torch.float32),

@@ -38,15 +38,17 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .augment import NO_FLIP_PARAMS, AugmentParams, PlacedSlices, check_crop
-
-#: Gamma, bias field coefficient, scale and noise ranges of the intensity stage (those of
-#: :func:`pclseg.augment.pretrain_augment`'s).
-GAMMA = (0.7, 1.5)
-BIAS_COEFF = (0.0, 0.1)
-BIAS_DEGREE = 3
-SCALE = 0.1
-NOISE_STD = 0.05
+from .augment import (
+    BIAS_COEFF,
+    BIAS_DEGREE,
+    GAMMA,
+    NO_FLIP_PARAMS,
+    NOISE_STD,
+    SCALE,
+    AugmentParams,
+    PlacedSlices,
+    check_crop,
+)
 
 
 def _uniform(low: float, high: float, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -128,7 +130,8 @@ def intensity_views(views: torch.Tensor, p: float, g: torch.Generator) -> torch.
 
     chosen = _chosen(p, n, g)
     std = _uniform(0.0, NOISE_STD, (len(chosen), 1, 1, 1), g)
-    views[chosen] = views[chosen] + std * torch.randn(views[chosen].shape, generator=g)
+    picked = views[chosen]
+    views[chosen] = picked + std * torch.randn(picked.shape, generator=g)
     return views
 
 

@@ -178,6 +178,22 @@ def test_default_augmentations_never_mirror_a_slice() -> None:
     assert any(mirrored(flipping(image)) for _ in range(30))
 
 
+@pytest.mark.parametrize("zoom", [0.8, 1.5])
+def test_a_scale_range_is_drawn_as_given_on_each_axis(zoom: float) -> None:
+    # A range of one value zooms by exactly that much along both axes (MONAI would read a flat
+    # pair as half-widths, a random zoom in (2 - zoom, zoom)): a ramp along either axis comes
+    # out ``zoom`` times as steep.
+    params = replace(NO_FLIP_PARAMS, affine_prob=1.0, rotate_degrees=0.0, elastic_prob=0.0,
+                     scale_range=(zoom, zoom))
+    ramp = np.broadcast_to(np.arange(SIZE, dtype=np.float32), (1, SIZE, SIZE))
+    mid = slice(SIZE // 2 - 4, SIZE // 2 + 4)
+    for axis_ramp in (ramp, ramp.transpose(0, 2, 1)):
+        for seed in range(3):
+            view = pretrain_augment(SIZE, seed=seed, params=params)(axis_ramp.copy())
+            along = view[0, mid, mid] if axis_ramp is ramp else view[0, mid, mid].T
+            assert float(along.diff(dim=1).mean()) == pytest.approx(zoom, abs=0.02)
+
+
 def test_a_crop_views_part_of_the_slice_resized_back(a_slice: np.ndarray) -> None:
     # Without rotation, scaling and warps a whole-slice view is the slice itself; a cropped
     # view of the ramp spans less of its range at the same size, and its sides are at least

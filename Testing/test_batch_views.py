@@ -72,6 +72,21 @@ def test_rotation_and_scaling_turn_about_the_centre():
     assert slope(wide) / slope(images) == pytest.approx(1.3, abs=0.02)
 
 
+def test_a_zoomed_out_crop_repeats_its_edge_and_shows_nothing_beyond_it():
+    # The right half of a ramp (0.5 to 1), drawn 1.5 times smaller, as the per-slice pipeline
+    # draws it: the crop resized to the slice, then zoomed out with its border repeated.
+    zoom = replace(STILL, affine_prob=1.0, rotate_degrees=0.0, scale_range=(1.5, 1.5))
+    half, centre = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.0]])
+    view = BatchViews(zoom)(ramps(1), generator(), (half, centre))
+    resized = F.interpolate(ramps(1)[..., SIZE // 2:], size=(SIZE, SIZE), mode="bilinear")
+    per_slice = pretrain_augment(SIZE, params=zoom)(resized[0])
+    assert float(view.min()) >= 0.5 - 1 / SIZE and float(view.max()) <= 1.0
+    # The edge repeats over the outer sixth of each side, as in the per-slice view.
+    edge = SIZE // 6 - 1
+    assert float(view[..., :edge].std()) < 1e-3 and float(view[..., -edge:].std()) < 1e-3
+    torch.testing.assert_close(view[0, 0], per_slice[0], atol=0.02, rtol=0)
+
+
 def test_elastic_warps_move_pixels_a_few_of_them_only():
     warp = replace(STILL, elastic_prob=1.0)
     images = ramps(8)

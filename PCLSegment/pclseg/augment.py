@@ -139,7 +139,10 @@ def _spatial_kwargs(size: int, params: AugmentParams) -> tuple[dict, dict]:
     affine = {
         "prob": params.affine_prob,
         "rotate_range": math.radians(params.rotate_degrees),
-        "scale_range": (low - 1.0, high - 1.0),  # MONAI adds 1 to the sampled scale
+        # One (min, max) per axis (MONAI adds 1 to what it draws): MONAI reads a flat pair as
+        # one half-width per axis, right only for a range symmetric about 1. For such a range
+        # the first axis's bounds, reversed, draw what the flat pair drew, seed for seed.
+        "scale_range": ((high - 1.0, low - 1.0), (low - 1.0, high - 1.0)),
         "spatial_size": (size, size),
         "padding_mode": PADDING,
         "cache_grid": True,

@@ -9,7 +9,7 @@ batch. The draws follow :class:`~pclseg.augment.AugmentParams` as the MONAI pipe
 - crop: each side between ``crop`` and all of the slice's, placed anywhere inside it;
 - flips along both axes with ``flip_prob``;
 - with ``affine_prob``: a rotation within ``rotate_degrees`` and a scale per axis in
-  ``scale_range`` (above 1 zooms out; borders repeat the edge, as ``padding_mode="border"``);
+  ``scale_range`` (above 1 zooms out; borders repeat the crop's edge);
 - with ``elastic_prob``: a smooth displacement, normal offsets of a random magnitude in
   ``elastic_magnitude`` x size pixels at control points ``elastic_spacing`` x size apart,
   interpolated bicubically;
@@ -18,12 +18,16 @@ batch. The draws follow :class:`~pclseg.augment.AugmentParams` as the MONAI pipe
   coefficients in (0, 0.1)), a scale in (0.9, 1.1), Gaussian noise of a standard deviation
   drawn in (0, 0.05).
 
+Each view pixel reads where the per-slice pipeline's transforms, applied one after another,
+would take it, with each stage's border padding: the warp's offsets stay inside the frame and
+the composed point inside the crop box, so a zoomed-out view repeats the crop's edge as the
+MONAI pipeline does, rather than showing the slice around the crop.
+
 Why: two MONAI views cost about 3.4 ms a slice on a 2-core CPU, a third of a pretraining
-epoch at 96 px; for a batch at once, 0.45 ms (``benchmarks/pretrain_throughput.py``). Two
-things differ from the MONAI views: one interpolation instead of three blurs a view less, and
-a zoomed-out crop shows the slice around the crop, where MONAI's border padding repeats the
-edge of the already-cropped image. Its encoders measured a hair behind (``docs/decisions.md``,
-11), so :class:`~pclseg.config.PretrainConfig` draws per slice unless ``batch_augment``.
+epoch at 96 px; for a batch at once, 0.45 ms (``benchmarks/pretrain_throughput.py``). What
+still differs from the MONAI views is that one interpolation instead of three blurs a view
+less. ``docs/decisions.md`` (11) has what its encoders measured and why
+:class:`~pclseg.config.PretrainConfig` draws per slice unless ``batch_augment``.
 The draws are seeded by the batch's item seeds (:class:`~pclseg.augment.EpochSeededSlices`),
 so they do not depend on loader workers and a resumed run draws what an uninterrupted one
 did.
@@ -157,10 +161,17 @@ class BatchViews:
         n, _, height, width = images.shape
         half, centre = crops if crops is not None else crop_boxes(n, self.crop, g)
         linear = half[:, :, None] * linear_parts(n, self.params, g)
-        theta = torch.cat([linear, centre[:, :, None]], dim=2)
-        grid = F.affine_grid(theta, [n, 1, height, width], align_corners=False)
+        # Where each view pixel reads, composed backwards as the per-slice pipeline applies
+        # its transforms: the warp's offsets (clamped to the frame, its border padding), then
+        # the affine and the crop's place, then clamped to the crop box, so that a zoomed-out
+        # view repeats the crop's edge as resampling the cropped slice does.
+        still = torch.eye(2, 3).expand(n, 2, 3)
+        points = F.affine_grid(still, [n, 1, height, width], align_corners=False)
         bent, offsets = elastic_offsets(n, (height, width), self.params, g)
-        grid[bent] += torch.einsum("kij,khwj->khwi", linear[bent], offsets)
+        points[bent] = (points[bent] + offsets).clamp(-1.0, 1.0)
+        grid = torch.einsum("nij,nhwj->nhwi", linear, points) + centre[:, None, None]
+        box = (centre - half)[:, None, None], (centre + half)[:, None, None]
+        grid = torch.maximum(torch.minimum(grid, box[1]), box[0])
         views = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
                               align_corners=False)
         if self.intensity:

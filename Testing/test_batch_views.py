@@ -13,7 +13,12 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from pclseg.augment import NO_FLIP_PARAMS, TwoViewSliceDataset, pretrain_augment
-from pclseg.batch_views import BatchTwoViewDataset, BatchViews, intensity_views
+from pclseg.batch_views import (
+    BatchLabelledViews,
+    BatchTwoViewDataset,
+    BatchViews,
+    intensity_views,
+)
 from pclseg.errors import PCLSegError
 
 SIZE = 32
@@ -114,6 +119,44 @@ def test_views_are_seeded_by_the_generator():
     first, again = views(images, generator(3)), views(images, generator(3))
     assert torch.equal(first, again)
     assert not torch.equal(first, views(images, generator(4)))
+
+
+def labelled(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` slices of a ramp with a prior channel that is its label map: labels 0, 2 and 5 in
+    vertical bands."""
+    labels = torch.zeros(n, 1, SIZE, SIZE, dtype=torch.int64)
+    labels[..., SIZE // 3:2 * SIZE // 3] = 2
+    labels[..., 2 * SIZE // 3:] = 5
+    return torch.cat([ramps(n), labels.float()], dim=1), labels
+
+
+def test_labelled_views_move_image_prior_and_label_together():
+    inputs, labels = labelled()
+    views, moved = BatchLabelledViews(NO_FLIP_PARAMS, intensity=False)(inputs, labels,
+                                                                       generator())
+    assert views.dtype == torch.float32 and moved.dtype == torch.int64
+    assert views.shape == inputs.shape and moved.shape == labels.shape
+    assert set(moved.unique().tolist()) <= {0, 2, 5}  # nearest: labels stay labels
+    assert not torch.equal(moved, labels)  # the draws moved them
+    # The prior channel, read bilinearly, is the label map where it is not near an edge.
+    agree = (views[:, 1].round() == moved[:, 0]).float().mean()
+    assert float(agree) > 0.9
+    # A flip moves the image and the label alike.
+    flip = replace(STILL, flip_prob=1.0)
+    views, moved = BatchLabelledViews(flip, intensity=False)(inputs, labels, generator())
+    torch.testing.assert_close(views[:, :1], inputs[:, :1].flip(2, 3), atol=1e-4, rtol=0)
+    assert torch.equal(moved, labels.flip(2, 3))
+
+
+def test_labelled_views_shade_the_image_channel_only():
+    inputs, labels = labelled()
+    shade = replace(STILL, intensity_prob=1.0)
+    views, moved = BatchLabelledViews(shade)(inputs, labels, generator())
+    assert not torch.allclose(views[:, :1], inputs[:, :1], atol=1e-3)
+    torch.testing.assert_close(views[:, 1:], inputs[:, 1:], atol=1e-4, rtol=0)
+    assert torch.equal(moved, labels)
+    with pytest.raises(ValueError, match=r"labels must have shape \(n, 1, H, W\)"):
+        BatchLabelledViews()(inputs, labels[:4], generator())
 
 
 def dataset(n: int = 6, **kwargs) -> BatchTwoViewDataset:

@@ -13,8 +13,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from pclseg import checkpoint
+from pclseg.batch_views import BatchLabelledViews
 from pclseg.cli import _finetune_config, build_parser
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig, to_dict
 from pclseg.dense import DenseContrastiveNet
@@ -279,6 +281,40 @@ def test_draws_deal_every_slice_equally_and_reproducibly() -> None:
     np.testing.assert_array_equal(draws.order, again.order)
     image, label = draws[0]
     assert image.shape == (1, 32, 32) and label.dtype == torch.int64
+
+
+def test_draws_augmented_per_batch_are_seeded_by_the_draws_not_the_workers() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.zeros((3, 32, 32), np.int64)
+    labels[:, 8:20, 10:24] = 3
+    data = TrainingSlices(rng.random((3, 32, 32)).astype(np.float32), labels,
+                          [("v", i) for i in range(3)])
+    views = BatchLabelledViews()
+
+    def batches(workers: int, seed: tuple[int, int] = (0, 1)) -> list:
+        draws = SliceDraws(data, 8, seed=seed, augment=views, num_classes=4)
+        return list(DataLoader(draws, batch_size=4, collate_fn=draws.collate,
+                               num_workers=workers))
+
+    first = batches(0)
+    inputs, moved = first[0]
+    assert inputs.shape == (4, 4, 32, 32) and moved.shape == (4, 1, 32, 32)
+    assert moved.dtype == torch.int64 and set(moved.unique().tolist()) <= {0, 3}
+    for (a, b), (c, d) in zip(first, batches(2), strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    assert not torch.equal(first[0][0], batches(0, (0, 2))[0][0])
+
+
+def test_a_run_with_draws_per_batch_trains(one_pair: tuple[Path, Path]) -> None:
+    data, _, _, _ = load_training_slices([one_pair], TINY, None)
+    cfg = dataclasses.replace(TINY, batch_augment=True,
+                              model=dataclasses.replace(TINY.model, num_classes=5))
+    trainer = Trainer(build_model(cfg, None), cfg, torch.device("cpu"))
+    assert isinstance(trainer.augment, BatchLabelledViews)
+    before = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    result = trainer.run(data, 3, lambda s: 1e-3, seed=(0, 0))
+    assert result.steps == 3 and np.isfinite(result.loss)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.unet.state_dict().items())
 
 
 def test_labels_outside_annotated_slices_do_not_change_training(

@@ -35,6 +35,10 @@ interest as in the default, so that both recipes see the same pixels), its inits
 runs are paired with random init under the same recipe in a second table, and appear in the
 first against the default's random init.
 
+``--draws-per-batch`` adds, for random init and each encoder, an arm whose fine-tuning draws
+its augmentation for a whole batch at once (``FinetuneConfig.batch_augment``), named "random,
+draws per batch", paired with the same init drawn per slice.
+
 Every run is appended to ``--out``/runs.jsonl as it finishes and skipped when started again;
 the table (mean ± std over folds x seeds per init and n; each encoder's paired difference to
 random init ± std and the runs it is ahead in; a pretraining repeated with another seed,
@@ -106,6 +110,8 @@ def linked_folder(volumes: list[Path], data: Path, where: Path) -> tuple[Path, P
 
 
 PAPER = ", paper fine-tuning"
+#: The arm of ``--draws-per-batch`` (``FinetuneConfig.batch_augment``), as a name says it.
+DRAWS_PER_BATCH = "draws per batch"
 
 
 def paper_finetuning(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -163,6 +169,9 @@ def main() -> None:
     parser.add_argument("--positional-weight", type=float, nargs="+", default=[], metavar="W",
                         help="also fine-tune each encoder with its pretraining's contrastive "
                         "task kept on at weight W")
+    parser.add_argument("--draws-per-batch", action="store_true",
+                        help="also fine-tune every init with its augmentation drawn for a whole "
+                        "batch at once")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary from runs.jsonl, train nothing")
     args = parser.parse_args()
@@ -170,12 +179,17 @@ def main() -> None:
     log = args.out / "runs.jsonl"
     suffix = PAPER if args.recipe == "paper" else ""
     # Each arm: its init and what it changes in the fine-tuning config.
-    inits: dict[str, tuple[Path | None, dict]] = {RANDOM + suffix: (None, {})}
+    bases: dict[str, Path | None] = {RANDOM: None}
     for item in args.encoder:
         name, _, run_dir = item.partition("=")
-        inits[name + suffix] = (Path(run_dir), {})
-        for said, changes in fine_tuning_variants(args):
-            inits[f"{name}, {said}{suffix}"] = (Path(run_dir), changes)
+        bases[name] = Path(run_dir)
+    inits: dict[str, tuple[Path | None, dict]] = {}
+    for name, init in bases.items():
+        inits[name + suffix] = (init, {})
+        if args.draws_per_batch:
+            inits[f"{name}, {DRAWS_PER_BATCH}{suffix}"] = (init, {"batch_augment": True})
+        for said, changes in fine_tuning_variants(args) if init is not None else []:
+            inits[f"{name}, {said}{suffix}"] = (init, changes)
     images = chosen_images(args.data, None, None)
     names = structure_names(args.data)
     if args.test >= len(images):

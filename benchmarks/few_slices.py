@@ -44,6 +44,8 @@ fit 0.90              the first phase ends at a training Dice of 0.90 instead of
 encoder levels 1-3    only the pretrained encoder's first 3 of 5 levels are taken; the two
                       deepest, most shaped by the contrastive task, start random
 no batch norms        the pretrained encoder without its batch norms' weights and statistics
+draws per batch       the defaults with fine-tuning's augmentation drawn for the whole batch
+                      at once, in one resampling (``FinetuneConfig.batch_augment``)
 128 px, f = 32        the defaults at the commands' model size (slices of 128 px, width 32)
                       whatever ``--size`` and ``--features`` say; random init only
 ===================== ======================================================================
@@ -96,11 +98,13 @@ LR_LOW, FIXED_CAP = "lr 3e-4", "fixed cap"
 ENCODER_SLOW, FIT90, WARMUP = "encoder lr 0.1", "fit 0.90", "encoder warm-up 100"
 GAP1, GAP2 = "prior by 1/gap", "prior by 2/gap"
 SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
+DRAWS_PER_BATCH = "draws per batch"
 #: The commands' model size (``PreprocessConfig``'s and ``ModelConfig``'s defaults) as an arm.
 COMMAND_SIZE, COMMAND_FEATURES = PreprocessConfig().size, ModelConfig().features
 LARGE = f"{COMMAND_SIZE} px, f = {COMMAND_FEATURES}"
 ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, LR_LOW, FAST,
-        MEAN_STOP, FIXED_CAP, ENCODER_SLOW, WARMUP, FIT90, SHALLOW, NO_NORMS, LARGE, GAP1, GAP2)
+        MEAN_STOP, FIXED_CAP, ENCODER_SLOW, WARMUP, FIT90, SHALLOW, NO_NORMS, LARGE, GAP1, GAP2,
+        DRAWS_PER_BATCH)
 #: Arms scored from another arm's network, and which.
 SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR, GAP1: DEFAULT, GAP2: DEFAULT}
 OLD_STEPS = 300
@@ -142,6 +146,8 @@ def arm_config(arm: str, base: FinetuneConfig) -> tuple[FinetuneConfig, int | No
         return dataclasses.replace(base, stop=stop), None
     if arm == FIXED_CAP:  # the cap ends the run even with a structure unlearned
         return dataclasses.replace(base, stop=dataclasses.replace(base.stop, stretch=1.0)), None
+    if arm == DRAWS_PER_BATCH:
+        return dataclasses.replace(base, batch_augment=True), None
     if arm == OLD:
         return dataclasses.replace(base, roi=False, prior=False, postprocess=False), OLD_STEPS
     return base, None

@@ -7,6 +7,10 @@ alone in slices per second.
 
     python benchmarks/refine_latency.py --models 128x32 96x16 --rounds 4
 
+``--draws slice batch`` times each model twice: with fine-tuning's augmentation drawn one
+slice at a time (MONAI, ``FinetuneConfig.batch_augment=False``) and for the whole batch at once
+(``batch_augment=True``).
+
 With ``--compile``, prediction alone is timed again with the network under ``torch.compile``
 (its first call, compilation included, and the warm calls after it), and so are two refine
 rounds through the compiled network (or the error compiling them raises).
@@ -17,6 +21,7 @@ The model starts from random init (the time does not depend on the weights).
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import tempfile
@@ -34,6 +39,8 @@ from pclseg.predict import slice_probabilities
 from pclseg.session import RefineSession
 
 SHAPE = (40, 256, 256)
+#: How fine-tuning's augmentation is drawn, as the rows say it.
+DRAWS = {"slice": "per slice", "batch": "per batch"}
 
 
 def test_volume(folder: Path) -> Path:
@@ -43,9 +50,10 @@ def test_volume(folder: Path) -> Path:
     return write_image(image, folder / "latency.nrrd")
 
 
-def measure(path: Path, size: int, features: int, args: argparse.Namespace) -> dict:
+def measure(path: Path, size: int, features: int, draws: str, args: argparse.Namespace) -> dict:
     cfg = FinetuneConfig(
         batch_size=args.batch_size, device=args.device, amp=not args.no_amp,
+        batch_augment=draws == "batch",
         preprocess=PreprocessConfig(size=size), model=ModelConfig(features=features),
     )
     session = RefineSession.from_encoder(read_volume(path), None, cfg, ["organ"])
@@ -97,6 +105,8 @@ def main() -> None:
     parser.add_argument("--refine-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--draws", nargs="+", choices=DRAWS, default=["slice"],
+                        help="fine-tuning's augmentation drawn per slice and/or per batch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-amp", action="store_true")
     parser.add_argument("--compile", action="store_true",
@@ -108,19 +118,20 @@ def main() -> None:
     print(f"device: {device} ({name or platform.machine()}), {threads} threads, "
           f"{precision_name(device, not args.no_amp)}; volume {SHAPE[2]} x {SHAPE[1]} x "
           f"{SHAPE[0]}; refine {args.refine_steps} steps of batch {args.batch_size}\n")
-    print("| model | first round: refine + predict (s) | warm round: refine + predict (s) "
-          "| prediction alone (s) | prediction slices/s |\n|---|---|---|---|---|")
+    print("| model | draws | first round: refine + predict (s) | warm round: refine + predict "
+          "(s) | prediction alone (s) | prediction slices/s |\n|---|---|---|---|---|---|")
     compiled_rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = test_volume(Path(tmp))
-        for model in args.models:
+        for model, draws in itertools.product(args.models, args.draws):
             size, features = (int(v) for v in model.lower().split("x"))
-            result = measure(path, size, features, args)
+            result = measure(path, size, features, draws, args)
             first, warm = result["rounds"][0], result["rounds"][1:]
             warm_refine = statistics.median(r for r, _ in warm)
             warm_predict = statistics.median(p for _, p in warm)
-            print(f"| {size} px, f = {features} | {sum(first):.2f} ({first[0]:.2f} + "
-                  f"{first[1]:.2f}) | {warm_refine + warm_predict:.2f} ({warm_refine:.2f} + "
+            print(f"| {size} px, f = {features} | {DRAWS[draws]} | {sum(first):.2f} "
+                  f"({first[0]:.2f} + {first[1]:.2f}) | {warm_refine + warm_predict:.2f} "
+                  f"({warm_refine:.2f} + "
                   f"{warm_predict:.2f}) | {result['predict_s']:.2f} | "
                   f"{SHAPE[0] / result['predict_s']:.0f} |", flush=True)
             if args.compile:

@@ -139,6 +139,41 @@ def intensity_views(views: torch.Tensor, p: float, g: torch.Generator) -> torch.
     return views
 
 
+def sampling_grid(n: int, size: tuple[int, int], params: AugmentParams, g: torch.Generator,
+                  crops: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``(n, H, W, 2)``: where each pixel of ``n`` random views of size ``size`` reads its
+    slice, in ``grid_sample``'s coordinates, for crops ``(half_sides, centres)`` (none: whole
+    slices), flips, rotation and scaling, and the elastic warp.
+
+    Composed backwards as the per-slice pipeline applies its transforms: the warp's offsets
+    (clamped to the frame, its border padding), then the affine and the crop's place, then
+    clamped to the crop box, so that a zoomed-out view repeats the crop's edge as resampling
+    the cropped slice does.
+    """
+    if crops is None:
+        crops = torch.ones(n, 2), torch.zeros(n, 2)
+    half, centre = crops
+    linear = half[:, :, None] * linear_parts(n, params, g)
+    still = torch.eye(2, 3).expand(n, 2, 3)
+    points = F.affine_grid(still, [n, 1, *size], align_corners=False)
+    bent, offsets = elastic_offsets(n, size, params, g)
+    points[bent] = (points[bent] + offsets).clamp(-1.0, 1.0)
+    grid = torch.einsum("nij,nhwj->nhwi", linear, points) + centre[:, None, None]
+    low, high = (centre - half)[:, None, None], (centre + half)[:, None, None]
+    return torch.maximum(torch.minimum(grid, high), low)
+
+
+def resample(images: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """``images`` ``(n, C, H, W)`` read at ``grid``, float32, edges repeated beyond them."""
+    return F.grid_sample(images.float(), grid, mode=mode, padding_mode="border",
+                         align_corners=False)
+
+
+def _check_batch(images: torch.Tensor) -> None:
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (n, C, H, W), got {tuple(images.shape)}")
+
+
 @dataclass(frozen=True)
 class BatchViews:
     """A random view of every slice of a batch: ``(n, C, H, W)`` -> float32, same shape.
@@ -156,27 +191,42 @@ class BatchViews:
 
     def __call__(self, images: torch.Tensor, g: torch.Generator,
                  crops: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if images.ndim != 4:
-            raise ValueError(f"images must have shape (n, C, H, W), got {tuple(images.shape)}")
+        _check_batch(images)
         n, _, height, width = images.shape
-        half, centre = crops if crops is not None else crop_boxes(n, self.crop, g)
-        linear = half[:, :, None] * linear_parts(n, self.params, g)
-        # Where each view pixel reads, composed backwards as the per-slice pipeline applies
-        # its transforms: the warp's offsets (clamped to the frame, its border padding), then
-        # the affine and the crop's place, then clamped to the crop box, so that a zoomed-out
-        # view repeats the crop's edge as resampling the cropped slice does.
-        still = torch.eye(2, 3).expand(n, 2, 3)
-        points = F.affine_grid(still, [n, 1, height, width], align_corners=False)
-        bent, offsets = elastic_offsets(n, (height, width), self.params, g)
-        points[bent] = (points[bent] + offsets).clamp(-1.0, 1.0)
-        grid = torch.einsum("nij,nhwj->nhwi", linear, points) + centre[:, None, None]
-        box = (centre - half)[:, None, None], (centre + half)[:, None, None]
-        grid = torch.maximum(torch.minimum(grid, box[1]), box[0])
-        views = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
-                              align_corners=False)
+        if crops is None:
+            crops = crop_boxes(n, self.crop, g)
+        views = resample(images, sampling_grid(n, (height, width), self.params, g, crops))
         if self.intensity:
             views = intensity_views(views, self.params.intensity_prob, g)
         return views
+
+
+@dataclass(frozen=True)
+class BatchLabelledViews:
+    """Fine-tuning's random draws for a whole batch, as
+    :func:`~pclseg.augment.finetune_augment` draws them one slice at a time: one spatial
+    transform per slice on its input channels (bilinear) and its label map (nearest, so its
+    values stay labels), then the intensity stage on the image channel (the first) only.
+    """
+
+    params: AugmentParams = NO_FLIP_PARAMS
+    intensity: bool = True
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inputs`` ``(n, C, H, W)``, ``labels`` ``(n, 1, H, W)`` -> float32 inputs, int64
+        labels of the same shapes (new tensors)."""
+        _check_batch(inputs)
+        if labels.shape != (inputs.shape[0], 1, *inputs.shape[2:]):
+            raise ValueError(f"labels must have shape (n, 1, H, W) of the inputs', "
+                             f"got {tuple(labels.shape)}")
+        n, _, height, width = inputs.shape
+        grid = sampling_grid(n, (height, width), self.params, g)
+        views = resample(inputs, grid)
+        labels = resample(labels, grid, mode="nearest").round().long()
+        if self.intensity:
+            views[:, :1] = intensity_views(views[:, :1], self.params.intensity_prob, g)
+        return views, labels
 
 
 class BatchTwoViewDataset(PlacedSlices):

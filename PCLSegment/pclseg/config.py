@@ -317,6 +317,10 @@ class FinetuneConfig:
     keep the random init the seed gives), with their batch-norm weights and statistics when
     ``transfer_norm``.
 
+    ``batch_augment`` draws the augmentation for a whole batch at once, in one resampling
+    (:class:`pclseg.batch_views.BatchLabelledViews`) rather than slice by slice with MONAI
+    (:func:`pclseg.augment.finetune_augment`): the same random transforms, less work a step.
+
     A held-out check takes ``validation_fraction`` of the annotated slices when there are at
     least ``min_validation_slices``. With a pretrained encoder, ``model.features`` and
     ``preprocess`` come from the encoder; ``model.num_classes`` and ``model.in_channels``
@@ -338,6 +342,7 @@ class FinetuneConfig:
     loss: Literal["ce", "dice", "dice_ce"] = "dice_ce"
     augment: bool = True
     intensity_augment: bool = True
+    batch_augment: bool = False
     validation_fraction: float = 0.2
     roi: bool = True
     roi_margin: float = 0.25

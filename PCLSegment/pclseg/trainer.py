@@ -20,6 +20,7 @@ from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader
 
 from .augment import finetune_augment
+from .batch_views import BatchLabelledViews
 from .config import FinetuneConfig
 from .device import autocast, channels_last, grad_scaler, network_input
 from .errors import PCLSegError
@@ -29,6 +30,15 @@ from .positional_task import PositionalTask
 from .predict import slice_probabilities
 from .stopping import FitProgress
 from .training_slices import SliceDraws, TrainingSlices
+
+
+def augmentation(cfg: FinetuneConfig) -> Callable | BatchLabelledViews | None:
+    """Fine-tuning's random draws: per slice (MONAI), per batch, or none."""
+    if not cfg.augment:
+        return None
+    if cfg.batch_augment:
+        return BatchLabelledViews(intensity=cfg.intensity_augment)
+    return finetune_augment(cfg.preprocess.size, intensity=cfg.intensity_augment, seed=cfg.seed)
 
 
 def make_loss(kind: str) -> DiceCELoss:
@@ -97,10 +107,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.loss_fn = make_loss(cfg.loss)
         self.scaler = grad_scaler(device, cfg.amp)
-        self.augment = (
-            finetune_augment(cfg.preprocess.size, intensity=cfg.intensity_augment, seed=cfg.seed)
-            if cfg.augment else None
-        )
+        self.augment = augmentation(cfg)
 
     @property
     def num_classes(self) -> int:
@@ -159,7 +166,7 @@ class Trainer:
         draws = SliceDraws(data, steps * batch, seed, self.augment,
                            self.num_classes if self.with_prior else None, self.cfg.prior_dropout)
         loader = DataLoader(draws, batch_size=batch, shuffle=False, drop_last=True,
-                            pin_memory=self.device.type == "cuda")
+                            collate_fn=draws.collate, pin_memory=self.device.type == "cuda")
         losses: list[float] = []
         for step, (images, labels) in enumerate(loader):
             loss = self.step(network_input(images, self.device),

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .augment import plain_tensors, reseed
+from .batch_views import BatchLabelledViews
 from .config import FinetuneConfig
 from .errors import PCLSegError
 from .interpolate import leave_one_out_priors, prior_channels
@@ -140,6 +141,11 @@ class SliceDraws(Dataset):
     so a draw is the same whatever DataLoader worker makes it. ``dataset[k]`` is
     ``(input (1 [+ C - 1], size, size) float32, label (1, size, size) int64)``: the image,
     then with ``num_classes`` set the prior's one-hot foreground channels.
+
+    ``augment`` is a MONAI transform of one draw (:func:`pclseg.augment.finetune_augment`) or a
+    :class:`~pclseg.batch_views.BatchLabelledViews`, which augments a whole batch at once in
+    :meth:`collate` (the DataLoader's ``collate_fn``), seeded by the batch's draws: then
+    ``dataset[k]`` is the draw unaugmented, with its seed.
     """
 
     def __init__(
@@ -165,7 +171,12 @@ class SliceDraws(Dataset):
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def per_batch(self) -> bool:
+        """Whether the draws are augmented a batch at a time, in :meth:`collate`."""
+        return isinstance(self.augment, BatchLabelledViews)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
         index = int(self.order[k])
         draw = np.random.default_rng([*self.seed, k, 1])
         item = {
@@ -177,12 +188,22 @@ class SliceDraws(Dataset):
             if draw.random() < self.prior_dropout:
                 prior = np.zeros_like(prior)
             item["prior"] = prior_channels(prior, self.num_classes)
-        if self.augment is not None:
-            state = np.random.SeedSequence([*self.seed, k]).generate_state(1)
-            reseed(self.augment, int(state[0]))
+        state = int(np.random.SeedSequence([*self.seed, k]).generate_state(1)[0])
+        if self.augment is not None and not self.per_batch:
+            reseed(self.augment, state)
             with plain_tensors():
                 item = self.augment(item)
         channels = [torch.as_tensor(item["image"], dtype=torch.float32)]
         if "prior" in item:
             channels.append(torch.as_tensor(item["prior"], dtype=torch.float32))
-        return torch.cat(channels), torch.as_tensor(item["label"], dtype=torch.int64)
+        draw = torch.cat(channels), torch.as_tensor(item["label"], dtype=torch.int64)
+        return (*draw, state) if self.per_batch else draw
+
+    def collate(self, items: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws into a batch ``(inputs, labels)``: the DataLoader's ``collate_fn``."""
+        if not self.per_batch:
+            return default_collate(items)
+        inputs = torch.stack([item[0] for item in items])
+        labels = torch.stack([item[1] for item in items])
+        seed = np.random.SeedSequence([item[2] for item in items]).generate_state(1)[0]
+        return self.augment(inputs, labels, torch.Generator().manual_seed(int(seed)))

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=PretrainConfig.batch_augment,
         help="draw the views of a whole batch at once, in one resampling: a third faster, "
-        "a hair behind in Dice (default: off, one slice at a time)",
+        "a hundredth behind in Dice on two slices (default: off, one slice at a time)",
     )
     p.add_argument(
         "--crop",

@@ -115,8 +115,9 @@ class PretrainConfig:
     flips, rotation, scaling and elastic deformation in one resampling
     (:mod:`pclseg.batch_views`), instead of one slice at a time with MONAI transforms: the same
     random transforms in a seventh of the data pipeline's time, a 50-epoch run of 20 volumes in 4
-    minutes instead of 6 on a 2-core CPU. Off by default: its two encoders measured behind the
-    per-slice ones in every column, by 0.003 to 0.011 (``docs/decisions.md``, 11).
+    minutes instead of 6 on a 2-core CPU. Off by default: its two encoders measured level with
+    the per-slice ones at k = 4 and across volumes but 0.013 behind at k = 2
+    (``docs/decisions.md``, 11).
 
     ``threshold_slices`` or ``threshold_mm`` (PCL only, one of them) lets the positive threshold
     follow each volume: a pair is positive when ``|pos_a - pos_b| < max(threshold, K * u)``,

@@ -305,6 +305,14 @@ def test_draws_augmented_per_batch_are_seeded_by_the_draws_not_the_workers() -> 
     assert not torch.equal(first[0][0], batches(0, (0, 2))[0][0])
 
 
+def test_the_command_line_chooses_how_draws_are_made() -> None:
+    base = ["finetune", "--images", "i", "--labels", "l", "--out", "o"]
+    parse = build_parser().parse_args
+    assert _finetune_config(parse(base)).batch_augment == FinetuneConfig.batch_augment
+    assert _finetune_config(parse([*base, "--batch-augment"])).batch_augment
+    assert not _finetune_config(parse([*base, "--no-batch-augment"])).batch_augment
+
+
 def test_a_run_with_draws_per_batch_trains(one_pair: tuple[Path, Path]) -> None:
     data, _, _, _ = load_training_slices([one_pair], TINY, None)
     cfg = dataclasses.replace(TINY, batch_augment=True,

@@ -183,6 +183,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         transfer_norm=not args.no_transfer_norm,
         loss=args.loss,
         augment=not args.no_augment,
+        batch_augment=args.batch_augment,
         roi=not args.whole_slice,
         prior=not args.no_prior,
         seed=args.seed,
@@ -469,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--loss", default="dice_ce", choices=("ce", "dice", "dice_ce"))
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--batch-augment",
+        action=argparse.BooleanOptionalAction,
+        default=FinetuneConfig.batch_augment,
+        help="draw the augmentation of a whole batch at once, in one resampling (default: "
+        + ("on" if FinetuneConfig.batch_augment else "off, one slice at a time") + ")",
+    )
     p.add_argument(
         "--whole-slice",
         action="store_true",

@@ -320,7 +320,9 @@ class FinetuneConfig:
 
     ``batch_augment`` draws the augmentation for a whole batch at once, in one resampling
     (:class:`pclseg.batch_views.BatchLabelledViews`) rather than slice by slice with MONAI
-    (:func:`pclseg.augment.finetune_augment`): the same random transforms, less work a step.
+    (:func:`pclseg.augment.finetune_augment`): the same random transforms, a fifth less time a
+    step on a 2-core CPU. Off by default: ahead with a whole labelled volume and level at four
+    annotated slices, it measured a hundredth behind at two (``docs/decisions.md``, 11).
 
     A held-out check takes ``validation_fraction`` of the annotated slices when there are at
     least ``min_validation_slices``. With a pretrained encoder, ``model.features`` and

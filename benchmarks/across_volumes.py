@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from dataset_runs import (
+    DRAWS_PER_BATCH,
     RANDOM,
     chosen_images,
     finished_runs,
@@ -110,8 +111,6 @@ def linked_folder(volumes: list[Path], data: Path, where: Path) -> tuple[Path, P
 
 
 PAPER = ", paper fine-tuning"
-#: The arm of ``--draws-per-batch`` (``FinetuneConfig.batch_augment``), as a name says it.
-DRAWS_PER_BATCH = "draws per batch"
 
 
 def paper_finetuning(cfg: FinetuneConfig) -> FinetuneConfig:

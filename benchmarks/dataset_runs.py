@@ -22,6 +22,9 @@ PAPER_VIEWS = {"crop": 1.0, "intensity_augment": False, "batch_augment": False}
 
 #: The init name of the runs without pretraining.
 RANDOM = "random"
+#: An arm whose fine-tuning draws its augmentation for a whole batch at once
+#: (``FinetuneConfig.batch_augment``), as a name says it.
+DRAWS_PER_BATCH = "draws per batch"
 
 
 def chosen_images(data: Path, volumes: list[str] | None, first: int | None) -> list[Path]:

@@ -77,7 +77,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dataset_runs import chosen_images, finished_runs, structure_dice, structure_names
+from dataset_runs import (
+    DRAWS_PER_BATCH,
+    chosen_images,
+    finished_runs,
+    structure_dice,
+    structure_names,
+)
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.device import use_all_cores
@@ -98,7 +104,6 @@ LR_LOW, FIXED_CAP = "lr 3e-4", "fixed cap"
 ENCODER_SLOW, FIT90, WARMUP = "encoder lr 0.1", "fit 0.90", "encoder warm-up 100"
 GAP1, GAP2 = "prior by 1/gap", "prior by 2/gap"
 SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
-DRAWS_PER_BATCH = "draws per batch"
 #: The commands' model size (``PreprocessConfig``'s and ``ModelConfig``'s defaults) as an arm.
 COMMAND_SIZE, COMMAND_FEATURES = PreprocessConfig().size, ModelConfig().features
 LARGE = f"{COMMAND_SIZE} px, f = {COMMAND_FEATURES}"

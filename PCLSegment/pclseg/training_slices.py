@@ -196,8 +196,8 @@ class SliceDraws(Dataset):
         channels = [torch.as_tensor(item["image"], dtype=torch.float32)]
         if "prior" in item:
             channels.append(torch.as_tensor(item["prior"], dtype=torch.float32))
-        draw = torch.cat(channels), torch.as_tensor(item["label"], dtype=torch.int64)
-        return (*draw, state) if self.per_batch else draw
+        sample = torch.cat(channels), torch.as_tensor(item["label"], dtype=torch.int64)
+        return (*sample, state) if self.per_batch else sample
 
     def collate(self, items: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws into a batch ``(inputs, labels)``: the DataLoader's ``collate_fn``."""

@@ -321,7 +321,7 @@ class FinetuneConfig:
     ``batch_augment`` draws the augmentation for a whole batch at once, in one resampling
     (:class:`pclseg.batch_views.BatchLabelledViews`) rather than slice by slice with MONAI
     (:func:`pclseg.augment.finetune_augment`): the same random transforms, a fifth less time a
-    step on a 2-core CPU. Off by default: ahead with a whole labelled volume and level at four
+    step on a 2-core CPU. Off by default: level with a whole labelled volume and at four
     annotated slices, it measured a hundredth behind at two (``docs/decisions.md``, 11).
 
     A held-out check takes ``validation_fraction`` of the annotated slices when there are at

@@ -55,6 +55,13 @@ from .augment import (
 )
 
 
+def batch_generator(seeds: list[int]) -> torch.Generator:
+    """The generator of a batch's draws, seeded by its items' seeds: the same batch gets the
+    same draws whichever loader worker collates it."""
+    seed = np.random.SeedSequence(seeds).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
 def _uniform(low: float, high: float, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     return low + (high - low) * torch.rand(shape, generator=g)
 
@@ -266,8 +273,7 @@ class BatchTwoViewDataset(PlacedSlices):
     def collate(self, items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, ...]:
         images = torch.stack([image for image, _, _ in items])
         indices = [index for _, index, _ in items]
-        seed = np.random.SeedSequence([s for _, _, s in items]).generate_state(1)[0]
-        g = torch.Generator().manual_seed(int(seed))
+        g = batch_generator([s for _, _, s in items])
         crops = None
         if self.shared_crop is not None:
             crops = crop_boxes(len(items), self.shared_crop, g)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from .augment import plain_tensors, reseed
-from .batch_views import BatchLabelledViews
+from .batch_views import BatchLabelledViews, batch_generator
 from .config import FinetuneConfig
 from .errors import PCLSegError
 from .interpolate import leave_one_out_priors, prior_channels
@@ -205,5 +205,4 @@ class SliceDraws(Dataset):
             return default_collate(items)
         inputs = torch.stack([item[0] for item in items])
         labels = torch.stack([item[1] for item in items])
-        seed = np.random.SeedSequence([item[2] for item in items]).generate_state(1)[0]
-        return self.augment(inputs, labels, torch.Generator().manual_seed(int(seed)))
+        return self.augment(inputs, labels, batch_generator([item[2] for item in items]))

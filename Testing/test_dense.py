@@ -162,6 +162,36 @@ def test_aligned_views_share_one_spatial_draw(slices: np.ndarray) -> None:
     assert any(moved)
 
 
+def test_adjacent_views_are_two_neighbouring_slices_placed_by_one_draw() -> None:
+    # Slice z of a volume is one pattern times (z + 1): views placed by one spatial draw are
+    # proportional pixel by pixel, by the ratio of their slices' factors.
+    rng = np.random.default_rng(1)
+    pattern = np.abs(rng.normal(size=(SIZE, SIZE))).astype(np.float32) + 0.5
+    volume_ids = np.array([0, 0, 0, 0, 1, 1, 2])
+    factors = np.array([1, 2, 3, 4, 1, 2, 1], dtype=np.float32)
+    slices = factors[:, None, None] * pattern[None]
+    dataset = AlignedViewsDataset(slices, pretrain_augment(SIZE, crop=0.6), Unchanged(),
+                                  seed=2, volume_ids=volume_ids)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for index in range(len(slices)):
+            view1, view2 = dataset[index]
+            inside = view1 > 0.1
+            assert inside.float().mean() > 0.5
+            ratios = (view2[inside] / view1[inside]).numpy()
+            assert np.ptp(ratios) < 1e-3, (epoch, index)
+            partner = dataset.neighbour(index, 0), dataset.neighbour(index, 1)
+            allowed = {factors[j] / factors[index] for j in partner}
+            assert min(abs(ratios.mean() - r) for r in allowed) < 1e-3, (epoch, index)
+    # Either side at random, never across volumes; a volume of one slice is its own neighbour.
+    assert {dataset.neighbour(1, s) for s in range(4)} == {0, 2}
+    assert {dataset.neighbour(3, s) for s in range(4)} == {2}
+    assert {dataset.neighbour(4, s) for s in range(4)} == {5}
+    assert dataset.neighbour(6, 1) == 6
+    with pytest.raises(ValueError, match="volume ids"):
+        AlignedViewsDataset(slices, pretrain_augment(SIZE), Unchanged(), volume_ids=volume_ids[:3])
+
+
 class Unchanged(Randomizable):
     """The identity, seedable."""
 

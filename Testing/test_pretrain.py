@@ -165,7 +165,7 @@ def test_baseline_methods_train_with_the_same_loop(a_sample_folder, tmp_path, me
 # --- the dense (decoder) stage -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", ["local", "restore", "position"])
+@pytest.mark.parametrize("task", ["local", "adjacent", "restore", "position"])
 def test_a_decoder_stage_leaves_a_whole_unet_and_keeps_a_frozen_encoder(a_sample_folder, tmp_path,
                                                                          task):
     run = tmp_path / "run"

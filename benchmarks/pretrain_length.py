@@ -14,18 +14,20 @@ The same curve for another pretraining, into the same ``--out`` (its random-init
 shared, since they do not depend on the pretraining): ``--method simclr`` or ``gcl`` (the
 baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM`` (PCL's positive
 threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder-task restore``
-for the restoration task, ``position`` for the position maps), ``--pretrain-volumes N``
-(less unlabelled data: the first N volumes only), ``--intensity-augment`` (the views differ in
-contrast, shading and noise too), ``--crop F`` (each view a random crop, each side at least F
-of the slice's; with ``--inplane-threshold T`` both views share one crop, and crops T or more
-apart in the slice plane are negatives), ``--batch-augment`` (the views of a batch drawn at
-once, in one resampling: :mod:`pclseg.batch_views`), ``--pretrain-seed S`` (another encoder of
-the same pretraining, to see how far two of them differ; the summary then also averages each
-pretraining over its encoders and compares the averages, so that two methods are not told
-apart by one encoder each). ``--positional-weight W`` also fine-tunes from each encoder with
-its pretraining's contrastive task kept on at weight ``W`` (``FinetuneConfig.positional_weight``;
-"GCL 50 ep, positional task 0.5", paired with the encoder fine-tuned without it). Each variant's
-runs are
+for the restoration task, ``position`` for the position maps, ``adjacent`` for regions matched
+to the next slice; ``--decoder-encoder-lr F`` trains the encoder in that stage too, and
+``--encoder-only`` also fine-tunes from the run's encoder alone, "..., encoder only"),
+``--pretrain-volumes N`` (less unlabelled data: the first N volumes only),
+``--intensity-augment`` (the views differ in contrast, shading and noise too), ``--crop F``
+(each view a random crop, each side at least F of the slice's; with ``--inplane-threshold T``
+both views share one crop, and crops T or more apart in the slice plane are negatives),
+``--batch-augment`` (the views of a batch drawn at once, in one resampling:
+:mod:`pclseg.batch_views`), ``--pretrain-seed S`` (another encoder of the same pretraining, to
+see how far two of them differ; the summary then also averages each pretraining over its
+encoders and compares the averages, so that two methods are not told apart by one encoder each).
+``--positional-weight W`` also fine-tunes from each encoder with its pretraining's contrastive
+task kept on at weight ``W`` (``FinetuneConfig.positional_weight``; "GCL 50 ep, positional task
+0.5", paired with the encoder fine-tuned without it). Each variant's runs are
 named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
 "PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A pretraining run
 folder that is already there is continued, so a dense stage can be added to an encoder of an
@@ -102,8 +104,8 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
 PAPER = PAPER_VIEWS
 
 #: Each decoder task's stage as a name says it and as a folder name does.
-DECODER_STAGES = {"local": ("decoder", "dec"), "restore": ("restore", "res"),
-                  "position": ("position", "pos")}
+DECODER_STAGES = {"local": ("decoder", "dec"), "adjacent": ("adjacent", "adj"),
+                  "restore": ("restore", "res"), "position": ("position", "pos")}
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Variant:
     crop: float | None = None
     inplane_threshold: float | None = None
     batch_augment: bool | None = None
+    decoder_encoder_lr: float | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -131,6 +134,8 @@ class Variant:
     def _suffix(self) -> str:
         stage = DECODER_STAGES[self.decoder_task][0]
         decoder = f" + {stage} {self.decoder_epochs} ep" if self.decoder_epochs else ""
+        if self.decoder_epochs and self.decoder_encoder_lr:
+            decoder += f", encoder lr {self.decoder_encoder_lr:g}"
         return "".join(f", {said}" for said, _ in self._changed()) + decoder
 
     @property
@@ -146,6 +151,8 @@ class Variant:
         """The pretraining run's folder name: ``pcl_50``, ``simclr_50``, ``pcl_50_mm20``, ..."""
         stage = DECODER_STAGES[self.decoder_task][1]
         decoder = [f"{stage}{self.decoder_epochs}"] if self.decoder_epochs else []
+        if self.decoder_epochs and self.decoder_encoder_lr:
+            decoder.append(f"elr{self.decoder_encoder_lr:g}")
         return "_".join([self.method, str(epochs), *(tag for _, tag in self._changed()),
                          *decoder])
 
@@ -284,6 +291,12 @@ def main() -> None:
     parser.add_argument("--decoder-epochs", type=int, default=0,
                         help="add the dense stage for the decoder, N epochs")
     parser.add_argument("--decoder-task", default="local", choices=tuple(DECODER_STAGES))
+    parser.add_argument("--decoder-encoder-lr", type=float, default=None, metavar="F",
+                        help="train the encoder in the dense stage too, at F times the rate "
+                        "(default: frozen)")
+    parser.add_argument("--encoder-only", action="store_true",
+                        help="after a dense stage, also fine-tune from each run's encoder "
+                        "alone (\"..., encoder only\"), the decoder random")
     parser.add_argument("--intensity-augment", action="store_const", const=True, default=None,
                         help="pretrain with the intensity augmentation too (default: "
                         "without, the paper's; the product's default has it)")
@@ -313,7 +326,7 @@ def main() -> None:
     variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
                       args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
                       args.pretrain_seed or None, args.intensity_augment, args.crop,
-                      args.inplane_threshold, args.batch_augment)
+                      args.inplane_threshold, args.batch_augment, args.decoder_encoder_lr)
 
     if not args.report_only:
         threads = use_all_cores()
@@ -327,6 +340,8 @@ def main() -> None:
             run_dir = pretrained(
                 args.data, args.runs or args.out / "pretraining", epochs, variant, args)
             inits[variant.name(epochs)] = (run_dir, {})
+            if args.encoder_only and variant.decoder_epochs:
+                inits[f"{variant.name(epochs)}, encoder only"] = (run_dir / "encoder.json", {})
             for weight in args.positional_weight:
                 inits[f"{variant.name(epochs)}, positional task {weight:g}"] = (
                     run_dir, {"positional_weight": weight})

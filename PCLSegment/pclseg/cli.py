@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--decoder-task",
         default="local",
         choices=get_args(DecoderTask),
-        help="decoder stage: local (contrast regions of two views), restore (rebuild slices "
+        help="decoder stage: local (contrast regions of two views), adjacent (the same, the "
+        "second view of the next slice), restore (rebuild slices "
         "from corrupted copies) or position (map each pixel of a view to where it lies in "
         "its volume)",
     )

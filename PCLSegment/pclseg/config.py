@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar, get_args
 from .errors import PCLSegError
 
 Method = Literal["pcl", "simclr", "gcl"]
-DecoderTask = Literal["local", "restore", "position"]
+DecoderTask = Literal["local", "adjacent", "restore", "position"]
 SliceAxis = Literal["auto", "axial", "coronal", "sagittal"]
 
 T = TypeVar("T")
@@ -129,8 +129,11 @@ class PretrainConfig:
     the encoder frozen, or trained at ``decoder_encoder_lr`` times ``lr`` when that is above 0.
     Its ``decoder_task`` is ``"local"``, a local contrastive loss of the decoder's levels over a
     ``decoder_grid`` x ``decoder_grid`` grid of regions at temperature ``decoder_temperature``
-    (:mod:`pclseg.dense`); ``"restore"``: the whole U-Net restores slices from corrupted
-    copies (shuffled patches, painted-over regions, a remapped histogram; :mod:`pclseg.restore`);
+    (:mod:`pclseg.dense`); ``"adjacent"``: the same loss, but the second view is of a slice next
+    to the first in its volume, placed the same way, so that a region's features must hold
+    from one slice to the next and tell it from the rest of the slice; ``"restore"``: the
+    whole U-Net restores slices from corrupted copies (shuffled patches, painted-over regions,
+    a remapped histogram; :mod:`pclseg.restore`);
     or ``"position"``: it maps every pixel of a view (cropped with ``crop``) to its height in
     the volume and its row and column in the slice (:mod:`pclseg.position_maps`).
     Fine-tuning then starts from the whole U-Net but its classifier. 0, the default, is the

@@ -8,7 +8,9 @@ stage trains the decoder's levels with the local contrastive loss of Chaitanya e
 - **Views.** A slice gets one random spatial transform (the pretraining augmentation), then two
   independent random intensity transforms (contrast, bias field, scale, shift, noise): the two
   views differ in intensity only, so a pixel is at the same place in both
-  (:class:`AlignedViewsDataset`).
+  (:class:`AlignedViewsDataset`). In the adjacent task the second view is of the next slice
+  up or down, moved by the same spatial transform: a region's positive is what lies one slice
+  away, which is what a label painted on one slice asks the network to find on the next.
 - **Regions.** Each decoder level's output is average-pooled into a ``K x K`` grid of cells
   (fewer where the map is smaller) and each cell is projected by a small head, two 1x1
   convolutions (:class:`LocalProjectionHead`). A cell's positive is the same cell of the other
@@ -160,8 +162,14 @@ def view_intensity_augment(seed: int = 0) -> Compose:
 
 
 class AlignedViewsDataset(EpochSeededSlices):
-    """Slices as two views that differ in intensity only: ``dataset[i]`` is
+    """Slices as two views aligned in the plane: ``dataset[i]`` is
     ``(view1 (1, H, W), view2 (1, H, W))``, float32.
+
+    Without ``volume_ids`` both views are of slice ``i`` and differ in intensity only (the
+    local task). With them (one per slice, slices of a volume in order) the second view is of
+    a slice next to ``i`` in its volume, either side at random (the adjacent task): the two
+    slices are stacked and placed by one spatial draw, so a pixel of one view lies above or
+    below the same pixel of the other, and only the anatomy changes between them.
 
     One ``spatial`` draw per item, then two ``intensity`` draws, all seeded from
     ``(seed, epoch, i)`` as in :class:`~pclseg.augment.TwoViewSliceDataset`, so a resumed run
@@ -174,15 +182,31 @@ class AlignedViewsDataset(EpochSeededSlices):
         spatial: Callable[[torch.Tensor], torch.Tensor],
         intensity: Callable[[torch.Tensor], torch.Tensor],
         seed: int = 0,
+        volume_ids: np.ndarray | None = None,
     ) -> None:
         super().__init__(slices, seed)
+        if volume_ids is not None and len(volume_ids) != len(slices):
+            raise ValueError(f"{len(volume_ids)} volume ids for {len(slices)} slices")
         self.spatial = spatial
         self.intensity = intensity
+        self.volume_ids = volume_ids
+
+    def neighbour(self, index: int, seed: int) -> int:
+        """A slice next to ``index`` in its volume: either side by ``seed``, the one there is
+        at a volume's end, ``index`` itself in a volume of one slice."""
+        assert self.volume_ids is not None
+        ids = self.volume_ids
+        beside = [j for j in (index - 1, index + 1) if 0 <= j < len(ids) and ids[j] == ids[index]]
+        return beside[seed % len(beside)] if beside else index
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        for transform, seed in zip((self.spatial, self.intensity), self.item_seeds(index, 2),
-                                   strict=True):
+        seeds = self.item_seeds(index, 3)
+        for transform, seed in zip((self.spatial, self.intensity), seeds, strict=False):
             reseed(transform, seed)
         with plain_tensors():
-            placed = self.spatial(self.image(index))
-            return self.intensity(placed), self.intensity(placed)
+            if self.volume_ids is None:
+                placed = self.spatial(self.image(index))
+                return self.intensity(placed), self.intensity(placed)
+            pair = torch.cat([self.image(index), self.image(self.neighbour(index, seeds[2]))])
+            placed = self.spatial(pair)
+            return self.intensity(placed[:1]), self.intensity(placed[1:])

@@ -46,8 +46,8 @@ CHECKPOINT = "checkpoint"
 #: The settings of the dense stage: taken from the caller when a resumed run adds that stage.
 DECODER_SETTINGS = ("decoder_task", "decoder_grid", "decoder_temperature", "decoder_encoder_lr")
 #: Each dense task as the log names it.
-DECODER_TASK_NAMES = {"local": "local contrastive", "restore": "restoration",
-                      "position": "position"}
+DECODER_TASK_NAMES = {"local": "local contrastive", "adjacent": "adjacent slices",
+                      "restore": "restoration", "position": "position"}
 
 
 @dataclass

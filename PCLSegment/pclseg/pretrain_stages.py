@@ -4,10 +4,11 @@ and what it leaves in the run folder; :mod:`pclseg.pretrain` runs them in one lo
 1. **Contrastive** (``"encoder"``, the paper): encoder + projection head, two spatially
    augmented views per slice, the method's SupCon loss over the gathered global batch. Leaves
    ``encoder.*``.
-2. **Dense** (``"decoder"``, with ``decoder_epochs``), one of three tasks (``decoder_task``):
+2. **Dense** (``"decoder"``, with ``decoder_epochs``), one of four tasks (``decoder_task``):
    ``"local"``, encoder + decoder levels + local heads
    (:class:`~pclseg.dense.DenseContrastiveNet`), two views that differ in intensity only, the
-   local contrastive loss averaged over the decoder levels; ``"restore"``, the U-Net with a
+   local contrastive loss averaged over the decoder levels; ``"adjacent"``, the same with the
+   second view of a neighbouring slice, placed the same way; ``"restore"``, the U-Net with a
    one-channel head (:class:`~pclseg.dense.MapNet`), a corrupted slice in, the mean squared
    error to the clean one; or ``"position"``, the U-Net with a three-channel head, a view in,
    the mean squared error to where each of its pixels lies (:mod:`pclseg.position_maps`). All
@@ -172,8 +173,10 @@ def decoder_stage(
                                       seed=cfg.seed)
         net = MapNet(cfg.model, POSITION_MAPS, freeze_encoder=frozen)
     else:
+        adjacent = cache.volume_ids if cfg.decoder_task == "adjacent" else None
         dataset = AlignedViewsDataset(
-            cache.slices, view_augment(cfg), view_intensity_augment(), seed=cfg.seed
+            cache.slices, view_augment(cfg), view_intensity_augment(), seed=cfg.seed,
+            volume_ids=adjacent,
         )
         net = DenseContrastiveNet(cfg.model, cfg.decoder_grid, freeze_encoder=frozen)
     if encoder is not None:

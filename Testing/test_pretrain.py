@@ -20,6 +20,7 @@ import torch
 from pclseg import checkpoint
 from pclseg.config import ModelConfig, PreprocessConfig, PretrainConfig
 from pclseg.errors import PCLSegError
+from pclseg.finetune import init_source
 from pclseg.model import UNet, load_encoder
 from pclseg.pretrain import epoch_batches, get_lr, pretrain
 from pclseg.pretrain_stages import contrastive_views, encoder_stage, view_augment
@@ -202,6 +203,10 @@ def test_a_decoder_stage_leaves_a_whole_unet_and_keeps_a_frozen_encoder(a_sample
     assert not [k for k in unet if "classifier" in k or k.startswith("head.")]
     _, state = checkpoint.load_pair(run / "checkpoint")
     assert state["stage"] == "decoder"
+    # Fine-tuning takes the run's whole U-Net, or its encoder alone when pointed at that pair.
+    assert init_source(run)[1]["kind"] == "unet"
+    tensors, info = init_source(run / "encoder.json")
+    assert info["kind"] == "encoder" and tensors.keys() == encoder.keys()
 
 
 def test_a_decoder_stage_resumes_where_an_uninterrupted_one_ends(a_sample_folder, tmp_path):

@@ -200,13 +200,14 @@ class AlignedViewsDataset(EpochSeededSlices):
         return beside[seed % len(beside)] if beside else index
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seeds = self.item_seeds(index, 3)
-        for transform, seed in zip((self.spatial, self.intensity), seeds, strict=False):
-            reseed(transform, seed)
+        spatial_seed, intensity_seed, neighbour_seed = self.item_seeds(index, 3)
+        reseed(self.spatial, spatial_seed)
+        reseed(self.intensity, intensity_seed)
         with plain_tensors():
             if self.volume_ids is None:
                 placed = self.spatial(self.image(index))
                 return self.intensity(placed), self.intensity(placed)
-            pair = torch.cat([self.image(index), self.image(self.neighbour(index, seeds[2]))])
+            beside = self.neighbour(index, neighbour_seed)
+            pair = torch.cat([self.image(index), self.image(beside)])
             placed = self.spatial(pair)
             return self.intensity(placed[:1]), self.intensity(placed[1:])

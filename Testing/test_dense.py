@@ -162,7 +162,8 @@ def test_aligned_views_share_one_spatial_draw(slices: np.ndarray) -> None:
     assert any(moved)
 
 
-def test_adjacent_views_are_two_neighbouring_slices_placed_by_one_draw() -> None:
+@pytest.mark.parametrize("reach", [1, 2])
+def test_adjacent_views_are_two_nearby_slices_placed_by_one_draw(reach: int) -> None:
     # Slice z of a volume is one pattern times (z + 1): views placed by one spatial draw are
     # proportional pixel by pixel, by the ratio of their slices' factors.
     rng = np.random.default_rng(1)
@@ -171,7 +172,7 @@ def test_adjacent_views_are_two_neighbouring_slices_placed_by_one_draw() -> None
     factors = np.array([1, 2, 3, 4, 1, 2, 1], dtype=np.float32)
     slices = factors[:, None, None] * pattern[None]
     dataset = AlignedViewsDataset(slices, pretrain_augment(SIZE, crop=0.6), Unchanged(),
-                                  seed=2, volume_ids=volume_ids)
+                                  seed=2, volume_ids=volume_ids, reach=reach)
     for epoch in range(3):
         dataset.set_epoch(epoch)
         for index in range(len(slices)):
@@ -180,16 +181,20 @@ def test_adjacent_views_are_two_neighbouring_slices_placed_by_one_draw() -> None
             assert inside.float().mean() > 0.5
             ratios = (view2[inside] / view1[inside]).numpy()
             assert np.ptp(ratios) < 1e-3, (epoch, index)
-            partner = dataset.neighbour(index, 0), dataset.neighbour(index, 1)
-            allowed = {factors[j] / factors[index] for j in partner}
+            partners = {dataset.neighbour(index, s) for s in range(2 * reach)}
+            allowed = {factors[j] / factors[index] for j in partners}
             assert min(abs(ratios.mean() - r) for r in allowed) < 1e-3, (epoch, index)
-    # Either side at random, never across volumes; a volume of one slice is its own neighbour.
-    assert {dataset.neighbour(1, s) for s in range(4)} == {0, 2}
-    assert {dataset.neighbour(3, s) for s in range(4)} == {2}
-    assert {dataset.neighbour(4, s) for s in range(4)} == {5}
+    # Either side at random, at most ``reach`` away, never across volumes; a volume of one
+    # slice is its own neighbour.
+    near = {1: ({0, 2}, {1}, {2}), 2: ({0, 2, 3}, {1, 2}, {1, 2})}[reach]
+    assert [{dataset.neighbour(i, s) for s in range(8)} for i in (1, 0, 3)] == list(near)
+    assert {dataset.neighbour(4, s) for s in range(8)} == {5}
     assert dataset.neighbour(6, 1) == 6
     with pytest.raises(ValueError, match="volume ids"):
         AlignedViewsDataset(slices, pretrain_augment(SIZE), Unchanged(), volume_ids=volume_ids[:3])
+    with pytest.raises(ValueError, match="reach"):
+        AlignedViewsDataset(slices, pretrain_augment(SIZE), Unchanged(), volume_ids=volume_ids,
+                            reach=0)
 
 
 class Unchanged(Randomizable):

@@ -15,7 +15,8 @@ shared, since they do not depend on the pretraining): ``--method simclr`` or ``g
 baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM`` (PCL's positive
 threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder-task restore``
 for the restoration task, ``position`` for the position maps, ``adjacent`` for regions matched
-to the next slice; ``--decoder-encoder-lr F`` trains the encoder in that stage too, and
+to the next slice, or to one at most ``--decoder-reach S`` slices away;
+``--decoder-encoder-lr F`` trains the encoder in that stage too, and
 ``--encoder-only`` also fine-tunes from the run's encoder alone, "..., encoder only"),
 ``--pretrain-volumes N`` (less unlabelled data: the first N volumes only),
 ``--intensity-augment`` (the views differ in contrast, shading and noise too), ``--crop F``
@@ -125,6 +126,7 @@ class Variant:
     inplane_threshold: float | None = None
     batch_augment: bool | None = None
     decoder_encoder_lr: float | None = None
+    decoder_reach: int | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -136,6 +138,8 @@ class Variant:
         decoder = f" + {stage} {self.decoder_epochs} ep" if self.decoder_epochs else ""
         if self.decoder_epochs and self.decoder_encoder_lr:
             decoder += f", encoder lr {self.decoder_encoder_lr:g}"
+        if self.decoder_epochs and self.decoder_reach:
+            decoder += f", reach {self.decoder_reach}"
         return "".join(f", {said}" for said, _ in self._changed()) + decoder
 
     @property
@@ -153,6 +157,8 @@ class Variant:
         decoder = [f"{stage}{self.decoder_epochs}"] if self.decoder_epochs else []
         if self.decoder_epochs and self.decoder_encoder_lr:
             decoder.append(f"elr{self.decoder_encoder_lr:g}")
+        if self.decoder_epochs and self.decoder_reach:
+            decoder.append(f"r{self.decoder_reach}")
         return "_".join([self.method, str(epochs), *(tag for _, tag in self._changed()),
                          *decoder])
 
@@ -294,6 +300,9 @@ def main() -> None:
     parser.add_argument("--decoder-encoder-lr", type=float, default=None, metavar="F",
                         help="train the encoder in the dense stage too, at F times the rate "
                         "(default: frozen)")
+    parser.add_argument("--decoder-reach", type=int, default=None, metavar="S",
+                        help="adjacent task: the second slice at most S slices away "
+                        "(default: the next slice)")
     parser.add_argument("--encoder-only", action="store_true",
                         help="after a dense stage, also fine-tune from each run's encoder "
                         "alone (\"..., encoder only\"), the decoder random")
@@ -326,7 +335,8 @@ def main() -> None:
     variant = Variant(args.method, args.threshold, args.threshold_slices, args.threshold_mm,
                       args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
                       args.pretrain_seed or None, args.intensity_augment, args.crop,
-                      args.inplane_threshold, args.batch_augment, args.decoder_encoder_lr)
+                      args.inplane_threshold, args.batch_augment, args.decoder_encoder_lr,
+                      args.decoder_reach)
 
     if not args.report_only:
         threads = use_all_cores()

@@ -127,6 +127,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         decoder_epochs=args.decoder_epochs,
         decoder_task=args.decoder_task,
         decoder_grid=args.decoder_grid,
+        decoder_reach=args.decoder_reach,
         decoder_temperature=args.decoder_temperature,
         decoder_encoder_lr=args.decoder_encoder_lr,
         batch_size=args.batch_size,
@@ -383,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         metavar="K",
         help="decoder stage: each feature map is pooled into K x K regions to contrast",
+    )
+    p.add_argument(
+        "--decoder-reach",
+        type=int,
+        default=1,
+        metavar="S",
+        help="adjacent task: the second view's slice is at most S slices from the first "
+        "(default 1: the next slice)",
     )
     p.add_argument("--decoder-temperature", type=float, default=0.1, metavar="T")
     p.add_argument(

@@ -130,8 +130,9 @@ class PretrainConfig:
     Its ``decoder_task`` is ``"local"``, a local contrastive loss of the decoder's levels over a
     ``decoder_grid`` x ``decoder_grid`` grid of regions at temperature ``decoder_temperature``
     (:mod:`pclseg.dense`); ``"adjacent"``: the same loss, but the second view is of a slice next
-    to the first in its volume, placed the same way, so that a region's features must hold
-    from one slice to the next and tell it from the rest of the slice; ``"restore"``: the
+    to the first in its volume (at most ``decoder_reach`` slices away), placed the same way, so
+    that a region's features must hold from one slice to the next and tell it from the rest of
+    the slice; ``"restore"``: the
     whole U-Net restores slices from corrupted copies (shuffled patches, painted-over regions,
     a remapped histogram; :mod:`pclseg.restore`);
     or ``"position"``: it maps every pixel of a view (cropped with ``crop``) to its height in
@@ -155,6 +156,7 @@ class PretrainConfig:
     decoder_epochs: int = 0
     decoder_task: DecoderTask = "local"
     decoder_grid: int = 8
+    decoder_reach: int = 1
     decoder_temperature: float = 0.1
     decoder_encoder_lr: float = 0.0
     batch_size: int = 32
@@ -208,6 +210,10 @@ class PretrainConfig:
             )
         if self.decoder_grid < 1:
             raise PCLSegError(f"decoder grid must be at least 1, got {self.decoder_grid}")
+        if self.decoder_reach < 1:
+            raise PCLSegError(
+                f"decoder reach must be at least 1 slice, got {self.decoder_reach}"
+            )
         if not self.decoder_temperature > 0:
             raise PCLSegError(
                 f"decoder temperature must be positive, got {self.decoder_temperature}"

@@ -167,9 +167,11 @@ class AlignedViewsDataset(EpochSeededSlices):
 
     Without ``volume_ids`` both views are of slice ``i`` and differ in intensity only (the
     local task). With them (one per slice, slices of a volume in order) the second view is of
-    a slice next to ``i`` in its volume, either side at random (the adjacent task): the two
-    slices are stacked and placed by one spatial draw, so a pixel of one view lies above or
-    below the same pixel of the other, and only the anatomy changes between them.
+    a slice near ``i`` in its volume, at most ``reach`` slices away, either side at random (the
+    adjacent task): the two slices are stacked and placed by one spatial draw, so a pixel of
+    one view lies above or below the same pixel of the other, and only the anatomy changes
+    between them. A longer reach makes the task harder: the region must be told apart from the
+    rest of its slice across more change of anatomy.
 
     One ``spatial`` draw per item, then two ``intensity`` draws, all seeded from
     ``(seed, epoch, i)`` as in :class:`~pclseg.augment.TwoViewSliceDataset`, so a resumed run
@@ -183,21 +185,27 @@ class AlignedViewsDataset(EpochSeededSlices):
         intensity: Callable[[torch.Tensor], torch.Tensor],
         seed: int = 0,
         volume_ids: np.ndarray | None = None,
+        reach: int = 1,
     ) -> None:
         super().__init__(slices, seed)
         if volume_ids is not None and len(volume_ids) != len(slices):
             raise ValueError(f"{len(volume_ids)} volume ids for {len(slices)} slices")
+        if reach < 1:
+            raise ValueError(f"reach must be at least 1 slice, got {reach}")
         self.spatial = spatial
         self.intensity = intensity
         self.volume_ids = volume_ids
+        self.reach = reach
 
     def neighbour(self, index: int, seed: int) -> int:
-        """A slice next to ``index`` in its volume: either side by ``seed``, the one there is
-        at a volume's end, ``index`` itself in a volume of one slice."""
+        """A slice near ``index`` in its volume, drawn by ``seed`` from those at most
+        ``reach`` slices away on either side (fewer at a volume's end), ``index`` itself in a
+        volume of one slice."""
         assert self.volume_ids is not None
         ids = self.volume_ids
-        beside = [j for j in (index - 1, index + 1) if 0 <= j < len(ids) and ids[j] == ids[index]]
-        return beside[seed % len(beside)] if beside else index
+        near = [j for j in range(index - self.reach, index + self.reach + 1)
+                if j != index and 0 <= j < len(ids) and ids[j] == ids[index]]
+        return near[seed % len(near)] if near else index
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         spatial_seed, intensity_seed, neighbour_seed = self.item_seeds(index, 3)

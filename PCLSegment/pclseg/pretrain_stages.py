@@ -176,7 +176,7 @@ def decoder_stage(
         adjacent = cache.volume_ids if cfg.decoder_task == "adjacent" else None
         dataset = AlignedViewsDataset(
             cache.slices, view_augment(cfg), view_intensity_augment(), seed=cfg.seed,
-            volume_ids=adjacent,
+            volume_ids=adjacent, reach=cfg.decoder_reach,
         )
         net = DenseContrastiveNet(cfg.model, cfg.decoder_grid, freeze_encoder=frozen)
     if encoder is not None:

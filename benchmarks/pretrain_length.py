@@ -98,6 +98,10 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
             ("inplane_threshold", "in-plane {:g}", "ip{:g}"),
             ("batch_augment", "views per batch", "batch"),
             ("seed", "pretraining seed {:g}", "seed{:g}"))
+#: The same for the dense stage's settings, said after it (an encoder lr of 0 is the default).
+DENSE_SETTINGS = (("decoder_encoder_lr", "encoder lr {:g}", "elr{:g}"),
+                  ("decoder_reach", "reach {}", "r{}"),
+                  ("decoder_grid", "grid {}", "g{}"))
 
 
 #: What a variant's name is measured from where the product's default differs: the paper's
@@ -127,20 +131,26 @@ class Variant:
     batch_augment: bool | None = None
     decoder_encoder_lr: float | None = None
     decoder_reach: int | None = None
+    decoder_grid: int | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
         return [(said.format(value), tag.format(value)) for field, said, tag in SETTINGS
                 if (value := getattr(self, field)) is not None]
 
+    def _dense(self) -> list[tuple[str, str]]:
+        """``(in a name, in a folder name)`` of the dense stage and each setting it changes."""
+        if not self.decoder_epochs:
+            return []
+        stage, tag = DECODER_STAGES[self.decoder_task]
+        return [(f"{stage} {self.decoder_epochs} ep", f"{tag}{self.decoder_epochs}"),
+                *((said.format(value), tag.format(value)) for field, said, tag in DENSE_SETTINGS
+                  if (value := getattr(self, field)))]
+
     def _suffix(self) -> str:
-        stage = DECODER_STAGES[self.decoder_task][0]
-        decoder = f" + {stage} {self.decoder_epochs} ep" if self.decoder_epochs else ""
-        if self.decoder_epochs and self.decoder_encoder_lr:
-            decoder += f", encoder lr {self.decoder_encoder_lr:g}"
-        if self.decoder_epochs and self.decoder_reach:
-            decoder += f", reach {self.decoder_reach}"
-        return "".join(f", {said}" for said, _ in self._changed()) + decoder
+        dense = ", ".join(said for said, _ in self._dense())
+        return "".join(f", {said}" for said, _ in self._changed()) + (f" + {dense}" if dense
+                                                                         else "")
 
     @property
     def family(self) -> str:
@@ -153,14 +163,8 @@ class Variant:
 
     def folder(self, epochs: int) -> str:
         """The pretraining run's folder name: ``pcl_50``, ``simclr_50``, ``pcl_50_mm20``, ..."""
-        stage = DECODER_STAGES[self.decoder_task][1]
-        decoder = [f"{stage}{self.decoder_epochs}"] if self.decoder_epochs else []
-        if self.decoder_epochs and self.decoder_encoder_lr:
-            decoder.append(f"elr{self.decoder_encoder_lr:g}")
-        if self.decoder_epochs and self.decoder_reach:
-            decoder.append(f"r{self.decoder_reach}")
-        return "_".join([self.method, str(epochs), *(tag for _, tag in self._changed()),
-                         *decoder])
+        return "_".join([self.method, str(epochs),
+                         *(tag for _, tag in self._changed() + self._dense())])
 
     def config(self, epochs: int, args: argparse.Namespace) -> PretrainConfig:
         settings = {f.name for f in fields(PretrainConfig)}  # not ``volumes``: what it reads
@@ -303,6 +307,9 @@ def main() -> None:
     parser.add_argument("--decoder-reach", type=int, default=None, metavar="S",
                         help="adjacent task: the second slice at most S slices away "
                         "(default: the next slice)")
+    parser.add_argument("--decoder-grid", type=int, default=None, metavar="K",
+                        help="contrast K x K regions in the dense stage (default: the "
+                        "product's)")
     parser.add_argument("--encoder-only", action="store_true",
                         help="after a dense stage, also fine-tune from each run's encoder "
                         "alone (\"..., encoder only\"), the decoder random")
@@ -336,7 +343,7 @@ def main() -> None:
                       args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
                       args.pretrain_seed or None, args.intensity_augment, args.crop,
                       args.inplane_threshold, args.batch_augment, args.decoder_encoder_lr,
-                      args.decoder_reach)
+                      args.decoder_reach, args.decoder_grid)
 
     if not args.report_only:
         threads = use_all_cores()

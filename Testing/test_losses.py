@@ -377,3 +377,49 @@ def test_local_loss_gradients_half_precision_and_shapes(generator: torch.Generat
         LocalContrastiveLoss()(torch.randn(4, 8), torch.randn(4, 8))
     with pytest.raises(PCLSegError, match="temperature"):
         LocalContrastiveLoss(0.0)
+
+
+def naive_local_batch(u1: torch.Tensor, u2: torch.Tensor, temperature: float) -> float:
+    """As :func:`naive_local`, with the same cell of every other slice, both views, in each
+    denominator too."""
+    total, count = 0.0, 0
+    batch, regions = u1.shape[:2]
+    unit = [[v / v.norm() for v in list(u1[b]) + list(u2[b])] for b in range(batch)]
+    for b in range(batch):
+        for i in range(2 * regions):
+            partner = (i + regions) % (2 * regions)
+            scores = [float(unit[b][i] @ unit[b][a]) for a in range(2 * regions) if a != i]
+            scores += [float(unit[b][i] @ unit[c][a]) for c in range(batch) if c != b
+                       for a in (i, partner)]
+            denominator = sum(math.exp(x / temperature) for x in scores)
+            positive = math.exp(float(unit[b][i] @ unit[b][partner]) / temperature)
+            total += -math.log(positive / denominator)
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 6), (3, 9, 5), (4, 4, 8)])
+def test_local_loss_with_batch_negatives_equals_the_naive_loop(
+    generator: torch.Generator, shape: tuple[int, int, int]
+) -> None:
+    u1 = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    u2 = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    loss = LocalContrastiveLoss(0.2, batch_negatives=True)(u1, u2)
+    assert float(loss) == pytest.approx(naive_local_batch(u1, u2, 0.2), abs=1e-6)
+    if shape[0] == 1:  # one slice: no other slice to contrast with
+        assert float(loss) == pytest.approx(float(LocalContrastiveLoss(0.2)(u1, u2)), abs=1e-9)
+
+
+def test_batch_negatives_close_the_shortcut_of_where_a_region_lies(
+    generator: torch.Generator,
+) -> None:
+    # Embeddings that code only the cell, whatever the slice shows: the plain loss calls them
+    # perfect, batch negatives call them no better than chance between the slices.
+    batch, regions = 8, 16
+    cells = torch.eye(regions, 32, dtype=torch.float64)[None].repeat(batch, 1, 1)
+    plain = float(LocalContrastiveLoss(0.1)(cells, cells.clone()))
+    strict = float(LocalContrastiveLoss(0.1, batch_negatives=True)(cells, cells.clone()))
+    assert plain < 1e-3 and strict == pytest.approx(math.log(2 * batch - 1), abs=1e-3)
+    # Embeddings of what each slice shows there are still told apart.
+    content = torch.randn(batch, regions, 32, generator=generator, dtype=torch.float64)
+    assert float(LocalContrastiveLoss(0.1, batch_negatives=True)(content, content.clone())) < 0.1

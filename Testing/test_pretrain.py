@@ -349,7 +349,7 @@ def test_cli_decoder_epochs_adds_the_dense_stage(a_sample_folder, tmp_path):
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
                                   "--decoder-epochs", "1", "--decoder-grid", "4",
                                   "--decoder-encoder-lr", "0.1", "--decoder-task", "adjacent",
-                                  "--decoder-reach", "3"))
+                                  "--decoder-reach", "3", "--decoder-batch-negatives"))
     assert proc.returncode == 0, proc.stderr
     assert "encoder and decoder written to" in proc.stderr
     stages = [e["stage"] for e in events(proc.stdout) if e["event"] == "epoch"]
@@ -359,6 +359,7 @@ def test_cli_decoder_epochs_adds_the_dense_stage(a_sample_folder, tmp_path):
         assert (config["decoder_epochs"], config["decoder_grid"]) == (1, 4)
         assert config["decoder_encoder_lr"] == 0.1
         assert (config["decoder_task"], config["decoder_reach"]) == ("adjacent", 3)
+        assert config["decoder_batch_negatives"] is True
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "bad",
                                   "--decoder-epochs", "-1"))
     assert proc.returncode == 2 and "decoder epochs must be 0 or more" in proc.stderr

@@ -15,7 +15,8 @@ shared, since they do not depend on the pretraining): ``--method simclr`` or ``g
 baselines), ``--threshold T``, ``--threshold-slices K`` or ``--threshold-mm MM`` (PCL's positive
 threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder-task restore``
 for the restoration task, ``position`` for the position maps, ``adjacent`` for regions matched
-to the next slice, or to one at most ``--decoder-reach S`` slices away;
+to the next slice, or to one at most ``--decoder-reach S`` slices away; ``--decoder-grid K``
+and ``--decoder-batch-negatives`` set its regions and their negatives;
 ``--decoder-encoder-lr F`` trains the encoder in that stage too, and
 ``--encoder-only`` also fine-tunes from the run's encoder alone, "..., encoder only"),
 ``--pretrain-volumes N`` (less unlabelled data: the first N volumes only),
@@ -101,7 +102,8 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
 #: The same for the dense stage's settings, said after it (an encoder lr of 0 is the default).
 DENSE_SETTINGS = (("decoder_encoder_lr", "encoder lr {:g}", "elr{:g}"),
                   ("decoder_reach", "reach {}", "r{}"),
-                  ("decoder_grid", "grid {}", "g{}"))
+                  ("decoder_grid", "grid {}", "g{}"),
+                  ("decoder_batch_negatives", "batch negatives", "bneg"))
 
 
 #: What a variant's name is measured from where the product's default differs: the paper's
@@ -132,6 +134,7 @@ class Variant:
     decoder_encoder_lr: float | None = None
     decoder_reach: int | None = None
     decoder_grid: int | None = None
+    decoder_batch_negatives: bool | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -307,6 +310,9 @@ def main() -> None:
     parser.add_argument("--decoder-reach", type=int, default=None, metavar="S",
                         help="adjacent task: the second slice at most S slices away "
                         "(default: the next slice)")
+    parser.add_argument("--decoder-batch-negatives", action="store_true", default=None,
+                        help="contrast each region with the same place in the batch's other "
+                        "slices too")
     parser.add_argument("--decoder-grid", type=int, default=None, metavar="K",
                         help="contrast K x K regions in the dense stage (default: the "
                         "product's)")
@@ -343,7 +349,7 @@ def main() -> None:
                       args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
                       args.pretrain_seed or None, args.intensity_augment, args.crop,
                       args.inplane_threshold, args.batch_augment, args.decoder_encoder_lr,
-                      args.decoder_reach, args.decoder_grid)
+                      args.decoder_reach, args.decoder_grid, args.decoder_batch_negatives)
 
     if not args.report_only:
         threads = use_all_cores()

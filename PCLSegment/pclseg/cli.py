@@ -129,6 +129,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         decoder_grid=args.decoder_grid,
         decoder_reach=args.decoder_reach,
         decoder_temperature=args.decoder_temperature,
+        decoder_batch_negatives=args.decoder_batch_negatives,
         decoder_encoder_lr=args.decoder_encoder_lr,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -394,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 1: the next slice)",
     )
     p.add_argument("--decoder-temperature", type=float, default=0.1, metavar="T")
+    p.add_argument(
+        "--decoder-batch-negatives",
+        action="store_true",
+        help="local and adjacent tasks: contrast each region with the same place in the "
+        "batch's other slices too, so that where it lies cannot tell it apart",
+    )
     p.add_argument(
         "--decoder-encoder-lr",
         type=float,

@@ -132,7 +132,8 @@ class PretrainConfig:
     (:mod:`pclseg.dense`); ``"adjacent"``: the same loss, but the second view is of a slice next
     to the first in its volume (at most ``decoder_reach`` slices away), placed the same way, so
     that a region's features must hold from one slice to the next and tell it from the rest of
-    the slice; ``"restore"``: the
+    the slice (with ``decoder_batch_negatives`` the same place in the batch's other slices
+    is a negative too, :class:`~pclseg.losses.LocalContrastiveLoss`); ``"restore"``: the
     whole U-Net restores slices from corrupted copies (shuffled patches, painted-over regions,
     a remapped histogram; :mod:`pclseg.restore`);
     or ``"position"``: it maps every pixel of a view (cropped with ``crop``) to its height in
@@ -158,6 +159,7 @@ class PretrainConfig:
     decoder_grid: int = 8
     decoder_reach: int = 1
     decoder_temperature: float = 0.1
+    decoder_batch_negatives: bool = False
     decoder_encoder_lr: float = 0.0
     batch_size: int = 32
     lr: float = 0.1

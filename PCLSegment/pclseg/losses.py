@@ -220,8 +220,16 @@ class LocalContrastiveLoss(nn.Module):
 
         L = 1/(2BR) sum_b sum_i  -log( exp(s_ip(i)) / sum_{a != i} exp(s_ia) )
 
-    which is SimCLR's NT-Xent with the regions of one slice as the batch (negatives never come
-    from other slices: another slice's region at the same place may show the same anatomy).
+    which is SimCLR's NT-Xent with the regions of one slice as the batch.
+
+    Those negatives leave a shortcut: region ``r`` is the ``r``-th cell of the view in both
+    views, and a network can tell the cells of one view apart by where they lie (the zero
+    padding tells it), whatever they show. A net trained so matches region ``r`` of a slice to
+    region ``r`` of another patient's slice as surely as to its own shaded copy. With
+    ``batch_negatives`` the same cell of every other slice in the batch, in both views, is a
+    negative too (``a`` then runs over ``2R + 2(B - 1)`` candidates), so where a region lies no
+    longer tells it apart: what it shows must. The views are random crops placed at random, so
+    the same cell of two slices rarely shows the same anatomy.
 
     Shapes:
         u1, u2: ``(B, R, D)`` region embeddings of the two views (any scale; normalised here).
@@ -234,9 +242,10 @@ class LocalContrastiveLoss(nn.Module):
         True
     """
 
-    def __init__(self, temperature: float = 0.1) -> None:
+    def __init__(self, temperature: float = 0.1, batch_negatives: bool = False) -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
+        self.batch_negatives = batch_negatives
 
     def forward(self, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
         if u1.ndim != 3 or u1.shape != u2.shape:
@@ -253,10 +262,21 @@ class LocalContrastiveLoss(nn.Module):
         n = 2 * regions
         self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
         logits = logits.masked_fill(self_mask, float("-inf"))
-        log_prob = logits - torch.logsumexp(logits, dim=2, keepdim=True)
         partner = (torch.arange(n, device=z.device) + regions) % n  # p(i)
+        if self.batch_negatives:
+            logits = torch.cat([logits, self._same_cell_logits(z, partner)], dim=2)
+        log_prob = logits - torch.logsumexp(logits, dim=2, keepdim=True)
         index = partner.view(1, n, 1).expand(z.shape[0], n, 1)
         return -log_prob.gather(2, index).mean()
+
+    def _same_cell_logits(self, z: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+        """``(B, 2R, 2B)``: each region against the same cell of every slice in both views,
+        ``-inf`` for its own slice (itself and its positive, which the first logits hold)."""
+        batch = z.shape[0]
+        cells = torch.cat([torch.einsum("bid,cid->bic", z, z),
+                           torch.einsum("bid,cid->bic", z, z[:, partner])], dim=2)
+        own = torch.eye(batch, dtype=torch.bool, device=z.device).repeat(1, 2)  # (B, 2B)
+        return (cells / self.temperature).masked_fill(own[:, None, :], float("-inf"))
 
 
 def make_contrastive_loss(cfg: PretrainConfig) -> ContrastiveLoss:

@@ -187,7 +187,7 @@ def decoder_stage(
     if not frozen:
         encoder_params = list(model.encoder.parameters())  # type: ignore[union-attr]
         groups.append({"params": encoder_params, "lr_scale": cfg.decoder_encoder_lr})
-    criterion = LocalContrastiveLoss(cfg.decoder_temperature)
+    criterion = LocalContrastiveLoss(cfg.decoder_temperature, cfg.decoder_batch_negatives)
     maps_task = isinstance(net, MapNet)  # a map per pixel to regress, not regions to contrast
 
     def loss(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:

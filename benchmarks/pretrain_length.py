@@ -36,7 +36,9 @@ folder that is already there is continued, so a dense stage can be added to an e
 earlier curve by copying its run folder to the new variant's folder name.
 
 ``--stretch 1`` fine-tunes under the stop rule before it stretched its cap for an unlearned
-structure (into another ``--out``; ``compare_results.py`` pairs the two folders run for run).
+structure (into another ``--out``; ``compare_results.py`` pairs the two folders run for run);
+``--min-steps N`` under one that trains at least N steps before the slices count as fit (a
+pretrained decoder fits two slices sooner than a random one).
 
 Everything is resumable, since the whole curve takes hours on a CPU: a pretraining run that was
 stopped continues from its checkpoint, a finished one is reused, and every fine-tuning run is
@@ -339,6 +341,8 @@ def main() -> None:
     parser.add_argument("--stretch", type=float, default=StopRule.stretch, metavar="S",
                         help="fine-tuning's stop rule: how much longer the cap is while a "
                         "structure is unlearned (1: the rule before it was stretched)")
+    parser.add_argument("--min-steps", type=int, default=StopRule.min_steps, metavar="N",
+                        help="fine-tuning's stop rule: steps before the slices may count as fit")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary and plot from runs.jsonl, train nothing")
     args = parser.parse_args()
@@ -381,7 +385,8 @@ def main() -> None:
                     base = FinetuneConfig(seed=seed, device=args.device,
                                           preprocess=PreprocessConfig(size=args.size),
                                           model=ModelConfig(features=args.features),
-                                          stop=StopRule(stretch=args.stretch))
+                                          stop=StopRule(stretch=args.stretch,
+                                                        min_steps=args.min_steps))
                     for init_name, (init, changes) in inits.items():
                         if (volume.name, k, seed, init_name) in done:
                             continue

@@ -170,8 +170,8 @@ class AlignedViewsDataset(EpochSeededSlices):
     a slice near ``i`` in its volume, at most ``reach`` slices away, either side at random (the
     adjacent task): the two slices are stacked and placed by one spatial draw, so a pixel of
     one view lies above or below the same pixel of the other, and only the anatomy changes
-    between them. A longer reach makes the task harder: the region must be told apart from the
-    rest of its slice across more change of anatomy.
+    between them. A longer reach asks a region's features to hold across more change of
+    anatomy.
 
     One ``spatial`` draw per item, then two ``intensity`` draws, all seeded from
     ``(seed, epoch, i)`` as in :class:`~pclseg.augment.TwoViewSliceDataset`, so a resumed run

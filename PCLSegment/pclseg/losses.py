@@ -225,7 +225,8 @@ class LocalContrastiveLoss(nn.Module):
     Those negatives leave a shortcut: region ``r`` is the ``r``-th cell of the view in both
     views, and a network can tell the cells of one view apart by where they lie (the zero
     padding tells it), whatever they show. A net trained so matches region ``r`` of a slice to
-    region ``r`` of another patient's slice as surely as to its own shaded copy. With
+    region ``r`` of another patient's slice as surely as to its own shaded copy
+    (``benchmarks/dense_shortcut.py``). With
     ``batch_negatives`` the same cell of every other slice in the batch, in both views, is a
     negative too (``a`` then runs over ``2R + 2(B - 1)`` candidates), so where a region lies no
     longer tells it apart: what it shows must. The views are random crops placed at random, so

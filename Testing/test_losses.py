@@ -414,12 +414,15 @@ def test_batch_negatives_close_the_shortcut_of_where_a_region_lies(
     generator: torch.Generator,
 ) -> None:
     # Embeddings that code only the cell, whatever the slice shows: the plain loss calls them
-    # perfect, batch negatives call them no better than chance between the slices.
+    # near perfect (the positive scores 1/t, the 2R - 2 other cells 0), batch negatives no
+    # better than chance between the slices (the same cell of 2B - 2 others scores 1/t too).
     batch, regions = 8, 16
     cells = torch.eye(regions, 32, dtype=torch.float64)[None].repeat(batch, 1, 1)
     plain = float(LocalContrastiveLoss(0.1)(cells, cells.clone()))
     strict = float(LocalContrastiveLoss(0.1, batch_negatives=True)(cells, cells.clone()))
-    assert plain < 1e-3 and strict == pytest.approx(math.log(2 * batch - 1), abs=1e-3)
+    others = (2 * regions - 2) * math.exp(-10)
+    assert plain == pytest.approx(math.log(1 + others), abs=1e-12)
+    assert strict == pytest.approx(math.log(2 * batch - 1 + others), abs=1e-12)
     # Embeddings of what each slice shows there are still told apart.
     content = torch.randn(batch, regions, 32, generator=generator, dtype=torch.float64)
     assert float(LocalContrastiveLoss(0.1, batch_negatives=True)(content, content.clone())) < 0.1

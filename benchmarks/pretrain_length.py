@@ -153,9 +153,9 @@ class Variant:
                   if (value := getattr(self, field)))]
 
     def _suffix(self) -> str:
+        changes = "".join(f", {said}" for said, _ in self._changed())
         dense = ", ".join(said for said, _ in self._dense())
-        return "".join(f", {said}" for said, _ in self._changed()) + (f" + {dense}" if dense
-                                                                         else "")
+        return changes + (f" + {dense}" if dense else "")
 
     @property
     def family(self) -> str:

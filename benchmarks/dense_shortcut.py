@@ -25,13 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
+from pclseg import checkpoint
 from pclseg.augment import pretrain_augment
 from pclseg.cache import SliceCache
 from pclseg.config import ModelConfig
 from pclseg.dense import AlignedViewsDataset, DenseContrastiveNet, view_intensity_augment
+from pclseg.errors import PCLSegError
 from pclseg.losses import LocalContrastiveLoss
+from pclseg.pretrain import CHECKPOINT
 
 #: The partners, as the table names them: slices apart in the same volume, or another volume.
 PARTNERS = {"same slice": 0, "next slice": 1, "3 slices": 3, "10 slices": 10,
@@ -40,12 +42,13 @@ PARTNERS = {"same slice": 0, "next slice": 1, "3 slices": 3, "10 slices": 10,
 
 def load_net(run: Path) -> tuple[DenseContrastiveNet, dict]:
     """The run's dense network (U-Net and local heads), in eval mode, and its config."""
-    config = json.loads((run / "unet.json").read_text())["config"]
+    state, meta = checkpoint.load_pair(run / CHECKPOINT, expect_format="pclseg-checkpoint")
+    config = meta["config"]
+    if meta["stage"] != "decoder" or config["decoder_task"] not in ("local", "adjacent"):
+        raise PCLSegError(f"{run}: its checkpoint is not of a local or adjacent dense stage")
     net = DenseContrastiveNet(ModelConfig(**config["model"]), config["decoder_grid"],
                               freeze_encoder=False)
-    state = load_file(run / "checkpoint.safetensors")
-    net.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
-                         if k.startswith("model.")})
+    net.load_state_dict(checkpoint.under(state, "model."))
     return net.eval(), config
 
 

@@ -64,6 +64,7 @@ from dataset_runs import (
     RANDOM,
     chosen_images,
     finished_runs,
+    network_line,
     paired_table,
     plot_paired,
     repeated_by_name,
@@ -223,6 +224,7 @@ def main() -> None:
                         arm_cfg = dataclasses.replace(cfg, **changes)
                         row = {"fold": fold, "n": n, "seed": seed, "init": init_name,
                                "train": [p.name for p in train], "test": [p.name for p in test],
+                               "size": args.size, "features": args.features,
                                **run(train, tests, init, arm_cfg, args.data, names)}
                         with log.open("a") as f:
                             f.write(json.dumps(row) + "\n")
@@ -240,6 +242,7 @@ def main() -> None:
             "volumes a fold; mean ± std over folds x seeds; in brackets: paired difference to "
             "random init ± std, runs ahead)\n\n"
             + paired_table(rows, order, "n", ("fold", "seed"))
+            + "\n\n" + network_line(rows, args.size, args.features)
             + "".join("\n" + line
                       for line in seed_lines(rows, repeated_by_name(order), "n", ("fold", "seed")))
             + "".join("\n" + line for line in variant_lines(

@@ -57,6 +57,13 @@ def finished_runs(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
+def network_line(rows: list[dict], size: int, features: int) -> str:
+    """The slice size and width the rows were fine-tuned at. A results folder holds one network;
+    rows logged before they said so count as the ``size`` and ``features`` asked for now."""
+    seen = sorted({(r.get("size", size), r.get("features", features)) for r in rows})
+    return "Network: " + "; ".join(f"{s} px, f = {f}" for s, f in seen)
+
+
 def paired_scores(rows: list[dict], init: str, column: str, value,
                   pair_by: tuple[str, ...]) -> dict[tuple, float]:
     """The Dice of ``init``'s runs at ``column`` = ``value``, keyed by the fields that pair a

@@ -64,6 +64,7 @@ from dataset_runs import (
     RANDOM,
     chosen_images,
     finished_runs,
+    network_line,
     paired_table,
     plot_paired,
     repeated_by_name,
@@ -398,6 +399,7 @@ def main() -> None:
                         row = {"volume": volume.name, "k": k, "seed": seed, "init": init_name,
                                "slices": chosen, "dice": dice, "seconds": seconds,
                                "steps": steps, "fit": fit,
+                               "size": args.size, "features": args.features,
                                "structures": structure_dice(pred[others], truth[others], names)}
                         with log.open("a") as f:
                             f.write(json.dumps(row) + "\n")
@@ -417,6 +419,7 @@ def main() -> None:
                                          + (" after resuming" if r.get("resumed") else "")
                                          + f" (final loss {r['final_loss']:.3f})"
                                          for r in inits),
+             network_line(rows, args.size, args.features),
              *seed_lines(rows, repeated_by_name([r["name"] for r in inits]), "k",
                          ("volume", "seed")),
              *variant_lines(rows, arms, "k", ("volume", "seed")),

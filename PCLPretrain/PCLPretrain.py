@@ -74,7 +74,7 @@ class PCLPretrainParameterNode:
 
     dataFolder - folder of unlabeled volumes.
     outputFolder - run folder (encoder, checkpoints, log).
-    method .. mixedPrecision - pretraining settings (see :class:`PretrainSettings`).
+    method .. decoderEpochs - pretraining settings (see :class:`PretrainSettings`).
     """
 
     dataFolder: str = ""
@@ -92,6 +92,7 @@ class PCLPretrainParameterNode:
     sliceAxis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     mixedPrecision: bool = True
+    decoderEpochs: Annotated[int, WithinRange(0, 10000)] = 0
 
 
 #: Path fields, bound by hand: Slicer's path connector needs ``pathlib.Path`` fields, which
@@ -115,6 +116,7 @@ def settings_from(parameters: PCLPretrainParameterNode) -> PretrainSettings:
         spacing=parameters.spacing,
         slice_axis=parameters.sliceAxis,
         amp=parameters.mixedPrecision,
+        decoder_epochs=parameters.decoderEpochs,
     )
 
 

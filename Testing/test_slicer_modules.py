@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from slicer_shim import add_slice_views, load_module, mrml_application  # noqa: 
 from pclseg import mrml, slicer_deps  # noqa: E402
 from pclseg.cli import build_parser  # noqa: E402
 from pclseg.errors import PCLSegError  # noqa: E402
+from pclseg.finetune import init_source  # noqa: E402
 from pclseg.pretrain_logic import (  # noqa: E402
     PretrainLogic,
     PretrainSettings,
@@ -154,11 +156,45 @@ def test_settings_become_the_cli_arguments_the_engine_parses(tmp_path) -> None:
     assert (args.threshold, args.temperature, args.lr, args.seed) == (0.35, 0.2, 0.05, 7)
     assert (args.spacing, args.slice_axis, args.device, args.no_amp) == (1.5, "axial", "cpu", True)
     assert args.progress == "json" and not args.resume
+    assert args.decoder_epochs == 0  # the encoder alone unless asked
     assert (
         build_parser()
         .parse_args(PretrainLogic(python="python").command("in", "run", settings, resume=True)[3:])
         .resume
     )
+
+
+def test_decoder_epochs_add_the_adjacent_stage_on_the_command_line_and_in_the_config(
+    tmp_path,
+) -> None:
+    settings = PretrainSettings(epochs=3, decoder_epochs=2)
+    command = PretrainLogic(python="python").command(tmp_path / "in", tmp_path / "run", settings)
+    args = build_parser().parse_args(command[3:])
+    cfg = settings.to_config()
+    assert (args.decoder_epochs, cfg.decoder_epochs) == (2, 2)
+    assert (args.decoder_task, cfg.decoder_task) == ("adjacent", "adjacent")
+    assert (args.decoder_encoder_lr, cfg.decoder_encoder_lr) == (1.0, 1.0)
+    assert args.decoder_batch_negatives and cfg.decoder_batch_negatives
+    assert PretrainSettings().to_config().decoder_epochs == 0
+    with pytest.raises(PCLSegError, match="decoder epochs"):
+        PretrainSettings(decoder_epochs=-1).to_config()
+
+
+def test_resuming_a_finished_run_with_decoder_epochs_pretrains_the_whole_unet(
+    a_pretraining_run, tmp_path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(a_pretraining_run, run)
+    assert init_source(run)[1]["kind"] == "encoder"
+    settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu",
+                                decoder_epochs=1)
+    PretrainLogic().pretrain(a_pretraining_run.parent / "volumes", run, settings, resume=True,
+                             on_event=lambda event: None)
+    assert (run / "unet.safetensors").is_file()
+    assert init_source(run)[1]["kind"] == "unet"  # what PCL Segment fine-tunes from now
+    saved = json.loads((run / "checkpoint.json").read_text())["config"]
+    assert (saved["decoder_epochs"], saved["decoder_task"]) == (1, "adjacent")
+    assert saved["decoder_batch_negatives"] and saved["decoder_encoder_lr"] == 1.0
 
 
 def test_invalid_settings_are_refused_before_a_process_starts(tmp_path) -> None:
@@ -276,13 +312,16 @@ def test_pretrain_parameters_survive_a_scene_save_and_reload(
     parameters.dataFolder, parameters.outputFolder = "/data/scans", "/data/runs/a"
     parameters.method, parameters.epochs, parameters.threshold = "pcl", 7, 0.35
     parameters.mixedPrecision, parameters.sliceAxis = False, "coronal"
+    parameters.decoderEpochs = 20
     with pytest.raises(ValueError):
         parameters.method = "byol"
+    with pytest.raises(ValueError):
+        parameters.decoderEpochs = -1
     commit_and_reload(slicer.mrmlScene, tmp_path / "scene.mrml", monkeypatch)
     again = pretrain_module.PCLPretrainLogic().getParameterNode()
     assert (again.dataFolder, again.outputFolder) == ("/data/scans", "/data/runs/a")
     assert (again.method, again.epochs, again.threshold) == ("pcl", 7, 0.35)
-    assert (again.mixedPrecision, again.sliceAxis) == (False, "coronal")
+    assert (again.mixedPrecision, again.sliceAxis, again.decoderEpochs) == (False, "coronal", 20)
     settings = pretrain_module.settings_from(again)
     assert (settings.method, settings.epochs, settings.amp, settings.slice_axis) == (
         "pcl",
@@ -290,6 +329,7 @@ def test_pretrain_parameters_survive_a_scene_save_and_reload(
         False,
         "coronal",
     )
+    assert settings.decoder_epochs == 20
 
 
 def test_segment_parameters_and_node_references_survive_a_scene_save_and_reload(

@@ -96,6 +96,9 @@ def test_pretrain_panel_binds_settings_to_the_parameter_node(pretrain_widget) ->
     parameters.outputFolder, parameters.features = "/data/runs/b", 16
     assert ui.outputFolderPathLineEdit.currentPath() == "/data/runs/b"
     assert ui.featuresSpinBox.value() == 16
+    assert ui.decoderEpochsSpinBox.value() == 0 and parameters.decoderEpochs == 0
+    ui.decoderEpochsSpinBox.setValue(20)
+    assert parameters.decoderEpochs == 20
     assert ui.pretrainButton.isEnabled() and not ui.resumeButton.isEnabled()
     assert ui.advancedCollapsibleButton.collapsed()
 

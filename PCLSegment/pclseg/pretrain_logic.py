@@ -34,6 +34,16 @@ ENCODER_FILE = "encoder.safetensors"
 CHECKPOINT_META = "checkpoint.json"
 LOG_FILE = "log.jsonl"
 
+#: The dense stage the panels add when *Decoder epochs* is above 0: each region of a slice
+#: followed into the next slice, told apart from the same place in the batch's other slices,
+#: the encoder trained on. Of the decoder stages it is the one that measured best (README,
+#: "Does pretraining pay?"; decision 10), so the panels offer it alone.
+PANEL_DECODER_STAGE = {"decoder_task": "adjacent", "decoder_encoder_lr": 1.0,
+                       "decoder_batch_negatives": True}
+#: The same stage as ``pclseg pretrain`` options.
+PANEL_DECODER_STAGE_ARGS = ["--decoder-task", "adjacent", "--decoder-encoder-lr", "1.0",
+                            "--decoder-batch-negatives"]
+
 
 @dataclass
 class PretrainSettings:
@@ -53,6 +63,7 @@ class PretrainSettings:
     slice_axis: str = "auto"
     amp: bool = True
     num_workers: int = 0
+    decoder_epochs: int = 0  # 0: the encoder alone, as the paper pretrains
 
     def to_config(self) -> PretrainConfig:
         """The engine's config for these settings (raises :class:`PCLSegError` if invalid)."""
@@ -67,6 +78,8 @@ class PretrainSettings:
             device=self.device,
             amp=self.amp,
             num_workers=self.num_workers,
+            decoder_epochs=self.decoder_epochs,
+            **(PANEL_DECODER_STAGE if self.decoder_epochs else {}),
             preprocess=PreprocessConfig(
                 size=self.size,
                 spacing=self.spacing or None,
@@ -108,6 +121,8 @@ class PretrainSettings:
             args += ["--spacing", repr(float(self.spacing))]
         if not self.amp:
             args.append("--no-amp")
+        if self.decoder_epochs:
+            args += ["--decoder-epochs", str(self.decoder_epochs), *PANEL_DECODER_STAGE_ARGS]
         return args
 
 

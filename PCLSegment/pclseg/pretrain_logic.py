@@ -40,9 +40,6 @@ LOG_FILE = "log.jsonl"
 #: "Does pretraining pay?"; decision 10), so the panels offer it alone.
 PANEL_DECODER_STAGE = {"decoder_task": "adjacent", "decoder_encoder_lr": 1.0,
                        "decoder_batch_negatives": True}
-#: The same stage as ``pclseg pretrain`` options.
-PANEL_DECODER_STAGE_ARGS = ["--decoder-task", "adjacent", "--decoder-encoder-lr", "1.0",
-                            "--decoder-batch-negatives"]
 
 
 @dataclass
@@ -122,7 +119,10 @@ class PretrainSettings:
         if not self.amp:
             args.append("--no-amp")
         if self.decoder_epochs:
-            args += ["--decoder-epochs", str(self.decoder_epochs), *PANEL_DECODER_STAGE_ARGS]
+            args += ["--decoder-epochs", str(self.decoder_epochs)]
+            for name, value in PANEL_DECODER_STAGE.items():  # each setting is its option
+                option = "--" + name.replace("_", "-")
+                args += [option] if value is True else [option, str(value)]
         return args
 
 

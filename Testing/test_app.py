@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from pclseg.errors import PCLSegError
+from pclseg.finetune import init_source
 
 trame_slicer = pytest.importorskip("trame_slicer")
 
@@ -51,7 +53,8 @@ def test_settings_generate_a_token_off_loopback():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(port=70000), dict(refine_steps=-1), dict(size=40), dict(features=0), dict(token="short")],
+    [dict(port=70000), dict(refine_steps=-1), dict(size=40), dict(features=0), dict(token="short"),
+     dict(decoder_epochs=-1)],
 )
 def test_settings_reject_bad_values_with_a_one_line_error(bad):
     with pytest.raises(PCLSegError, match="--"):
@@ -64,10 +67,11 @@ def test_command_line_builds_settings(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["data", "--port", "9001", "--steps", "7", "--size", "32",
-                              "--annotations", str(tmp_path)])
+                              "--decoder-epochs", "5", "--annotations", str(tmp_path)])
     settings = settings_from_args(args)
     assert settings.folder == Path("data")
     assert (settings.port, settings.refine_steps, settings.size) == (9001, 7, 32)
+    assert (settings.pretrain_epochs, settings.decoder_epochs) == (50, 5)
     assert settings.host == "127.0.0.1" and settings.annotations == tmp_path
 
 
@@ -114,6 +118,9 @@ def test_progress_tracker_extrapolates_the_eta():
     view = tracker.feed({"event": "epoch", "epoch": 2, "epochs": 4, "eta_s": 33.0})
     assert view.percent == 50.0 and view.eta == "33 s"
     assert tracker.feed({"event": "message", "message": "saving"}).detail == "saving"
+    view = tracker.feed({"event": "step", "epoch": 4, "epochs": 4, "step": 5, "steps": 10,
+                         "stage": "decoder"})
+    assert view.percent == 87.5 and view.detail == "epoch 4/4 (decoder)"
     assert tracker.feed({"event": "done"}).percent == 100.0
 
 
@@ -328,6 +335,14 @@ def test_errors_are_messages_and_the_app_keeps_working(an_app, a_sample_folder, 
     asyncio.run(logic.pretrain())
     assert data.message_kind == MessageKind.ERROR and "epochs" in data.message
     data.pretrain_epochs = 1
+    an_app.server.state[logic.typed.name.decoder_epochs] = "two"
+    asyncio.run(logic.pretrain())
+    assert data.message_kind == MessageKind.ERROR and "decoder epochs" in data.message
+    data.decoder_epochs = -1
+    asyncio.run(logic.pretrain())
+    assert data.message_kind == MessageKind.ERROR and "decoder epochs" in data.message
+    assert data.job.kind == JobKind.NONE and not data.busy  # refused before a process started
+    data.decoder_epochs = 0
 
     data.folder = str(tmp_path / "empty")
     (tmp_path / "empty").mkdir()
@@ -441,6 +456,29 @@ def test_the_loop_pretrain_paint_fine_tune_suggest_accept_export(an_app):
     assert seg.name.endswith(".seg.nrrd") and seg.is_file()
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(nifti)))
     assert labels.any() and set(np.unique(labels)) <= {0, 1, 2, 3, 4}
+
+
+@pytest.mark.slow
+def test_decoder_epochs_pretrain_the_unet_on_a_finished_run(an_app, a_sample_folder, tmp_path):
+    logic, data = an_app.logic, an_app.logic.data
+    folder = tmp_path / "scans"
+    shutil.copytree(a_sample_folder, folder)
+    run_dir = logic.workspace.run_dir_for(folder)
+    data.folder = str(folder)
+    try:
+        asyncio.run(logic.pretrain())  # the encoder alone
+        assert data.message_kind == MessageKind.SUCCESS, data.message
+        assert init_source(run_dir)[1]["kind"] == "encoder"
+        data.decoder_epochs = 1
+        asyncio.run(logic.pretrain())  # the finished run gets the decoder stage
+    finally:
+        data.folder, data.decoder_epochs = str(a_sample_folder), 0
+    assert data.message_kind == MessageKind.SUCCESS, data.message
+    assert data.encoder == str(run_dir)
+    assert init_source(run_dir)[1]["kind"] == "unet"  # what fine-tuning starts from now
+    saved = json.loads((run_dir / "checkpoint.json").read_text())["config"]
+    assert (saved["decoder_epochs"], saved["decoder_task"]) == (1, "adjacent")
+    assert saved["decoder_batch_negatives"] and saved["decoder_encoder_lr"] == 1.0
 
 
 def opened_labels(opened):

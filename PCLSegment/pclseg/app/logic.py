@@ -97,6 +97,7 @@ class PCLAppLogic:
 
         with server.state:
             self.data.pretrain_epochs = settings.pretrain_epochs
+            self.data.decoder_epochs = settings.decoder_epochs
             self.data.encoders = self.workspace.encoders()
             self.data.encoder = self.data.encoders[0] if self.data.encoders else RANDOM_INIT
             if settings.folder is not None:
@@ -202,18 +203,15 @@ class PCLAppLogic:
         list_volumes(folder)  # an empty or missing folder is an error now, not in a minute
         run_dir = self.workspace.run_dir_for(Path(self.data.folder.strip()).expanduser())
         resume = can_resume(run_dir)
-        typed = self.server.state[self.typed.name.pretrain_epochs]  # raw: the field may be empty
-        try:
-            epochs = int(typed)
-        except (TypeError, ValueError) as error:
-            raise PCLSegError(f"epochs: type a whole number, got {typed!r}") from error
         options = PretrainSettings(
-            epochs=epochs,
+            epochs=self._typed_count(self.typed.name.pretrain_epochs, "epochs"),
+            decoder_epochs=self._typed_count(self.typed.name.decoder_epochs, "decoder epochs"),
             size=self.settings.size,
             features=self.settings.features,
             device=self.settings.device,
             amp=self.settings.amp,
         )
+        options.to_config()  # a bad number is a message now, not a failed job
         title = f"{'Resuming' if resume else 'Pretraining'} on {run_dir.name}"
         job = await self.jobs.run(
             JobKind.PRETRAIN, title,
@@ -232,6 +230,14 @@ class PCLAppLogic:
             self.tell("pretraining stopped; press Pretrain again to resume it")
         else:
             raise PCLSegError(f"pretraining failed: {job.error}")
+
+    def _typed_count(self, key: str, label: str) -> int:
+        """The whole number typed in a field, read raw: an emptied field sends ``""``."""
+        typed = self.server.state[key]
+        try:
+            return int(typed)
+        except (TypeError, ValueError) as error:
+            raise PCLSegError(f"{label}: type a whole number, got {typed!r}") from error
 
     # -- 3. Annotate, fine-tune, refine ------------------------------------------------------
 

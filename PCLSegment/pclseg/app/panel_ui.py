@@ -23,6 +23,13 @@ from undo_stack import Signal
 
 from .state import NAMESPACE, RANDOM_INIT, AppState, JobKind
 
+#: What *Decoder epochs* does, shown on hover (the PCL Pretrain panel's tooltip says the same).
+DECODER_EPOCHS_TIP = (
+    "After the encoder, pretrain the whole U-Net for this many epochs to follow each region "
+    "into the next slice, so fine-tuning starts from a pretrained decoder too. 0: the encoder "
+    "alone. Pressing Pretrain on a finished run adds these epochs to it."
+)
+
 
 class PCLPanelUI(html.Div):
     """The drawer content for the PCL loop, top to bottom in the order a user works."""
@@ -124,6 +131,16 @@ class PCLPanelUI(html.Div):
                         density="compact",
                         hide_details=True,
                         style="max-width: 90px;",
+                    )
+                    VTextField(
+                        id="pcl-decoder-epochs",
+                        label="Decoder epochs",
+                        type="number",
+                        v_model_number=(self.n.decoder_epochs,),
+                        density="compact",
+                        hide_details=True,
+                        title=DECODER_EPOCHS_TIP,
+                        style="max-width: 120px;",
                     )
                     VBtn(
                         "Pretrain on folder",

@@ -93,7 +93,9 @@ def _started(event: dict[str, Any]) -> str:
 def _detail(event: dict[str, Any]) -> str:
     parts = []
     if event.get("epochs"):
-        parts.append(f"epoch {event.get('epoch')}/{event['epochs']}")
+        # Epochs count on through the decoder stage, so the bar fills once for both stages.
+        stage = " (decoder)" if event.get("stage") == "decoder" else ""
+        parts.append(f"epoch {event.get('epoch')}/{event['epochs']}{stage}")
     elif event.get("steps"):
         parts.append(f"step {event.get('step')}/{event['steps']}")
     if event.get("loss") is not None:

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuning steps per 'Fine-tune & predict' (0: until the "
                              "annotated slices are fit)")
     parser.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs)
+    parser.add_argument("--decoder-epochs", type=int, default=defaults.decoder_epochs,
+                        help="decoder epochs of 'Pretrain on folder' (0: the encoder alone)")
     parser.add_argument("--size", type=int, default=defaults.size,
                         help="slice size of 'Pretrain on folder'")
     parser.add_argument("--features", type=int, default=defaults.features,
@@ -50,6 +52,7 @@ def settings_from_args(args: argparse.Namespace) -> AppSettings:
         token=args.token,
         refine_steps=args.steps,
         pretrain_epochs=args.pretrain_epochs,
+        decoder_epochs=args.decoder_epochs,
         size=args.size,
         features=args.features,
         device=args.device,

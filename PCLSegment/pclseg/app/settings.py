@@ -30,6 +30,9 @@ class AppSettings:
         refine_steps: optimiser steps per "Fine-tune & predict" click; 0 (default): until
             the annotated slices are fit.
         pretrain_epochs: default epochs of "Pretrain on folder" (editable in the page).
+        decoder_epochs: default decoder epochs of "Pretrain on folder" (editable in the page):
+            N > 0 adds the PCL Pretrain panel's decoder stage after the encoder; pressing the
+            button on a finished run adds the stage to it.
         size, features, device: slice size, U-Net width and device (``auto``, ``cpu``,
             ``cuda``, ``mps``) of "Pretrain on folder". Fine-tuning from an encoder keeps the
             encoder's architecture; the warm worker picks its own device.
@@ -48,6 +51,7 @@ class AppSettings:
     token: str | None = None
     refine_steps: int = 0
     pretrain_epochs: int = 50
+    decoder_epochs: int = 0
     size: int = 128
     features: int = 32
     device: str = "auto"
@@ -64,6 +68,10 @@ class AppSettings:
             raise PCLSegError(f"--port must be in 0..65535, got {self.port}")
         if self.refine_steps < 0:
             raise PCLSegError(f"--steps must be 0 (until fit) or more, got {self.refine_steps}")
+        if self.decoder_epochs < 0:
+            raise PCLSegError(
+                f"--decoder-epochs must be 0 (none) or more, got {self.decoder_epochs}"
+            )
         for name in ("pretrain_epochs", "features"):
             value = getattr(self, name)
             if value < 1:

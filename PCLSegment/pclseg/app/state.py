@@ -69,6 +69,7 @@ class AppState:
     encoders: list[str] = field(default_factory=list)
     encoder: str = RANDOM_INIT
     pretrain_epochs: int = 50
+    decoder_epochs: int = 0
 
     job: JobState = field(default_factory=JobState)
     busy: bool = False

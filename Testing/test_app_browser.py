@@ -1,6 +1,7 @@
 """The browser app end to end in headless Chromium: the page loads and Slicer's views render,
-errors show as messages and the app keeps working, and the loop (paint with the brush, fine-tune,
-suggest a slice, export) puts the prediction's colour on the slice view.
+errors show as messages and the app keeps working, and the loop (pretrain with a decoder stage,
+paint with the brush, fine-tune, suggest a slice, export) puts the prediction's colour on the
+slice view.
 
 The app runs as ``pclseg app`` on the built-in sample with a tiny training budget; the
 browser is Debian's Chromium driven by Playwright. (The README's picture of the app comes from
@@ -223,11 +224,14 @@ def test_pretrain_paint_fine_tune_suggest_and_see_the_prediction(
     from pclseg.app.workspace import segment_labels
 
     colors = [label.color for label in segment_labels(a_sample_folder)]
+    a_page.fill("#pcl-decoder-epochs", "1")  # the encoder's epochs, then the decoder stage
     a_page.click("#pcl-pretrain")
     a_page.wait_for_selector("#pcl-job", timeout=RENDER_TIMEOUT_MS)
     assert "Pretraining" in a_page.inner_text("#pcl-job")
     wait_for_message(a_page, "encoder ready", JOB_TIMEOUT_MS)
     assert "runs" in a_page.input_value("#pcl-encoder")
+    run_dir = Path(a_page.input_value("#pcl-encoder"))
+    assert (run_dir / "unet.safetensors").is_file(), "the decoder stage did not run"
 
     box = open_first_volume(a_page)
     baseline = overlay_pixels(screenshot_array(a_page, tmp_path / "opened.png"), box, colors)

@@ -123,14 +123,14 @@ class PCLPanelUI(html.Div):
                     density="compact",
                     hide_details=True,
                 )
-                with html.Div(classes="d-flex ga-2 align-center"):
+                with html.Div(classes="d-flex ga-2"):
                     VTextField(
+                        id="pcl-epochs",
                         label="Epochs",
                         type="number",
                         v_model_number=(self.n.pretrain_epochs,),
                         density="compact",
                         hide_details=True,
-                        style="max-width: 90px;",
                     )
                     VTextField(
                         id="pcl-decoder-epochs",
@@ -140,15 +140,14 @@ class PCLPanelUI(html.Div):
                         density="compact",
                         hide_details=True,
                         title=DECODER_EPOCHS_TIP,
-                        style="max-width: 120px;",
                     )
-                    VBtn(
-                        "Pretrain on folder",
-                        id="pcl-pretrain",
-                        prepend_icon="mdi-school",
-                        click=self.pretrain_clicked,
-                        disabled=self._idle(f"!{self.n.folder}"),
-                    )
+                VBtn(
+                    "Pretrain on folder",
+                    id="pcl-pretrain",
+                    prepend_icon="mdi-school",
+                    click=self.pretrain_clicked,
+                    disabled=self._idle(f"!{self.n.folder}"),
+                )
 
     def _job_card(self) -> None:
         job = self.n.job

@@ -124,23 +124,20 @@ class PCLPanelUI(html.Div):
                     hide_details=True,
                 )
                 with html.Div(classes="d-flex ga-2"):
-                    VTextField(
-                        id="pcl-epochs",
-                        label="Epochs",
-                        type="number",
-                        v_model_number=(self.n.pretrain_epochs,),
-                        density="compact",
-                        hide_details=True,
-                    )
-                    VTextField(
-                        id="pcl-decoder-epochs",
-                        label="Decoder epochs",
-                        type="number",
-                        v_model_number=(self.n.decoder_epochs,),
-                        density="compact",
-                        hide_details=True,
-                        title=DECODER_EPOCHS_TIP,
-                    )
+                    for field_id, label, key, tip in (
+                        ("pcl-epochs", "Epochs", self.n.pretrain_epochs, None),
+                        ("pcl-decoder-epochs", "Decoder epochs", self.n.decoder_epochs,
+                         DECODER_EPOCHS_TIP),
+                    ):
+                        VTextField(
+                            id=field_id,
+                            label=label,
+                            type="number",
+                            v_model_number=(key,),
+                            density="compact",
+                            hide_details=True,
+                            title=tip,
+                        )
                 VBtn(
                     "Pretrain on folder",
                     id="pcl-pretrain",

@@ -374,17 +374,19 @@ class PCLPretrainTest(ScriptedLoadableModuleTest):
         import tempfile
 
         self.delayDisplay("Pretraining one tiny epoch")
-        work = pathlib.Path(tempfile.mkdtemp(prefix="PCLPretrainTest-"))
-        from pclseg.sample import make_sample
+        # Removed afterwards: a self-test run leaves nothing in the temp folder.
+        with tempfile.TemporaryDirectory(prefix="PCLPretrainTest-") as temporary:
+            work = pathlib.Path(temporary)
+            from pclseg.sample import make_sample
 
-        folder = make_sample(work / "sample", n_volumes=3, shape=(12, 32, 32)) / "imagesTr"
-        settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu")
-        encoder = PCLPretrainLogic().pretrain(
-            folder, work / "run", settings, on_event=lambda e: None
-        )
-        self.assertTrue(encoder.is_file())
-        history = loss_history(work / "run")
-        self.assertEqual([epoch for epoch, _ in history], [1])
-        self.assertTrue(math.isfinite(history[0][1]))
+            folder = make_sample(work / "sample", n_volumes=3, shape=(12, 32, 32)) / "imagesTr"
+            settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu")
+            encoder = PCLPretrainLogic().pretrain(
+                folder, work / "run", settings, on_event=lambda e: None
+            )
+            self.assertTrue(encoder.is_file())
+            history = loss_history(work / "run")
+            self.assertEqual([epoch for epoch, _ in history], [1])
+            self.assertTrue(math.isfinite(history[0][1]))
         self.delayDisplay("Test passed")
 

@@ -448,21 +448,23 @@ class PCLSegmentTest(ScriptedLoadableModuleTest):
 
     def test_refine_loop(self, init: pathlib.Path | None = None) -> None:
         """``init``: a pretraining run to start from; a tiny one is made when not given."""
-        import tempfile
-
-        work = pathlib.Path(tempfile.mkdtemp(prefix="PCLSegmentTest-"))
         if init is None:
+            import tempfile
+
             from pclseg.pretrain_logic import PretrainLogic, PretrainSettings
             from pclseg.sample import make_sample
 
             self.delayDisplay("Pretraining a tiny encoder")
-            settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8, device="cpu")
-            volumes = make_sample(work / "sample", n_volumes=3, shape=(12, 32, 32)) / "imagesTr"
-            init = (
-                PretrainLogic()
-                .pretrain(volumes, work / "run", settings, on_event=lambda e: None)
-                .parent
-            )
+            # In a folder removed afterwards: a self-test run leaves nothing in the temp folder.
+            with tempfile.TemporaryDirectory(prefix="PCLSegmentTest-") as temporary:
+                work = pathlib.Path(temporary)
+                settings = PretrainSettings(epochs=1, size=32, features=4, batch_size=8,
+                                            device="cpu")
+                volumes = make_sample(work / "sample", n_volumes=3, shape=(12, 32, 32))
+                encoder = PretrainLogic().pretrain(volumes / "imagesTr", work / "run", settings,
+                                                   on_event=lambda e: None)
+                self.test_refine_loop(init=encoder.parent)
+            return
 
         self.delayDisplay("One refine round")
         volume, annotation = make_test_case(slicer.mrmlScene)

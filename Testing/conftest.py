@@ -73,14 +73,14 @@ def a_warm_worker():
 @pytest.fixture
 def shared_worker(a_warm_worker, monkeypatch: pytest.MonkeyPatch):
     """Make every :class:`~pclseg.segment_logic.SegmentLogic` use the warm worker, and its
-    ``shutdown`` forget it instead of ending it."""
+    ``stop_worker`` forget it instead of ending it."""
     from pclseg.segment_logic import SegmentLogic
 
     def forget(logic: SegmentLogic) -> None:
         logic._client, logic.session = None, None
 
     monkeypatch.setattr(SegmentLogic, "start_worker", lambda logic: a_warm_worker)
-    monkeypatch.setattr(SegmentLogic, "shutdown", forget)
+    monkeypatch.setattr(SegmentLogic, "stop_worker", forget)
     return a_warm_worker
 
 

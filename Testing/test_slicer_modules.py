@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -356,9 +357,14 @@ def test_segment_parameters_and_node_references_survive_a_scene_save_and_reload(
     )
 
 
-def test_pretrain_module_self_test_runs_a_tiny_epoch(pretrain_module) -> None:
-    """The ScriptedLoadableModuleTest that Slicer's ctest runs, here on the real engine."""
+def test_pretrain_module_self_test_runs_a_tiny_epoch(
+    pretrain_module, monkeypatch, tmp_path
+) -> None:
+    """The ScriptedLoadableModuleTest that Slicer's ctest runs, here on the real engine; it
+    leaves nothing in the temp folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     pretrain_module.PCLPretrainTest().runTest()
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- the refine loop on the real engine ---------------------------------------------------------
@@ -431,8 +437,12 @@ def test_refine_loop_on_real_mrml_and_the_warm_worker(
         written = logic.export(volume, annotation, prediction, tmp_path / "case.seg.nrrd")
         assert written.is_file()
         assert scene.GetFirstNodeByName("case") is None  # the temporary node is gone
+        exchange = logic.work_dir
     finally:
         logic.shutdown()
+    assert not exchange.exists()  # the copy of the volume is not left in the temp folder
+    assert logic.work_dir.is_dir() and logic.work_dir != exchange  # made again when needed
+    logic.shutdown()
 
 
 def test_cancel_stops_a_long_refine_and_keeps_its_prediction(
@@ -481,6 +491,11 @@ def test_segment_module_self_test_runs_the_loop(
     segment_module.PCLSegmentTest().test_refine_loop(init=a_pretraining_run)
 
 
-def test_segment_module_self_test_pretrains_its_own_encoder(segment_module, shared_worker) -> None:
-    """Slicer's ctest path as is: a tiny pretraining run on the built-in sample, then the loop."""
+def test_segment_module_self_test_pretrains_its_own_encoder(
+    segment_module, shared_worker, monkeypatch, tmp_path
+) -> None:
+    """Slicer's ctest path as is: a tiny pretraining run on the built-in sample, then the loop;
+    the run's folder is gone afterwards."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     segment_module.PCLSegmentTest().runTest()
+    assert list(tmp_path.iterdir()) == []

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,7 +148,8 @@ class SegmentLogic:
 
     Args:
         work_dir: where volumes, label maps and predictions are exchanged with the engine
-            (a fresh temporary folder by default).
+            (a fresh temporary folder by default, removed by :meth:`shutdown`: it holds a
+            copy of the volume, and a Slicer session must not leave one behind each time).
         python: the interpreter of the worker (default: :func:`python_executable`).
     """
 
@@ -155,6 +157,7 @@ class SegmentLogic:
         self, work_dir: str | os.PathLike[str] | None = None, python: str | None = None
     ) -> None:
         self._work_dir = Path(work_dir) if work_dir else None
+        self._temporary_work_dir = work_dir is None
         self.python = python or python_executable()
         self.session: Session | None = None
         self._client: Any = None
@@ -215,12 +218,20 @@ class SegmentLogic:
         if self._client is not None:
             self._client.cancel()
 
-    def shutdown(self) -> None:
+    def stop_worker(self) -> None:
         """End the worker process (it is started again when needed)."""
         if self._client is not None:
             self._client.close()
             self._client = None
             self.session = None
+
+    def shutdown(self) -> None:
+        """Stop the worker and remove the temporary exchange folder (both come back when
+        needed; a folder passed as ``work_dir`` stays)."""
+        self.stop_worker()
+        if self._temporary_work_dir and self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+            self._work_dir = None
 
     # -- one round: load if needed, annotate, refine, predict -------------------------------
     def labels_for(self, annotation_node: Any, model: str | None = None) -> list[Label]:

@@ -482,6 +482,7 @@ def test_bad_round_inputs_are_clear_errors(segment_module, a_pretraining_run, tm
     with pytest.raises(PCLSegError, match="not a PCL Segment model|cannot read"):
         logic.start_apply_model(tmp_path, volume)
     assert logic._client is None  # nothing started a worker
+    logic.shutdown()  # the exchange folder the refused rounds made is removed
 
 
 def test_segment_module_self_test_runs_the_loop(

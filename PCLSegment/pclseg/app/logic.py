@@ -211,7 +211,6 @@ class PCLAppLogic:
             device=self.settings.device,
             amp=self.settings.amp,
         )
-        options.to_config()  # a bad number is a message now, not a failed job
         title = f"{'Resuming' if resume else 'Pretraining'} on {run_dir.name}"
         job = await self.jobs.run(
             JobKind.PRETRAIN, title,

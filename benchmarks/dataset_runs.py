@@ -77,6 +77,11 @@ def paired_differences(mine: dict[tuple, float], base: dict[tuple, float]) -> np
     return np.array([mine[key] - base[key] for key in mine if key in base])
 
 
+def heading(column: str, value) -> str:
+    """How a table or plot names a value of ``column``: "k = 2", or a named setting as it is."""
+    return value if isinstance(value, str) else f"{column} = {value}"
+
+
 def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple[str, ...],
                  baseline: str = RANDOM) -> str:
     """A Markdown table of Dice: one line per init, one column per value of ``column``; each
@@ -84,7 +89,7 @@ def paired_table(rows: list[dict], inits: list[str], column: str, pair_by: tuple
     difference to it (runs matched on the fields ``pair_by``) ± std and the runs it is ahead
     in. Inits without runs are left out."""
     values = sorted({r[column] for r in rows})
-    lines = ["| init | " + " | ".join(f"{column} = {v}" for v in values) + " |",
+    lines = ["| init | " + " | ".join(heading(column, v) for v in values) + " |",
              "|---|" + "---|" * len(values)]
 
     for init in [baseline, *(i for i in inits if i != baseline)]:
@@ -258,17 +263,23 @@ def plot_paired(rows: list[dict], inits: list[str], column: str, pair_by: tuple[
     """Two panels against ``column`` (k or n): the Dice of each init (mean ± std over its runs),
     and each init's paired difference to ``baseline``, one dot per pair and the mean, with the
     +0.05 that would make pretraining clearly pay dashed: whether a gain is real shows in how
-    many dots lie above zero, not in the means alone."""
+    many dots lie above zero, not in the means alone. Init names are long, so one legend for
+    both panels sits below them, where it hides no data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     values = sorted({r[column] for r in rows})
+    # Numbers stand where they are on the axis, a line through each init's means; named
+    # settings side by side, unconnected.
+    numeric = not any(isinstance(v, str) for v in values)
+    where = {v: v if numeric else float(i) for i, v in enumerate(values)}
     inits = [baseline, *(i for i in inits if i != baseline)]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6 + 0.2 * len(inits)), dpi=120,
+                                         layout="constrained")
     # Inits side by side within each value's slot (the smallest gap between values).
-    slot = min(np.diff(values), default=1)
+    slot = min(np.diff(list(where.values())), default=1)
     shift = 0.6 * slot / len(inits)
 
     base = {value: paired_scores(rows, baseline, column, value, pair_by) for value in values}
@@ -279,31 +290,34 @@ def plot_paired(rows: list[dict], inits: list[str], column: str, pair_by: tuple[
             mine = paired_scores(rows, init, column, value, pair_by)
             if not mine:
                 continue
-            xs.append(value + offset)
+            xs.append(where[value] + offset)
             means.append(np.mean(list(mine.values())))
             stds.append(np.std(list(mine.values())))
             diff = paired_differences(mine, base[value])
             if init != baseline and len(diff):
-                dx += [value + offset] * len(diff)
+                dx += [where[value] + offset] * len(diff)
                 dy += list(diff)
-                mx.append(value + offset)
+                mx.append(where[value] + offset)
                 my.append(np.mean(diff))
-        color = f"C{number}"
-        left.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=init)
+        color = f"C{number % 10}"
+        left.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=init,
+                      linestyle="-" if numeric else "none")
         if dy:
             right.scatter(dx, dy, s=12, alpha=0.6, color=color)
-            right.plot(mx, my, marker="_", markersize=18, linestyle="none", color=color,
-                       label=f"{init} (mean)")
+            right.plot(mx, my, marker="_", markersize=18, linestyle="none", color=color)
     right.axhline(0, color="black", linewidth=0.8)
     right.axhline(TARGET_GAIN, color="black", linestyle="--", linewidth=0.8,
                   label=f"+{TARGET_GAIN} target")
+    left.set_title("Dice, mean ± std over the runs", fontsize=10)
+    right.set_title("each pair a dot, the mean a bar", fontsize=10)
     for axes, ylabel in ((left, "Dice"), (right, f"paired difference to {baseline} init")):
-        axes.set_xticks(values)
-        axes.set_xlim(values[0] - slot / 2, values[-1] + slot / 2)
+        axes.set_xticks(list(where.values()), [str(v) for v in values])
+        axes.set_xlim(where[values[0]] - slot / 2, where[values[-1]] + slot / 2)
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
-    figure.tight_layout()
+    handles = [h for axes in (left, right) for h in axes.get_legend_handles_labels()[0]]
+    labels = [t for axes in (left, right) for t in axes.get_legend_handles_labels()[1]]
+    figure.legend(handles, labels, loc="outside lower center", fontsize=8, frameon=False)
     figure.savefig(path)
     plt.close(figure)

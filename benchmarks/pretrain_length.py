@@ -241,7 +241,7 @@ def with_finetuning_variants(names: list[str], rows: list[dict]) -> list[str]:
 
 def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
     """Dice against pretraining epochs, one line per curve and k (mean ± std), random init
-    as a dashed line per k."""
+    as a dashed line per k; the legend below the axes, a column per k."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,9 +249,19 @@ def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
 
     inits = ordered_inits(pretraining)
     families = list(dict.fromkeys(r["family"] for r in inits))
-    figure, axes = plt.subplots(figsize=(8, 4), dpi=120)
-    for index, k in enumerate(sorted({r["k"] for r in rows})):
+    ks = sorted({r["k"] for r in rows})
+    # A legend column per k where the names are short enough to stand side by side.
+    columns = len(ks) if max(map(len, families)) <= 50 else 1
+    figure, axes = plt.subplots(
+        figsize=(10, 3.6 + 0.2 * (len(families) + 1) * len(ks) / columns), dpi=120,
+        layout="constrained")
+    entries = []  # (handle, label) in the order drawn: a legend column per k
+    for index, k in enumerate(ks):
         color = f"C{index}"
+        random = [r["dice"] for r in rows if r["k"] == k and r["init"] == RANDOM]
+        if random:
+            entries.append((axes.axhline(np.mean(random), color=color, linestyle="--"),
+                            f"random init, k = {k}"))
         for number, family in enumerate(families):
             xs, means, stds = [], [], []
             for init in (r for r in inits if r["family"] == family):
@@ -262,13 +272,10 @@ def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
                     means.append(np.mean(scores))
                     stds.append(np.std(scores))
             if xs:
-                axes.errorbar(xs, means, yerr=stds, marker="osD^v"[number % 5], capsize=3,
-                              color=color, linestyle="-" if number == 0 else ":",
-                              label=f"{family}, k = {k}")
-        random = [r["dice"] for r in rows if r["k"] == k and r["init"] == RANDOM]
-        if random:
-            axes.axhline(np.mean(random), color=color, linestyle="--",
-                         label=f"random init, k = {k}")
+                entries.append((axes.errorbar(xs, means, yerr=stds, marker="osD^v"[number % 5],
+                                              capsize=3, color=color,
+                                              linestyle="-" if number == 0 else ":"),
+                                f"{family}, k = {k}"))
     lengths = sorted({r["epochs"] for r in inits})
     axes.set_xscale("log")
     axes.set_xticks(lengths)
@@ -277,8 +284,8 @@ def plot(rows: list[dict], pretraining: list[dict], path: Path) -> None:
     axes.set_xlabel("pretraining epochs")
     axes.set_ylabel("Dice on the unannotated slices")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
+    figure.legend(*zip(*entries, strict=True), loc="outside lower center", ncols=columns,
+                  fontsize=8, frameon=False)
     figure.savefig(path)
     plt.close(figure)
 

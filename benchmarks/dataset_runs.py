@@ -282,6 +282,8 @@ def plot_paired(rows: list[dict], inits: list[str], column: str, pair_by: tuple[
     slot = min(np.diff(list(where.values())), default=1)
     shift = 0.6 * slot / len(inits)
 
+    # A colour of its own for each of up to 20 inits.
+    palette = plt.get_cmap("tab10" if len(inits) <= 10 else "tab20").colors
     base = {value: paired_scores(rows, baseline, column, value, pair_by) for value in values}
     for number, init in enumerate(inits):
         offset = (number - (len(inits) - 1) / 2) * shift
@@ -299,7 +301,7 @@ def plot_paired(rows: list[dict], inits: list[str], column: str, pair_by: tuple[
                 dy += list(diff)
                 mx.append(where[value] + offset)
                 my.append(np.mean(diff))
-        color = f"C{number % 10}"
+        color = palette[number % len(palette)]
         left.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=color, label=init,
                       linestyle="-" if numeric else "none")
         if dy:

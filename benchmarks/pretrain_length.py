@@ -29,7 +29,10 @@ see how far two of them differ; the summary then also averages each pretraining 
 encoders and compares the averages, so that two methods are not told apart by one encoder each).
 ``--positional-weight W`` also fine-tunes from each encoder with its pretraining's contrastive
 task kept on at weight ``W`` (``FinetuneConfig.positional_weight``; "GCL 50 ep, positional task
-0.5", paired with the encoder fine-tuned without it). Each variant's runs are
+0.5", paired with the encoder fine-tuned without it). ``--matched-prior`` also fine-tunes
+random init and each encoder with the prior channels matched on the init's features instead of
+Fill between slices (``FinetuneConfig.prior_from``, :mod:`pclseg.propagate`; "random, matched
+prior", paired with the same init under the default prior). Each variant's runs are
 named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
 "PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A pretraining run
 folder that is already there is continued, so a dense stage can be added to an encoder of an
@@ -228,6 +231,11 @@ def ordered_inits(pretraining: list[dict]) -> list[dict]:
     return sorted(rows.values(), key=order)
 
 
+#: The fine-tuning variant with the prior channels matched on the init's features.
+MATCHED_PRIOR = "matched prior"
+MATCHED = {"prior_from": "features"}
+
+
 def with_finetuning_variants(names: list[str], rows: list[dict]) -> list[str]:
     """``names`` with each logged arm that fine-tunes one of them another way ("GCL 50 ep,
     positional task 0.5") right after the init it varies (the longest name it extends)."""
@@ -326,6 +334,9 @@ def main() -> None:
     parser.add_argument("--decoder-grid", type=int, default=None, metavar="K",
                         help="contrast K x K regions in the dense stage (default: the "
                         "product's)")
+    parser.add_argument("--matched-prior", action="store_true",
+                        help="also fine-tune random init and each encoder with the prior "
+                        "matched on the init's features (\"..., matched prior\")")
     parser.add_argument("--encoder-only", action="store_true",
                         help="after a dense stage, also fine-tune from each run's encoder "
                         "alone (\"..., encoder only\"), the decoder random")
@@ -371,12 +382,16 @@ def main() -> None:
               f"epochs {lengths}", flush=True)
         # Each arm: its init and what it changes in the fine-tuning config.
         inits: dict[str, tuple[Path | None, dict]] = {RANDOM: (None, {})}
+        if args.matched_prior:
+            inits[f"{RANDOM}, {MATCHED_PRIOR}"] = (None, MATCHED)
         for epochs in lengths:
             run_dir = pretrained(
                 args.data, args.runs or args.out / "pretraining", epochs, variant, args)
             inits[variant.name(epochs)] = (run_dir, {})
             if args.encoder_only and variant.decoder_epochs:
                 inits[f"{variant.name(epochs)}, encoder only"] = (run_dir / "encoder.json", {})
+            if args.matched_prior:
+                inits[f"{variant.name(epochs)}, {MATCHED_PRIOR}"] = (run_dir, MATCHED)
             for weight in args.positional_weight:
                 inits[f"{variant.name(epochs)}, positional task {weight:g}"] = (
                     run_dir, {"positional_weight": weight})
@@ -416,7 +431,7 @@ def main() -> None:
     rows = finished_runs(log)
     pretraining = finished_runs(args.out / "pretraining.jsonl")
     inits = ordered_inits(pretraining)
-    arms = with_finetuning_variants([r["name"] for r in inits], rows)
+    arms = with_finetuning_variants([RANDOM, *(r["name"] for r in inits)], rows)
     table = paired_table(rows, arms, "k", ("volume", "seed"))
     lines = [f"Few-slice Dice against pretraining length ({len({r['volume'] for r in rows})} "
              f"volumes; mean ± std over volumes x seeds; in brackets: paired difference to random "

@@ -310,8 +310,11 @@ class FinetuneConfig:
     between slices" of the annotations (:mod:`pclseg.interpolate`; with ``prior_beyond``, a copy
     of the first and last annotated slice beyond them), zeroed for a fraction
     ``prior_dropout`` of the training draws so that the network also segments without it (as
-    on another volume). ``postprocess`` drops predicted 3D components that the annotations do
-    not support (:mod:`pclseg.postprocess`).
+    on another volume). ``prior_from="features"`` fills those channels with the annotations'
+    labels carried by matching the init encoder's features instead (:mod:`pclseg.propagate`;
+    ``prior_beyond`` then has no part: matching reaches past the annotated range anyway).
+    ``postprocess`` drops predicted 3D components that the annotations do not support
+    (:mod:`pclseg.postprocess`).
 
     ``encoder_lr`` scales the encoder's learning rate against ``lr`` (the decoder always gets
     ``lr``): below 1, a pretrained encoder moves less while the randomly initialised decoder
@@ -363,6 +366,7 @@ class FinetuneConfig:
     prior: bool = True
     prior_beyond: bool = True
     prior_dropout: float = 0.3
+    prior_from: Literal["fill", "features"] = "fill"
     postprocess: bool = True
     seed: int = 0
     device: str = "auto"
@@ -412,6 +416,8 @@ class FinetuneConfig:
             raise PCLSegError(f"roi margin must not be negative, got {self.roi_margin}")
         if not 0 <= self.prior_dropout < 1:
             raise PCLSegError(f"prior dropout must be in [0, 1), got {self.prior_dropout}")
+        if self.prior_from not in ("fill", "features"):
+            raise PCLSegError(f"prior_from must be fill or features, got {self.prior_from!r}")
 
     def input_channels(self, num_classes: int) -> int:
         """The image, plus one prior channel per foreground class with ``prior``."""

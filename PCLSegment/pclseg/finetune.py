@@ -64,6 +64,7 @@ from .predict import MODEL, MODEL_FORMAT
 from .preprocess import prepare_volume
 from .pretrain import get_lr
 from .progress import Progress
+from .propagate import FeatureMatcher
 from .roi import RegionOfInterest, annotation_box, region_from_boxes
 from .stopping import FitProgress, unlearned_note
 from .trainer import Trainer
@@ -261,13 +262,15 @@ def load_training_slices(
     ``named`` (labels, where they are named), a label value they do not name is an error.
 
     With ``cfg.roi`` the slices are cropped to one region of interest around the annotations
-    of all volumes; with ``cfg.prior`` each slice carries its leave-one-out prior.
+    of all volumes; with ``cfg.prior`` each slice carries its leave-one-out prior (Fill between
+    slices; a prior matched on features comes later, from the built network's encoder).
 
     Returns:
         ``(slices, largest label value, per-volume summary, region of interest)``.
     """
     progress = progress or Progress.null()
-    if cfg.prior:
+    fill = cfg.prior and cfg.prior_from == "fill"  # else matched once the network is built
+    if fill:
         contour_process.warm_up()  # ITK loads while the volumes are read
     read, summary, top = [], [], 0
     for image_path, label_path in pairs:
@@ -297,7 +300,7 @@ def load_training_slices(
         crop = None if region.is_whole else region.pixels(volume.shape[1:])
         prepared, geometry = prepare_volume(volume, cfg.preprocess, crop)
         parts.append(prepared_annotations(prepared, label, geometry, chosen, volume.name,
-                                          cfg.prior, cfg.prior_beyond))
+                                          fill, cfg.prior_beyond))
     data = TrainingSlices.concat(parts) if parts else TrainingSlices.empty(cfg.preprocess.size)
     if len(data) == 0:
         raise PCLSegError("no annotated slices: the label maps hold no label voxel")
@@ -382,10 +385,15 @@ def finetune(
         progress.message("annotations without gaps: training without the interpolation prior")
         cfg = dataclasses.replace(cfg, prior=False)
     cfg = with_classes(cfg, num_classes)
-    train, held_out = data.split(cfg)
 
     device = resolve_device(cfg.device)
+    matched = cfg.prior and cfg.prior_from == "features"
+    if matched and resume and init_info.get("path"):
+        encoder, _ = init_source(init_info["path"])  # the prior matches the init's features
     unet = build_model(cfg, encoder, str(init))
+    if matched:
+        data.priors = FeatureMatcher(unet.encoder, device=device).leave_one_out(data, num_classes)
+    train, held_out = data.split(cfg)
     positional = positional_task(cfg, init_info.get("path"), unet.encoder)
     trainer = Trainer(unet, cfg, device, positional=positional)
     if resume:

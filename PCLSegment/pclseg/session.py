@@ -64,6 +64,7 @@ from .predict import load_model, model_stem, network_inputs, slice_probabilities
 from .preprocess import prepare_label, prepare_volume
 from .pretrain import get_lr
 from .progress import Progress
+from .propagate import FeatureMatcher
 from .roi import RegionOfInterest, region_of_annotations
 from .stopping import FitProgress, unlearned_note
 from .suggest import largest_gap_middles, pick_spread, slice_uncertainty, structure_range
@@ -111,6 +112,10 @@ class RefineSession:
         self.last_fit: dict[str, Any] | None = None
         self._network_probabilities: torch.Tensor | None = None
         self._prior: np.ndarray | None = None
+        self._matched: np.ndarray | None = None
+        # With a prior matched on features: the init's encoder, frozen (pclseg.propagate).
+        self._matcher = (FeatureMatcher(trainer.unet.encoder, device=trainer.device)
+                         if self.cfg.prior and self.cfg.prior_from == "features" else None)
         self._set_region(region or RegionOfInterest.whole())
         if self.cfg.prior or self.cfg.postprocess:
             contour_process.warm_up()  # ITK loads while the user paints
@@ -121,6 +126,7 @@ class RefineSession:
         crop = None if region.is_whole else region.pixels(self.volume.shape[1:])
         self.slices, self.geometry = prepare_volume(self.volume, self.cfg.preprocess, crop)
         self._network_probabilities = None
+        self._matched = None
 
     def _follow_annotations(self) -> None:
         """With ``cfg.roi``, move the region to the current annotations."""
@@ -277,6 +283,7 @@ class RefineSession:
 
     def _annotations_changed(self) -> None:
         self._prior = None
+        self._matched = None
         if self.trainer.with_prior:  # the network's input changed
             self._network_probabilities = None
 
@@ -304,8 +311,11 @@ class RefineSession:
         progress = progress or Progress.null()
         self._follow_annotations()
         data = prepared_annotations(self.slices, self.annotation, self.geometry, self.annotated,
-                                    self.volume.name, self.trainer.with_prior,
+                                    self.volume.name,
+                                    self.trainer.with_prior and self._matcher is None,
                                     self.cfg.prior_beyond)
+        if self.trainer.with_prior and self._matcher is not None:
+            data.priors = self._matcher.leave_one_out(data, self.num_classes)
         rule = self.cfg.stop
         fit = FitProgress(len(data))
         progress.event("started", total_steps=steps or fit.expected_steps(rule),
@@ -364,9 +374,20 @@ class RefineSession:
         """What the network sees for every slice: ``(S, C_in, size, size)``."""
         inputs = network_inputs(self.slices, self.cfg.model.in_channels)
         if self.trainer.with_prior and self.annotated:
-            fitted = prepare_label(self.prior().astype(np.int64), self.geometry)
-            inputs[:, 1:] = prior_channels(fitted, self.num_classes)
+            inputs[:, 1:] = prior_channels(self.network_prior(), self.num_classes)
         return inputs
+
+    def network_prior(self) -> np.ndarray:
+        """The prior the network sees, on its grid ``(S, size, size)``: :meth:`prior` fitted,
+        or with ``cfg.prior_from="features"`` the annotations' labels carried by matching
+        (:mod:`pclseg.propagate`; cached until the annotations or the region change)."""
+        if self._matcher is None:
+            return prepare_label(self.prior().astype(np.int64), self.geometry)
+        if self._matched is None:
+            fitted = prepare_label(self.annotation, self.geometry)
+            self._matched = self._matcher.prior(self.slices, fitted, self.annotated,
+                                                self.num_classes)
+        return self._matched
 
     def network_probabilities(self) -> torch.Tensor:
         """Softmax output on the network grid, ``(S, C, size, size)`` (cached until the

@@ -1,0 +1,175 @@
+"""Labels carried between slices by matching features: the matching itself, the leave-one-out
+training priors, and the prior the refine session and fine-tuning feed the network."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pclseg.checkpoint import load_metadata
+from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
+from pclseg.errors import PCLSegError
+from pclseg.finetune import finetune
+from pclseg.io import read_label, read_volume
+from pclseg.model import UNetEncoder
+from pclseg.propagate import FeatureMatcher, Matching, carry_labels
+from pclseg.session import RefineSession
+from pclseg.training_slices import TrainingSlices
+
+TINY = FinetuneConfig(batch_size=2, lr=3e-3, model=ModelConfig(features=4),
+                      preprocess=PreprocessConfig(size=32), prior_from="features")
+ORGANS = ["liver", "right kidney", "left kidney", "spleen"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def moving_squares(slices: int = 9, side: int = 32) -> np.ndarray:
+    """Label maps of two squares (labels 1 and 2) that move one pixel a slice, on even pixels
+    so that halving and doubling the resolution keeps them exactly."""
+    labels = np.zeros((slices, side, side), np.int64)
+    for z in range(slices):
+        shift = 2 * (z // 2)
+        labels[z, 4 + shift:12 + shift, 4:12] = 1
+        labels[z, 18:26, 16 + shift // 2 * 2:24 + shift // 2 * 2] = 2
+    return labels
+
+
+def perfect_features(labels: np.ndarray, classes: int) -> torch.Tensor:
+    """Features that say exactly which structure a pixel shows, at half the size."""
+    onehot = F.one_hot(torch.from_numpy(labels[:, ::2, ::2]), classes).permute(0, 3, 1, 2)
+    return F.normalize(onehot.float(), dim=1)
+
+
+def test_perfect_features_carry_every_label_exactly() -> None:
+    truth = moving_squares()
+    between = range(1, 8)
+    carried = carry_labels(perfect_features(truth, 3), truth, range(len(truth)), [0, 8],
+                           between, 3, Matching(window=0.25))
+    assert carried.shape == (7, 32, 32) and carried.dtype == np.uint8
+    np.testing.assert_array_equal(carried, truth[1:8])
+
+
+def test_the_nearer_annotated_slice_weighs_more() -> None:
+    """Features that tell nothing (all alike): each pixel takes the labels of the nearer
+    annotated slice."""
+    labels = np.zeros((11, 16, 16), np.int64)
+    labels[0], labels[10] = 1, 2
+    alike = F.normalize(torch.ones(11, 4, 8, 8), dim=1)
+    carried = carry_labels(alike, labels, range(11), [0, 10], [2, 8], 3)
+    assert (carried[0] == 1).all() and (carried[1] == 2).all()
+
+
+def test_an_annotated_slice_takes_only_the_others() -> None:
+    truth = moving_squares()
+    features = perfect_features(truth, 3)
+    rows = range(len(truth))
+    wide = Matching(window=0.25)
+    alone = carry_labels(features, truth, rows, [4], [4], 3, wide)
+    assert not alone.any()  # no other annotated slice to take labels from
+    pair = carry_labels(features, truth, rows, [2, 4], [4], 3, wide)
+    np.testing.assert_array_equal(pair[0], truth[4])  # from slice 2, not from itself
+
+
+def test_labels_stay_within_the_window() -> None:
+    """A structure that jumps further than the window between slices is not found."""
+    labels = np.zeros((3, 64, 64), np.int64)
+    labels[0, 4:12, 4:12] = 1
+    labels[2, 40:48, 40:48] = 1  # far from where it was
+    features = perfect_features(labels, 2)
+    narrow = carry_labels(features, labels, range(3), [0], [2], 2, Matching(window=1 / 16))
+    assert not narrow[0].any()
+    wide = carry_labels(features, labels, range(3), [0], [2], 2, Matching(window=1.0))
+    assert wide[0].sum() == labels[2].sum()
+
+
+def test_bad_matching_settings_and_shapes_are_clear_errors() -> None:
+    for bad in ({"neighbours": 0}, {"temperature": 0.0}, {"window": 0.0}, {"window": 1.5}):
+        with pytest.raises(PCLSegError, match="matching"):
+            Matching(**bad)
+    with pytest.raises(PCLSegError, match="do not fit"):
+        carry_labels(torch.zeros(3, 4, 8, 8), np.zeros((3, 15, 16), np.int64), range(3),
+                     [0], [1], 2)
+    with pytest.raises(PCLSegError, match="prior_from"):
+        FinetuneConfig(prior_from="nearest")
+
+
+def test_leave_one_out_keeps_to_each_volume() -> None:
+    """Two volumes' annotated slices in one set: each slice's prior comes from the other
+    annotated slices of its own volume, and a lone slice gets none."""
+    truth = moving_squares()
+    images = truth.astype(np.float32) * 5
+    data = TrainingSlices(
+        images=np.concatenate([images[[0, 4, 8]], images[[2]]]),
+        labels=np.concatenate([truth[[0, 4, 8]], truth[[2]]]),
+        origins=[("a", 0), ("a", 4), ("a", 8), ("b", 2)])
+    torch.manual_seed(0)
+    matcher = FeatureMatcher(UNetEncoder(1, 8))
+    priors = matcher.leave_one_out(data, 3)
+    assert priors.shape == data.labels.shape
+    assert not priors[3].any()  # volume b has one annotated slice
+    for row in range(3):  # the squares are found near where they are
+        for label in (1, 2):
+            mine, truth_mask = priors[row] == label, data.labels[row] == label
+            assert 2 * (mine & truth_mask).sum() / (mine.sum() + truth_mask.sum()) > 0.5
+
+
+def test_the_matcher_holds_the_init_encoder() -> None:
+    encoder = UNetEncoder(3, 4)
+    matcher = FeatureMatcher(encoder)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(1.0)
+    assert not torch.equal(matcher.encoder.levels[0].conv_0.conv.weight,
+                           encoder.levels[0].conv_0.conv.weight)
+    features = matcher.features(np.zeros((5, 32, 32), np.float32))
+    assert features.shape == (5, 4, 16, 16)
+
+
+@pytest.fixture
+def a_sample(a_sample_folder: Path) -> tuple[Path, np.ndarray]:
+    image = a_sample_folder / "imagesTr" / "sample_01.nii.gz"
+    truth = read_label(a_sample_folder / "labelsTr" / "sample_01.nii.gz", read_volume(image))
+    return image, truth
+
+
+def test_the_session_feeds_the_network_the_matched_prior(
+    a_sample: tuple[Path, np.ndarray]
+) -> None:
+    image, truth = a_sample
+    liver = [i for i in range(len(truth)) if (truth[i] == 1).any()]
+    session = RefineSession.from_encoder(image, None, TINY, ORGANS)
+    session.set_annotations(truth, [liver[0], liver[-1]])
+    inputs = session.network_inputs()
+    prior = session.network_prior()
+    assert prior.shape == (len(truth), 32, 32)
+    np.testing.assert_array_equal(inputs[:, 1], (prior == 1).astype(np.float32))
+    # Matching reaches past the annotated range, where Fill between slices leaves nothing.
+    outside = [i for i in range(len(truth)) if not liver[0] <= i <= liver[-1]]
+    assert (prior[outside] == 1).any()
+    assert not session.interpolation()[outside].any()
+    first = session.network_prior()
+    assert first is prior  # cached until the annotations change
+    session.add_annotation(liver[len(liver) // 2], truth[liver[len(liver) // 2]])
+    assert session.network_prior() is not prior
+    result = session.refine(steps=2)
+    assert result.steps == 2
+    assert session.predict().shape == truth.shape
+
+
+def test_fine_tuning_trains_on_matched_priors(a_sample_folder: Path, tmp_path: Path) -> None:
+    slices = {"sample_00": [2, 6, 9], "sample_01": [3, 8]}
+    cfg = dataclasses.replace(TINY, epochs=1)
+    result = finetune(a_sample_folder / "imagesTr", a_sample_folder / "labelsTr",
+                      tmp_path / "model", cfg, slices=slices)
+    assert result.model_dir == tmp_path / "model"
+    saved = load_metadata(tmp_path / "model" / "model")
+    assert saved["config"]["prior_from"] == "features"
+    assert saved["config"]["model"]["in_channels"] == 5

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pclseg.checkpoint import load_metadata
+from pclseg.cli import _finetune_config, build_parser
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.errors import PCLSegError
 from pclseg.finetune import finetune
@@ -173,3 +174,13 @@ def test_fine_tuning_trains_on_matched_priors(a_sample_folder: Path, tmp_path: P
     saved = load_metadata(tmp_path / "model" / "model")
     assert saved["config"]["prior_from"] == "features"
     assert saved["config"]["model"]["in_channels"] == 5
+
+
+def test_the_command_line_chooses_the_prior() -> None:
+    base = ["finetune", "--images", "i", "--labels", "l", "--out", "o"]
+    parse = build_parser().parse_args
+    assert _finetune_config(parse(base)).prior_from == FinetuneConfig.prior_from
+    assert _finetune_config(parse([*base, "--prior-from", "features"])).prior_from == "features"
+    assert _finetune_config(parse([*base, "--prior-from", "fill"])).prior_from == "fill"
+    with pytest.raises(SystemExit):
+        parse([*base, "--prior-from", "nearest"])

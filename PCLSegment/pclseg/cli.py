@@ -188,6 +188,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         batch_augment=args.batch_augment,
         roi=not args.whole_slice,
         prior=not args.no_prior,
+        prior_from=args.prior_from,
         seed=args.seed,
         device=args.device,
         amp=not args.no_amp,
@@ -502,7 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-prior",
         action="store_true",
-        help="do not give the network 'Fill between slices' of the annotations",
+        help="do not give the network a prior from the annotations",
+    )
+    p.add_argument(
+        "--prior-from",
+        choices=("fill", "features"),
+        default=FinetuneConfig.prior_from,
+        help="the prior: 'Fill between slices' of the annotations (fill), or their labels "
+        "carried by matching the init encoder's features (features; default: "
+        f"{FinetuneConfig.prior_from})",
     )
     p.add_argument(
         "--features",

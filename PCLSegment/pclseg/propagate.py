@@ -13,6 +13,8 @@ network's size and compared by cosine similarity: a pixel's ``neighbours`` best 
 aligned) vote with softmax weights at ``temperature``. A pretrained encoder's first level
 carries labels further than a random one's: on CHAOS T2 at 128 px, with two annotated slices,
 0.73 against 0.63 mean Dice (Fill between slices: 0.22; ``benchmarks/feature_propagation.py``).
+Fed to the network as its prior, though, it measured behind Fill between slices (decision 12
+in ``docs/decisions.md``), so it is an option (``FinetuneConfig.prior_from``), not the default.
 
 Two uses, with the same matching: every slice's prior from all annotated slices
 (:func:`carry_labels` with every slice as a target), and each annotated slice's training prior

@@ -42,7 +42,7 @@ from pclseg.interpolate import fill_between_slices, shape_prior
 from pclseg.io import read_label, read_volume
 from pclseg.model import UNet, load_pretrained
 from pclseg.preprocess import prepare_label, prepare_volume
-from pclseg.propagate import Matching, carry_labels
+from pclseg.propagate import FeatureMatcher, Matching, carry_labels
 from pclseg.suggest import spread_over_extent
 
 FILL = "Fill between slices"
@@ -59,7 +59,9 @@ LAYERS = ("encoder0", "encoder01", "encoder012", "decoder")
 @torch.no_grad()
 def slice_features(unet: UNet, slices: np.ndarray, layer: str, batch: int = 8) -> torch.Tensor:
     """Every slice's ``layer`` features at half resolution, unit length per pixel:
-    ``(S, H, W) -> (S, c, H/2, W/2)``."""
+    ``(S, H, W) -> (S, c, H/2, W/2)``; the first level's are the engine's own."""
+    if layer == "encoder0":
+        return FeatureMatcher(unet.encoder).features(slices)
     unet.eval()
     out = []
     for start in range(0, len(slices), batch):

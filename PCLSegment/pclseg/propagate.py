@@ -80,8 +80,6 @@ class FeatureMatcher:
             x[:, 0] = torch.from_numpy(part)  # the image; prior channels empty
             first = self.encoder.levels[0](x.to(self.device)).float()
             out.append(F.normalize(F.avg_pool2d(first, 2), dim=1).cpu())
-        if not out:
-            return torch.zeros((0, 1, *(side // 2 for side in slices.shape[1:])))
         return torch.cat(out)
 
     def prior(self, slices: np.ndarray, labels: np.ndarray, annotated: Sequence[int],

@@ -11,6 +11,8 @@ says for each init which columns meet the target.
 
     python benchmarks/pretrain_gain.py benchmarks/results/pretrain_size128 \
         benchmarks/results/across_volumes_size128 --out benchmarks/results/pretrain_gain_size128
+    python benchmarks/pretrain_gain.py benchmarks/results/pretrain_k13_size128 \
+        --out benchmarks/results/pretrain_gain_k13_size128
 
 Writes ``summary.md`` and ``gain.png`` to ``--out``.
 """

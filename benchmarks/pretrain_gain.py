@@ -4,7 +4,7 @@ table and one picture, from results the benchmarks have already logged (it train
 The target is +0.05 mean Dice over random init, ahead in at least 80 % of the pairs, on one
 volume from k <= 4 annotated slices (``pretrain_length.py``; k = 2 and 4 in the main runs, 1
 and 3 where a folder logged them) and from one labelled volume to the others
-(``across_volumes.py --ns 1``). Those are two results folders; this puts
+(``across_volumes.py --ns 1``). Given those benchmarks' results folders, this puts
 their columns side by side for the inits both ran, each pretraining run with several seeds
 averaged over its encoders pair by pair (what its seed-0 name says, with ", N encoders"), and
 says for each init which columns meet the target.

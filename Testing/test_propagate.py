@@ -18,7 +18,13 @@ from pclseg.errors import PCLSegError
 from pclseg.finetune import finetune
 from pclseg.io import read_label, read_volume
 from pclseg.model import UNetEncoder
-from pclseg.propagate import FeatureMatcher, Matching, carry_labels
+from pclseg.propagate import (
+    FeatureMatcher,
+    Matching,
+    blend_votes,
+    carry_labels,
+    carry_votes,
+)
 from pclseg.session import RefineSession
 from pclseg.training_slices import TrainingSlices
 
@@ -66,6 +72,34 @@ def test_the_nearer_annotated_slice_weighs_more() -> None:
     alike = F.normalize(torch.ones(11, 4, 8, 8), dim=1)
     carried = carry_labels(alike, labels, range(11), [0, 10], [2, 8], 3)
     assert (carried[0] == 1).all() and (carried[1] == 2).all()
+
+
+def test_votes_are_shares_that_weigh_the_nearer_slice_more() -> None:
+    """Features that tell nothing: a slice two from one annotated slice and six from the other
+    gives it three quarters of the vote (weights 1/2 and 1/6), and the labels are the votes'
+    winners; a slice with no annotated slice to take from gets no votes at all."""
+    labels = np.zeros((9, 16, 16), np.int64)
+    labels[0], labels[8] = 1, 2
+    alike = F.normalize(torch.ones(9, 4, 8, 8), dim=1)
+    votes = carry_votes(alike, labels, range(9), [0, 8], [2, 4], 3)
+    assert votes.shape == (2, 3, 16, 16) and votes.dtype == np.float32
+    np.testing.assert_allclose(votes.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(votes[0, 1], 0.75, rtol=1e-5)
+    np.testing.assert_allclose(votes[0, 2], 0.25, rtol=1e-5)
+    np.testing.assert_allclose(votes[1, 1], votes[1, 2], rtol=1e-5)  # halfway: even
+    assert not votes[:, 0].any()
+    labels_from_votes = carry_labels(alike, labels, range(9), [0, 8], [2], 3)
+    assert (labels_from_votes == 1).all()
+    none = carry_votes(alike, labels, range(9), [4], [4], 3)
+    assert not none.any()
+
+
+def test_blending_leaves_the_probabilities_where_no_vote_reaches() -> None:
+    probabilities = torch.tensor([[0.8, 0.2], [0.6, 0.4]]).view(2, 2, 1, 1)
+    votes = torch.tensor([[0.0, 1.0], [0.0, 0.0]]).view(2, 2, 1, 1)
+    mixed = blend_votes(probabilities, votes, 0.25)
+    torch.testing.assert_close(mixed[0].flatten(), torch.tensor([0.6, 0.4]))
+    torch.testing.assert_close(mixed[1], probabilities[1])
 
 
 def test_an_annotated_slice_takes_only_the_others() -> None:
@@ -122,6 +156,16 @@ def test_leave_one_out_keeps_to_each_volume() -> None:
             assert 2 * (mine & truth_mask).sum() / (mine.sum() + truth_mask.sum()) > 0.5
 
 
+def test_the_matchers_votes_pick_its_prior() -> None:
+    truth = moving_squares()
+    images = truth.astype(np.float32) * 5
+    torch.manual_seed(0)
+    matcher = FeatureMatcher(UNetEncoder(1, 8))
+    votes = matcher.votes(images, truth, [0, 8], 3)
+    assert votes.shape == (9, 3, 32, 32)
+    np.testing.assert_array_equal(votes.argmax(axis=1), matcher.prior(images, truth, [0, 8], 3))
+
+
 def test_the_matcher_holds_the_init_encoder() -> None:
     encoder = UNetEncoder(3, 4)
     matcher = FeatureMatcher(encoder)
@@ -163,6 +207,37 @@ def test_the_session_feeds_the_network_the_matched_prior(
     result = session.refine(steps=2)
     assert result.steps == 2
     assert session.predict().shape == truth.shape
+
+
+def test_the_session_blends_matched_labels_into_its_prediction(
+    a_sample: tuple[Path, np.ndarray]
+) -> None:
+    """With ``matched_blend`` the probabilities are the network's mixed with the matched votes
+    (the Fill-between-slices prior still feeds the network); without it, the network's alone."""
+    image, truth = a_sample
+    liver = [i for i in range(len(truth)) if (truth[i] == 1).any()]
+    cfg = dataclasses.replace(TINY, prior_from="fill", matched_blend=0.5)
+    session = RefineSession.from_encoder(image, None, cfg, ORGANS)
+    session.set_annotations(truth, [liver[0], liver[-1]])
+    session.refine(steps=2)
+    votes = session.matched_votes()
+    assert votes.shape == (len(truth), 5, 32, 32)
+    assert session.matched_votes() is votes  # cached until the annotations change
+    blended = session.network_probabilities()
+    torch.testing.assert_close(blended.sum(dim=1), torch.ones(len(truth), 32, 32))
+    session.trainer.cfg = dataclasses.replace(session.cfg, matched_blend=0.0)
+    session._network_probabilities = None
+    network = session.network_probabilities()
+    torch.testing.assert_close(blended, 0.5 * network + 0.5 * torch.from_numpy(votes))
+    assert session.predict().shape == truth.shape
+    session.add_annotation(liver[len(liver) // 2], truth[liver[len(liver) // 2]])
+    assert session.matched_votes() is not votes
+    plain = RefineSession.from_encoder(image, None, dataclasses.replace(TINY, prior_from="fill"),
+                                       ORGANS)
+    with pytest.raises(PCLSegError, match="no feature matcher"):
+        plain.matched_votes()
+    with pytest.raises(PCLSegError, match="matched blend"):
+        dataclasses.replace(TINY, matched_blend=1.0)
 
 
 def test_fine_tuning_trains_on_matched_priors(a_sample_folder: Path, tmp_path: Path) -> None:

@@ -32,7 +32,9 @@ task kept on at weight ``W`` (``FinetuneConfig.positional_weight``; "GCL 50 ep, 
 0.5", paired with the encoder fine-tuned without it). ``--matched-prior`` also fine-tunes
 random init and each encoder with the prior channels matched on the init's features instead of
 Fill between slices (``FinetuneConfig.prior_from``, :mod:`pclseg.propagate`; "random, matched
-prior", paired with the same init under the default prior). Each variant's runs are
+prior", paired with the same init under the default prior). ``--blend`` also scores each
+default fine-tuning's network mixed with those matched labels, at weights 0.25 and 0.5 ("random,
+blend 0.25", paired with the same network unmixed; ``few_slices.blended``). Each variant's runs are
 named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
 "PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A pretraining run
 folder that is already there is continued, so a dense stage can be added to an encoder of an
@@ -77,7 +79,7 @@ from dataset_runs import (
     structure_names,
     variant_lines,
 )
-from few_slices import DEFAULT, run_arms
+from few_slices import BLENDS, DEFAULT, run_arms
 
 from pclseg.config import (
     FinetuneConfig,
@@ -337,6 +339,10 @@ def main() -> None:
     parser.add_argument("--matched-prior", action="store_true",
                         help="also fine-tune random init and each encoder with the prior "
                         "matched on the init's features (\"..., matched prior\")")
+    parser.add_argument("--blend", action="store_true",
+                        help="also score each default fine-tuning's network mixed with the "
+                        "labels carried by matching the init's features, at weights 0.25 and "
+                        "0.5 (\"..., blend 0.25\"; no extra training)")
     parser.add_argument("--encoder-only", action="store_true",
                         help="after a dense stage, also fine-tune from each run's encoder "
                         "alone (\"..., encoder only\"), the decoder random")
@@ -411,22 +417,29 @@ def main() -> None:
                                           stop=StopRule(stretch=args.stretch,
                                                         min_steps=args.min_steps))
                     for init_name, (init, changes) in inits.items():
-                        if (volume.name, k, seed, init_name) in done:
+                        # Blends share the default fine-tuning's network: logged as its variants.
+                        shared = BLENDS if args.blend and not changes else {}
+                        names_of_arms = {DEFAULT: init_name} | {
+                            arm: f"{init_name}, {arm}" for arm in shared}
+                        if all((volume.name, k, seed, n) in done for n in names_of_arms.values()):
                             continue
-                        (pred, seconds, steps, fit), = run_arms(
-                            volume, truth, chosen, init, [DEFAULT], replace(base, **changes),
-                            args, names
-                        ).values()
-                        dice = mean_foreground_dice(pred[others], truth[others], classes)
-                        row = {"volume": volume.name, "k": k, "seed": seed, "init": init_name,
-                               "slices": chosen, "dice": dice, "seconds": seconds,
-                               "steps": steps, "fit": fit,
-                               "size": args.size, "features": args.features,
-                               "structures": structure_dice(pred[others], truth[others], names)}
-                        with log.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-                        print(f"{volume.name} k={k} seed {seed} {init_name}: Dice {dice:.3f} "
-                              f"({seconds:.0f} s, {steps} steps)", flush=True)
+                        results = run_arms(volume, truth, chosen, init, list(names_of_arms),
+                                           replace(base, **changes), args, names)
+                        for arm, (pred, seconds, steps, fit) in results.items():
+                            name = names_of_arms[arm]
+                            if (volume.name, k, seed, name) in done:
+                                continue
+                            dice = mean_foreground_dice(pred[others], truth[others], classes)
+                            row = {"volume": volume.name, "k": k, "seed": seed, "init": name,
+                                   "slices": chosen, "dice": dice, "seconds": seconds,
+                                   "steps": steps, "fit": fit,
+                                   "size": args.size, "features": args.features,
+                                   "structures": structure_dice(pred[others], truth[others],
+                                                                names)}
+                            with log.open("a") as f:
+                                f.write(json.dumps(row) + "\n")
+                            print(f"{volume.name} k={k} seed {seed} {name}: Dice {dice:.3f} "
+                                  f"({seconds:.0f} s, {steps} steps)", flush=True)
 
     rows = finished_runs(log)
     pretraining = finished_runs(args.out / "pretraining.jsonl")

@@ -313,6 +313,9 @@ class FinetuneConfig:
     on another volume). ``prior_from="features"`` fills those channels with the annotations'
     labels carried by matching the init encoder's features instead (:mod:`pclseg.propagate`;
     ``prior_beyond`` then has no part: matching reaches past the annotated range anyway).
+    ``matched_blend`` > 0 mixes those carried labels, as soft votes, into the network's
+    probabilities at that weight when a refine session predicts its own volume (the network
+    and the matching err in different places; ``benchmarks/pretrain_length.py --blend``).
     ``postprocess`` drops predicted 3D components that the annotations do not support
     (:mod:`pclseg.postprocess`).
 
@@ -367,6 +370,7 @@ class FinetuneConfig:
     prior_beyond: bool = True
     prior_dropout: float = 0.3
     prior_from: Literal["fill", "features"] = "fill"
+    matched_blend: float = 0.0
     postprocess: bool = True
     seed: int = 0
     device: str = "auto"
@@ -418,6 +422,8 @@ class FinetuneConfig:
             raise PCLSegError(f"prior dropout must be in [0, 1), got {self.prior_dropout}")
         if self.prior_from not in ("fill", "features"):
             raise PCLSegError(f"prior_from must be fill or features, got {self.prior_from!r}")
+        if not 0 <= self.matched_blend < 1:
+            raise PCLSegError(f"matched blend must be in [0, 1), got {self.matched_blend}")
 
     def input_channels(self, num_classes: int) -> int:
         """The image, plus one prior channel per foreground class with ``prior``."""

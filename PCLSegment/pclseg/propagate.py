@@ -89,6 +89,13 @@ class FeatureMatcher:
         return carry_labels(self.features(slices), labels, range(len(slices)), annotated,
                             range(len(slices)), num_classes, self.matching)
 
+    def votes(self, slices: np.ndarray, labels: np.ndarray, annotated: Sequence[int],
+              num_classes: int) -> np.ndarray:
+        """As :meth:`prior`, but each class's share of the votes (:func:`carry_votes`):
+        ``(S, num_classes, H, W)`` float32."""
+        return carry_votes(self.features(slices), labels, range(len(slices)), annotated,
+                           range(len(slices)), num_classes, self.matching)
+
     def leave_one_out(self, data: TrainingSlices, num_classes: int) -> np.ndarray:
         """Each training slice labelled from the other annotated slices of its volume:
         ``(N, size, size)`` uint8, the training priors."""
@@ -115,7 +122,19 @@ def _nearest(target: int, positions: Sequence[int], sources: Sequence[int]) -> l
 def carry_labels(features: torch.Tensor, labels: np.ndarray, positions: Sequence[int],
                  sources: Sequence[int], targets: Sequence[int], num_classes: int,
                  matching: Matching | None = None) -> np.ndarray:
-    """Labels of the ``targets`` rows carried from the ``sources`` rows of ``labels``.
+    """Labels of the ``targets`` rows carried from the ``sources`` rows of ``labels``: the
+    class with most of :func:`carry_votes` (arguments as there), ``(len(targets), H, W)``
+    uint8; all background where no other source exists."""
+    votes = carry_votes(features, labels, positions, sources, targets, num_classes, matching)
+    return votes.argmax(axis=1).astype(np.uint8)
+
+
+def carry_votes(features: torch.Tensor, labels: np.ndarray, positions: Sequence[int],
+                sources: Sequence[int], targets: Sequence[int], num_classes: int,
+                matching: Matching | None = None) -> np.ndarray:
+    """Each class's share of the votes that carry labels from the ``sources`` rows of
+    ``labels`` to the ``targets`` rows: a soft label, so that it can be weighed against other
+    evidence, such as the network's probabilities.
 
     Args:
         features: ``(N, f, h, w)`` unit-length features, at half the labels' size.
@@ -126,7 +145,8 @@ def carry_labels(features: torch.Tensor, labels: np.ndarray, positions: Sequence
         num_classes: label values are ``0 .. num_classes - 1``.
 
     Returns:
-        ``(len(targets), H, W)`` uint8; all background where no other source exists.
+        ``(len(targets), num_classes, H, W)`` float32 summing to 1 over the classes; all zero
+        where no other source exists.
     """
     matching = matching or Matching()
     rows, channels, h, w = features.shape
@@ -139,24 +159,38 @@ def carry_labels(features: torch.Tensor, labels: np.ndarray, positions: Sequence
     side = 2 * radius + 1
     k = min(matching.neighbours, side * side)
     small = torch.from_numpy(np.ascontiguousarray(labels[:, ::2, ::2])).long()
-    out = np.zeros((len(targets), 2 * h, 2 * w), dtype=np.uint8)
+    out = np.zeros((len(targets), num_classes, 2 * h, 2 * w), dtype=np.float32)
     valid = F.unfold(torch.ones(1, 1, h, w), side, padding=radius).bool()[0]  # (side², hw)
+    cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for n, target in enumerate(int(t) for t in targets):
         votes = torch.zeros(num_classes, h * w)
-        for source in _nearest(target, positions, sources):
-            # Every pixel's candidates: the source's pixels within the window around it.
-            keys = F.unfold(features[source][None], side, padding=radius)
-            keys = keys.view(channels, side * side, h * w)
+        nearest = _nearest(target, positions, sources)
+        # Neighbouring targets share their sources: keep only the current ones' windows.
+        cached = {s: cached[s] for s in nearest if s in cached}
+        for source in nearest:
+            if source not in cached:
+                # Every pixel's candidates: the source's pixels within the window around it.
+                keys = F.unfold(features[source][None], side, padding=radius)
+                onehot = F.one_hot(small[source], num_classes).permute(2, 0, 1).float()[None]
+                cached[source] = (keys.view(channels, side * side, h * w),
+                                  F.unfold(onehot, side, padding=radius).view(
+                                      num_classes, side * side, h * w))
+            keys, candidates = cached[source]
             similarity = (features[target].view(channels, 1, h * w) * keys).sum(dim=0)
             top, index = similarity.masked_fill(~valid, -2.0).topk(k, dim=0)
             weights = torch.softmax(top / matching.temperature, dim=0)  # (k, hw)
-            onehot = F.one_hot(small[source], num_classes).permute(2, 0, 1).float()[None]
-            candidates = F.unfold(onehot, side, padding=radius)
-            candidates = candidates.view(num_classes, side * side, h * w)
             chosen = torch.gather(candidates, 1, index[None].expand(num_classes, -1, -1))
             gap = abs(positions[target] - positions[source])
             votes += (weights[None] * chosen).sum(dim=1) / gap
-        if votes.any():
-            picked = votes.argmax(dim=0).view(h, w).numpy().astype(np.uint8)
-            out[n] = picked.repeat(2, axis=0).repeat(2, axis=1)
+        total = votes.sum(dim=0, keepdim=True)
+        if total.any():
+            share = (votes / total.clamp_min(1e-12)).view(num_classes, h, w).numpy()
+            out[n] = share.repeat(2, axis=1).repeat(2, axis=2)
     return out
+
+
+def blend_votes(probabilities: torch.Tensor, votes: torch.Tensor, weight: float) -> torch.Tensor:
+    """``probabilities`` ``(S, C, H, W)`` mixed with :func:`carry_votes` of the same shape at
+    ``weight`` where the votes reach (elsewhere, the probabilities as they are)."""
+    reached = votes.sum(dim=1, keepdim=True) > 0
+    return torch.where(reached, (1 - weight) * probabilities + weight * votes, probabilities)

@@ -64,7 +64,7 @@ from .predict import load_model, model_stem, network_inputs, slice_probabilities
 from .preprocess import prepare_label, prepare_volume
 from .pretrain import get_lr
 from .progress import Progress
-from .propagate import FeatureMatcher
+from .propagate import FeatureMatcher, blend_votes
 from .roi import RegionOfInterest, region_of_annotations
 from .stopping import FitProgress, unlearned_note
 from .suggest import largest_gap_middles, pick_spread, slice_uncertainty, structure_range
@@ -113,9 +113,12 @@ class RefineSession:
         self._network_probabilities: torch.Tensor | None = None
         self._prior: np.ndarray | None = None
         self._matched: np.ndarray | None = None
-        # With a prior matched on features: the init's encoder, frozen (pclseg.propagate).
+        self._votes: np.ndarray | None = None
+        # With a prior matched on features or a blend with matched labels: the init's encoder,
+        # frozen (pclseg.propagate).
+        self._matched_prior = self.cfg.prior and self.cfg.prior_from == "features"
         self._matcher = (FeatureMatcher(trainer.unet.encoder, device=trainer.device)
-                         if self.cfg.prior and self.cfg.prior_from == "features" else None)
+                         if self._matched_prior or self.cfg.matched_blend > 0 else None)
         self._set_region(region or RegionOfInterest.whole())
         if self.cfg.prior or self.cfg.postprocess:
             contour_process.warm_up()  # ITK loads while the user paints
@@ -127,6 +130,7 @@ class RefineSession:
         self.slices, self.geometry = prepare_volume(self.volume, self.cfg.preprocess, crop)
         self._network_probabilities = None
         self._matched = None
+        self._votes = None
 
     def _follow_annotations(self) -> None:
         """With ``cfg.roi``, move the region to the current annotations."""
@@ -284,8 +288,9 @@ class RefineSession:
     def _annotations_changed(self) -> None:
         self._prior = None
         self._matched = None
-        if self.trainer.with_prior:  # the network's input changed
-            self._network_probabilities = None
+        self._votes = None
+        if self.trainer.with_prior or self.cfg.matched_blend > 0:  # the network's input or
+            self._network_probabilities = None  # the labels blended into its output changed
 
     # ----------------------------------------------------------------------------------------
     # Refine, predict, suggest
@@ -312,9 +317,9 @@ class RefineSession:
         self._follow_annotations()
         data = prepared_annotations(self.slices, self.annotation, self.geometry, self.annotated,
                                     self.volume.name,
-                                    self.trainer.with_prior and self._matcher is None,
+                                    self.trainer.with_prior and not self._matched_prior,
                                     self.cfg.prior_beyond)
-        if self.trainer.with_prior and self._matcher is not None:
+        if self.trainer.with_prior and self._matched_prior:
             data.priors = self._matcher.leave_one_out(data, self.num_classes)
         rule = self.cfg.stop
         fit = FitProgress(len(data))
@@ -381,7 +386,7 @@ class RefineSession:
         """The prior the network sees, on its grid ``(S, size, size)``: :meth:`prior` fitted,
         or with ``cfg.prior_from="features"`` the annotations' labels carried by matching
         (:mod:`pclseg.propagate`; cached until the annotations or the region change)."""
-        if self._matcher is None:
+        if not self._matched_prior:
             return prepare_label(self.prior().astype(np.int64), self.geometry)
         if self._matched is None:
             fitted = prepare_label(self.annotation, self.geometry)
@@ -389,13 +394,33 @@ class RefineSession:
                                                 self.num_classes)
         return self._matched
 
+    def matched_votes(self) -> np.ndarray:
+        """The annotations' labels carried to every slice by matching the init's features, as
+        each class's share of the votes (:meth:`FeatureMatcher.votes`), on the network grid
+        ``(S, C, size, size)``; all zero where no annotated slice reaches (cached until the
+        annotations or the region change)."""
+        if self._matcher is None:
+            raise PCLSegError("this session has no feature matcher: set matched_blend or "
+                              "prior_from='features'")
+        if self._votes is None:
+            fitted = prepare_label(self.annotation, self.geometry)
+            self._votes = self._matcher.votes(self.slices, fitted, self.annotated,
+                                              self.num_classes)
+        return self._votes
+
     def network_probabilities(self) -> torch.Tensor:
-        """Softmax output on the network grid, ``(S, C, size, size)`` (cached until the
+        """Softmax output on the network grid, ``(S, C, size, size)``, mixed at
+        ``cfg.matched_blend`` with :meth:`matched_votes` where they reach (cached until the
         annotations or the weights change)."""
         if self._network_probabilities is None:
-            self._network_probabilities = slice_probabilities(
+            probabilities = slice_probabilities(
                 self.trainer.unet, self.network_inputs(), self.trainer.device, amp=self.cfg.amp
             )
+            weight = self.cfg.matched_blend
+            if weight > 0 and self.annotated:
+                probabilities = blend_votes(probabilities, torch.from_numpy(self.matched_votes()),
+                                            weight)
+            self._network_probabilities = probabilities
         return self._network_probabilities
 
     def probabilities(self) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pclseg.checkpoint import load_metadata
+from pclseg.checkpoint import load_metadata, save_pair
 from pclseg.cli import _finetune_config, build_parser
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.errors import PCLSegError
@@ -172,7 +172,7 @@ def test_the_matcher_holds_the_init_encoder() -> None:
     with torch.no_grad():
         for p in encoder.parameters():
             p.add_(1.0)
-    assert not torch.equal(matcher.encoder.levels[0].conv_0.conv.weight,
+    assert not torch.equal(matcher.level.conv_0.conv.weight,
                            encoder.levels[0].conv_0.conv.weight)
     features = matcher.features(np.zeros((5, 32, 32), np.float32))
     assert features.shape == (5, 4, 16, 16)
@@ -212,8 +212,8 @@ def test_the_session_feeds_the_network_the_matched_prior(
 def test_the_session_blends_matched_labels_into_its_prediction(
     a_sample: tuple[Path, np.ndarray]
 ) -> None:
-    """With ``matched_blend`` the probabilities are the network's mixed with the matched votes
-    (the Fill-between-slices prior still feeds the network); without it, the network's alone."""
+    """The probabilities are the network's mixed at ``matched_blend`` with the matched votes
+    (the Fill-between-slices prior still feeds the network); ``blend=0``: the network's alone."""
     image, truth = a_sample
     liver = [i for i in range(len(truth)) if (truth[i] == 1).any()]
     cfg = dataclasses.replace(TINY, prior_from="fill", matched_blend=0.5)
@@ -225,19 +225,15 @@ def test_the_session_blends_matched_labels_into_its_prediction(
     assert session.matched_votes() is votes  # cached until the annotations change
     blended = session.network_probabilities()
     torch.testing.assert_close(blended.sum(dim=1), torch.ones(len(truth), 32, 32))
-    session.trainer.cfg = dataclasses.replace(session.cfg, matched_blend=0.0)
-    session._network_probabilities = None
-    network = session.network_probabilities()
+    network = session.network_probabilities(blend=0)
     torch.testing.assert_close(blended, 0.5 * network + 0.5 * torch.from_numpy(votes))
-    assert session.predict().shape == truth.shape
+    assert not torch.equal(blended, network)
+    assert session.predict().shape == session.predict(blend=0).shape == truth.shape
     session.add_annotation(liver[len(liver) // 2], truth[liver[len(liver) // 2]])
     assert session.matched_votes() is not votes
-    plain = RefineSession.from_encoder(image, None, dataclasses.replace(TINY, prior_from="fill"),
-                                       ORGANS)
-    with pytest.raises(PCLSegError, match="no feature matcher"):
-        plain.matched_votes()
     with pytest.raises(PCLSegError, match="matched blend"):
         dataclasses.replace(TINY, matched_blend=1.0)
+    assert FinetuneConfig().matched_blend == 0.25  # the measured default
 
 
 def test_fine_tuning_trains_on_matched_priors(a_sample_folder: Path, tmp_path: Path) -> None:
@@ -259,3 +255,25 @@ def test_the_command_line_chooses_the_prior() -> None:
     assert _finetune_config(parse([*base, "--prior-from", "fill"])).prior_from == "fill"
     with pytest.raises(SystemExit):
         parse([*base, "--prior-from", "nearest"])
+    assert _finetune_config(parse(base)).matched_blend == FinetuneConfig.matched_blend
+    assert _finetune_config(parse([*base, "--matched-blend", "0.25"])).matched_blend == 0.25
+    with pytest.raises(PCLSegError, match="matched blend"):
+        _finetune_config(parse([*base, "--matched-blend", "1.5"]))
+
+
+def test_a_saved_session_keeps_its_matcher(a_sample: tuple[Path, np.ndarray],
+                                            tmp_path: Path) -> None:
+    """The init's first level goes with the saved model, so the loaded session blends the same
+    votes after its encoder has been fine-tuned; a matcher of another shape is a clear error."""
+    image, truth = a_sample
+    session = RefineSession.from_encoder(image, None, TINY, ORGANS)
+    session.set_annotations(truth, [3, 9])
+    session.refine(steps=2)
+    folder = session.save(tmp_path / "model")
+    assert (folder / "matcher.safetensors").is_file()
+    loaded = RefineSession.load(folder)
+    np.testing.assert_array_equal(loaded.matched_votes(), session.matched_votes())
+    other = FeatureMatcher(UNetEncoder(5, 8))
+    save_pair(folder / "matcher", other.state_dict(), {"format": "pclseg-matcher"})
+    with pytest.raises(PCLSegError, match="saved matcher does not fit"):
+        RefineSession.load(folder)

@@ -211,6 +211,26 @@ def variant_lines(rows: list[dict], inits: list[str], column: str,
     return lines
 
 
+def under_variant_lines(rows: list[dict], inits: list[str], column: str,
+                        pair_by: tuple[str, ...]) -> list[str]:
+    """The summary's part on fine-tuning variants that random init ran too ("random, blend
+    0.25"): each pretrained init's variant paired with random init's, so that pretraining is
+    measured under the same fine-tuning."""
+    groups = variants_by_base(inits)
+    lines = []
+    for variant in groups.get(RANDOM, []):
+        suffix = variant.removeprefix(RANDOM)
+        others = [f"{base}{suffix}" for base in groups if base != RANDOM
+                  and f"{base}{suffix}" in groups[base]]
+        if others:
+            lines += ["", paired_table(rows, others, column, pair_by, baseline=variant)]
+    if lines:
+        lines.insert(0, "")
+        lines.insert(1, "Pretraining under each fine-tuning variant that random init ran too "
+                     "(paired difference to random init under it, runs ahead):")
+    return lines
+
+
 def pooled_name(base: str, encoders: int) -> str:
     return f"{base}, {encoders} encoders"
 

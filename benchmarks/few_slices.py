@@ -91,10 +91,7 @@ from pclseg.evaluate import mean_foreground_dice
 from pclseg.interpolate import fill_between_slices
 from pclseg.io import read_label, read_volume
 from pclseg.postprocess import clean_prediction
-from pclseg.predict import to_canonical
-from pclseg.preprocess import prepare_label
 from pclseg.progress import Progress
-from pclseg.propagate import FeatureMatcher, blend_votes
 from pclseg.session import RefineSession
 from pclseg.suggest import spread_over_extent
 
@@ -106,7 +103,8 @@ DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, FAST, 
 LR_LOW, FIXED_CAP = "lr 3e-4", "fixed cap"
 ENCODER_SLOW, FIT90, WARMUP = "encoder lr 0.1", "fit 0.90", "encoder warm-up 100"
 GAP1, GAP2 = "prior by 1/gap", "prior by 2/gap"
-#: The default's network mixed with the labels carried by matching the init's features.
+#: The default's network mixed at these weights with the labels carried by matching the init's
+#: features (``FinetuneConfig.matched_blend``; the default is 0.25).
 BLEND_QUARTER, BLEND_HALF = "blend 0.25", "blend 0.5"
 BLENDS = {BLEND_QUARTER: 0.25, BLEND_HALF: 0.5}
 SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
@@ -198,21 +196,6 @@ def fused(session: RefineSession, weights: np.ndarray, postprocess: bool = False
     return labels
 
 
-def blended(session: RefineSession, votes: np.ndarray, weight: float,
-            postprocess: bool = True) -> np.ndarray:
-    """The session's network probabilities mixed at ``weight`` with ``votes`` (the labels
-    carried to every slice by matching the init's features, :meth:`FeatureMatcher.votes`, on
-    the network's grid) where they reach, then argmax, post-processed (with ``postprocess``)
-    and with the user's slices kept, as :meth:`RefineSession.predict` does."""
-    mixed = blend_votes(session.network_probabilities(), torch.from_numpy(votes), weight)
-    labels = to_canonical(mixed, session.geometry).labels.astype(np.uint8)
-    if postprocess:
-        labels = clean_prediction(labels, session.annotation, session.annotated,
-                                  session.interpolation())
-    labels[session.annotated] = session.annotation[session.annotated]
-    return labels
-
-
 def run_arms(
     volume, truth: np.ndarray, chosen: list[int], init: Path | None, arms: list[str],
     base: FinetuneConfig, args: argparse.Namespace, labels: list[str],
@@ -231,16 +214,12 @@ def run_arms(
 
         start = time.perf_counter()
         session = RefineSession.from_encoder(volume, init, cfg, labels)
-        # The init's encoder, frozen before fine-tuning, for the arms that blend matched labels.
-        matcher = (FeatureMatcher(session.trainer.unet.encoder, device=session.trainer.device)
-                   if arm == DEFAULT and set(BLENDS) & set(arms) else None)
         session.set_annotations(truth, chosen)
         session.refine(steps, progress=Progress("none", callback=on_event))
         last = session.last_fit or {}
         fit = {"reason": last.get("reason", "fixed"), "unlearned": last.get("unlearned", []),
                "checks": checks}
         out[arm] = (session.predict(), time.perf_counter() - start, session.steps_done, fit)
-        votes = None
         for sharer, source in SHARED.items():
             if source == arm and sharer in arms:
                 if sharer == NO_POST:
@@ -250,12 +229,7 @@ def run_arms(
                     weights = between_weights(session.annotated, len(truth), args.fuse_weight)
                     out[sharer] = (fused(session, weights), *out[arm][1:])
                 elif sharer in BLENDS:
-                    if votes is None:
-                        votes = matcher.votes(session.slices,
-                                              prepare_label(session.annotation, session.geometry),
-                                              session.annotated, session.num_classes)
-                    mask = blended(session, votes, BLENDS[sharer], cfg.postprocess)
-                    out[sharer] = (mask, *out[arm][1:])
+                    out[sharer] = (session.predict(BLENDS[sharer]), *out[arm][1:])
                 else:
                     scale = 1.0 if sharer == GAP1 else 2.0
                     weights = gap_weights(session.annotated, len(truth), scale)

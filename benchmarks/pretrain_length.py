@@ -32,13 +32,14 @@ task kept on at weight ``W`` (``FinetuneConfig.positional_weight``; "GCL 50 ep, 
 0.5", paired with the encoder fine-tuned without it). ``--matched-prior`` also fine-tunes
 random init and each encoder with the prior channels matched on the init's features instead of
 Fill between slices (``FinetuneConfig.prior_from``, :mod:`pclseg.propagate`; "random, matched
-prior", paired with the same init under the default prior). ``--blend`` also scores each
-default fine-tuning's network mixed with those matched labels, at weights 0.25 and 0.5 ("random,
-blend 0.25", paired with the same network unmixed; ``few_slices.blended``). Each variant's runs are
-named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep + decoder 10 ep",
-"PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A pretraining run
-folder that is already there is continued, so a dense stage can be added to an encoder of an
-earlier curve by copying its run folder to the new variant's folder name.
+prior", paired with the same init under the default prior). ``--blend`` scores each default
+fine-tuning's network alone (the plain rows: ``FinetuneConfig.matched_blend`` 0, the default
+before it was measured) and mixed with those matched labels at 0.25 (now the default) and 0.5
+("random, blend 0.25", paired with the same network alone; ``RefineSession.predict(blend)``).
+Each variant's runs are named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep +
+decoder 10 ep", "PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A
+pretraining run folder that is already there is continued, so a dense stage can be added to an
+encoder of an earlier curve by copying its run folder to the new variant's folder name.
 
 ``--stretch 1`` fine-tunes under the stop rule before it stretched its cap for an unlearned
 structure (into another ``--out``; ``compare_results.py`` pairs the two folders run for run);
@@ -77,6 +78,7 @@ from dataset_runs import (
     structure_dice,
     structure_lines,
     structure_names,
+    under_variant_lines,
     variant_lines,
 )
 from few_slices import BLENDS, DEFAULT, run_arms
@@ -340,9 +342,9 @@ def main() -> None:
                         help="also fine-tune random init and each encoder with the prior "
                         "matched on the init's features (\"..., matched prior\")")
     parser.add_argument("--blend", action="store_true",
-                        help="also score each default fine-tuning's network mixed with the "
-                        "labels carried by matching the init's features, at weights 0.25 and "
-                        "0.5 (\"..., blend 0.25\"; no extra training)")
+                        help="score each default fine-tuning's network alone (the plain rows) "
+                        "and mixed with the labels carried by matching the init's features at "
+                        "0.25 and 0.5 (\"..., blend 0.25\"; no extra training)")
     parser.add_argument("--encoder-only", action="store_true",
                         help="after a dense stage, also fine-tune from each run's encoder "
                         "alone (\"..., encoder only\"), the decoder random")
@@ -411,7 +413,9 @@ def main() -> None:
                 chosen = spread_over_extent(truth, k)
                 others = np.setdiff1d(np.arange(len(truth)), chosen)
                 for seed in args.seeds:
-                    base = FinetuneConfig(seed=seed, device=args.device,
+                    # With --blend the plain rows are the network alone, the blends its variants.
+                    blend = 0.0 if args.blend else FinetuneConfig.matched_blend
+                    base = FinetuneConfig(seed=seed, device=args.device, matched_blend=blend,
                                           preprocess=PreprocessConfig(size=args.size),
                                           model=ModelConfig(features=args.features),
                                           stop=StopRule(stretch=args.stretch,
@@ -458,6 +462,7 @@ def main() -> None:
              *seed_lines(rows, repeated_by_name([r["name"] for r in inits]), "k",
                          ("volume", "seed")),
              *variant_lines(rows, arms, "k", ("volume", "seed")),
+             *under_variant_lines(rows, arms, "k", ("volume", "seed")),
              *structure_lines(rows, arms, "k")]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -189,6 +189,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         roi=not args.whole_slice,
         prior=not args.no_prior,
         prior_from=args.prior_from,
+        matched_blend=args.matched_blend,
         seed=args.seed,
         device=args.device,
         amp=not args.no_amp,
@@ -512,6 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the prior: 'Fill between slices' of the annotations (fill), or their labels "
         "carried by matching the init encoder's features (features; default: "
         f"{FinetuneConfig.prior_from})",
+    )
+    p.add_argument(
+        "--matched-blend",
+        type=float,
+        default=FinetuneConfig.matched_blend,
+        metavar="W",
+        help="when the model refines a volume's own annotations (panels, app, sessions), mix "
+        "their labels carried by matching the init encoder's features into its probabilities "
+        f"at this weight, 0 to below 1 (default: {FinetuneConfig.matched_blend:g})",
     )
     p.add_argument(
         "--features",

@@ -313,9 +313,12 @@ class FinetuneConfig:
     on another volume). ``prior_from="features"`` fills those channels with the annotations'
     labels carried by matching the init encoder's features instead (:mod:`pclseg.propagate`;
     ``prior_beyond`` then has no part: matching reaches past the annotated range anyway).
-    ``matched_blend`` > 0 mixes those carried labels, as soft votes, into the network's
-    probabilities at that weight when a refine session predicts its own volume (the network
-    and the matching err in different places; ``benchmarks/pretrain_length.py --blend``).
+    ``matched_blend`` mixes the annotations' labels carried by matching (as each class's share
+    of the votes) into the network's probabilities at that weight when a refine session
+    predicts its own volume: where the network is unsure, the slices that look alike decide.
+    At 0.25 it was ahead of the network alone in every one of 30 runs at two and four
+    annotated slices, from random init and from a pretrained encoder (``docs/decisions.md``,
+    12; ``benchmarks/pretrain_length.py --blend``); 0 turns it off.
     ``postprocess`` drops predicted 3D components that the annotations do not support
     (:mod:`pclseg.postprocess`).
 
@@ -370,7 +373,7 @@ class FinetuneConfig:
     prior_beyond: bool = True
     prior_dropout: float = 0.3
     prior_from: Literal["fill", "features"] = "fill"
-    matched_blend: float = 0.0
+    matched_blend: float = 0.25
     postprocess: bool = True
     seed: int = 0
     device: str = "auto"

@@ -58,27 +58,40 @@ class Matching:
 class FeatureMatcher:
     """Carries labels between the slices of a volume (see the module docstring).
 
-    Holds a frozen copy of ``encoder`` as it is now (the fine-tuning's init): the prior must
-    not move while the network it feeds learns.
+    Holds a frozen copy of ``encoder``'s first level as it is now (the fine-tuning's init):
+    the prior must not move while the network it feeds learns, and the first level is all that
+    matching reads (a small copy, so every refine session can keep one).
     """
 
     def __init__(self, encoder: UNetEncoder, matching: Matching | None = None,
                  device: torch.device | str = "cpu") -> None:
-        self.encoder = copy.deepcopy(encoder).to(device).eval()
+        self.level = copy.deepcopy(encoder.levels[0]).to(device).eval()
         self.matching = matching or Matching()
         self.device = torch.device(device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen first level's weights, to save with a session."""
+        return self.level.state_dict()
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` saved; a level of another shape is a clear error."""
+        try:
+            self.level.load_state_dict(tensors, strict=True)
+        except RuntimeError as exc:
+            raise PCLSegError("the saved matcher does not fit this model's first level "
+                              f"({str(exc).strip().splitlines()[-1].strip()})") from exc
 
     @torch.no_grad()
     def features(self, slices: np.ndarray, batch: int = 16) -> torch.Tensor:
         """Each slice's first-level features at half its size, unit length per pixel:
         ``(S, H, W) -> (S, f, H/2, W/2)``, on the CPU."""
-        in_channels = self.encoder.levels[0].conv_0.conv.in_channels
+        in_channels = self.level.conv_0.conv.in_channels
         out = []
         for start in range(0, len(slices), batch):
             part = np.ascontiguousarray(slices[start:start + batch], dtype=np.float32)
             x = torch.zeros((len(part), in_channels, *part.shape[1:]))
             x[:, 0] = torch.from_numpy(part)  # the image; prior channels empty
-            first = self.encoder.levels[0](x.to(self.device)).float()
+            first = self.level(x.to(self.device)).float()
             out.append(F.normalize(F.avg_pool2d(first, 2), dim=1).cpu())
         return torch.cat(out)
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import contour_process
+from . import checkpoint, contour_process
 from .config import FinetuneConfig
 from .device import resolve_device
 from .errors import PCLSegError
@@ -73,6 +73,8 @@ from .training_slices import annotated_slices, prepared_annotations
 
 SESSION_FILE = "session.json"
 ANNOTATIONS_FILE = "annotations.nii.gz"
+#: The matcher's frozen first level (pclseg.propagate), so a loaded session blends as it did.
+MATCHER_STEM, MATCHER_FORMAT = "matcher", "pclseg-matcher"
 
 
 def _as_volume(image: Volume | Path | str, slice_axis: str) -> Volume:
@@ -114,11 +116,10 @@ class RefineSession:
         self._prior: np.ndarray | None = None
         self._matched: np.ndarray | None = None
         self._votes: np.ndarray | None = None
-        # With a prior matched on features or a blend with matched labels: the init's encoder,
-        # frozen (pclseg.propagate).
+        # The init encoder's first level, frozen: what carries the annotations' labels by
+        # matching, for the blend and for a matched prior (pclseg.propagate).
         self._matched_prior = self.cfg.prior and self.cfg.prior_from == "features"
-        self._matcher = (FeatureMatcher(trainer.unet.encoder, device=trainer.device)
-                         if self._matched_prior or self.cfg.matched_blend > 0 else None)
+        self._matcher = FeatureMatcher(trainer.unet.encoder, device=trainer.device)
         self._set_region(region or RegionOfInterest.whole())
         if self.cfg.prior or self.cfg.postprocess:
             contour_process.warm_up()  # ITK loads while the user paints
@@ -163,7 +164,14 @@ class RefineSession:
         trainer = Trainer(loaded.unet, loaded.config, loaded.device,
                           updates=loaded.config.encoder_warmup, positional=positional)
         region = RegionOfInterest.from_dict(loaded.metadata.get("roi"))
-        return cls(volume, trainer, loaded.labels, init, region)
+        session = cls(volume, trainer, loaded.labels, init, region)
+        # Matching reads the init's first level, saved with the session; a model from
+        # ``pclseg finetune`` has none, and its own first level matches instead.
+        matcher = model_stem(model_dir).parent / MATCHER_STEM
+        if checkpoint.pair_paths(matcher)[1].is_file():
+            tensors, _ = checkpoint.load_pair(matcher, expect_format=MATCHER_FORMAT)
+            session._matcher.load_state_dict(tensors)
+        return session
 
     @classmethod
     def from_encoder(
@@ -289,8 +297,8 @@ class RefineSession:
         self._prior = None
         self._matched = None
         self._votes = None
-        if self.trainer.with_prior or self.cfg.matched_blend > 0:  # the network's input or
-            self._network_probabilities = None  # the labels blended into its output changed
+        if self.trainer.with_prior:  # the network's input changed
+            self._network_probabilities = None
 
     # ----------------------------------------------------------------------------------------
     # Refine, predict, suggest
@@ -399,45 +407,44 @@ class RefineSession:
         each class's share of the votes (:meth:`FeatureMatcher.votes`), on the network grid
         ``(S, C, size, size)``; all zero where no annotated slice reaches (cached until the
         annotations or the region change)."""
-        if self._matcher is None:
-            raise PCLSegError("this session has no feature matcher: set matched_blend or "
-                              "prior_from='features'")
         if self._votes is None:
             fitted = prepare_label(self.annotation, self.geometry)
             self._votes = self._matcher.votes(self.slices, fitted, self.annotated,
                                               self.num_classes)
         return self._votes
 
-    def network_probabilities(self) -> torch.Tensor:
-        """Softmax output on the network grid, ``(S, C, size, size)``, mixed at
-        ``cfg.matched_blend`` with :meth:`matched_votes` where they reach (cached until the
-        annotations or the weights change)."""
+    def network_probabilities(self, blend: float | None = None) -> torch.Tensor:
+        """Class probabilities on the network grid, ``(S, C, size, size)``: the network's
+        softmax (cached until the annotations or the weights change), mixed at ``blend``
+        (default ``cfg.matched_blend``; 0: the network alone) with :meth:`matched_votes` where
+        they reach."""
         if self._network_probabilities is None:
-            probabilities = slice_probabilities(
+            self._network_probabilities = slice_probabilities(
                 self.trainer.unet, self.network_inputs(), self.trainer.device, amp=self.cfg.amp
             )
-            weight = self.cfg.matched_blend
-            if weight > 0 and self.annotated:
-                probabilities = blend_votes(probabilities, torch.from_numpy(self.matched_votes()),
-                                            weight)
-            self._network_probabilities = probabilities
+        weight = self.cfg.matched_blend if blend is None else blend
+        if weight and self.annotated:
+            return blend_votes(self._network_probabilities,
+                               torch.from_numpy(self.matched_votes()), weight)
         return self._network_probabilities
 
-    def probabilities(self) -> np.ndarray:
-        """Class probabilities on the canonical grid, ``(C, S, H, W)`` float32; on annotated
-        slices, the one-hot of the user's labels."""
-        probabilities = to_canonical(self.network_probabilities(), self.geometry).probabilities
+    def probabilities(self, blend: float | None = None) -> np.ndarray:
+        """Class probabilities on the canonical grid, ``(C, S, H, W)`` float32 (``blend`` as
+        in :meth:`network_probabilities`); on annotated slices, the one-hot of the user's
+        labels."""
+        probabilities = to_canonical(self.network_probabilities(blend),
+                                     self.geometry).probabilities
         if self.annotated:
             user = self.annotation[self.annotated]
             classes = np.arange(self.num_classes).reshape(-1, 1, 1, 1)
             probabilities[:, self.annotated] = (user[None] == classes).astype(np.float32)
         return probabilities
 
-    def predict(self) -> np.ndarray:
-        """The label map ``(S, H, W)`` on the canonical grid: the model's prediction
-        (post-processed with ``cfg.postprocess``), and the user's labels exactly on annotated
-        slices."""
-        labels = to_canonical(self.network_probabilities(), self.geometry).labels
+    def predict(self, blend: float | None = None) -> np.ndarray:
+        """The label map ``(S, H, W)`` on the canonical grid: the model's prediction (``blend``
+        as in :meth:`network_probabilities`; post-processed with ``cfg.postprocess``), and the
+        user's labels exactly on annotated slices."""
+        labels = to_canonical(self.network_probabilities(blend), self.geometry).labels
         labels = labels.astype(np.uint8 if self.num_classes <= 256 else np.uint16)
         if self.annotated and self.cfg.postprocess:
             labels = clean_prediction(labels, self.annotation, self.annotated,
@@ -491,6 +498,8 @@ class RefineSession:
                    data={"volumes": [{"name": self.volume.name, "slices": self.volume.shape[0],
                                       "annotated": self.annotated}],
                          "annotated_slices": len(self.annotated)})
+        checkpoint.save_pair(folder / MATCHER_STEM, self._matcher.state_dict(),
+                             {"format": MATCHER_FORMAT})
         write_image(self.volume.to_image(self.annotation, like="label"), folder / ANNOTATIONS_FILE)
         source = Path(self.volume.source.split("::")[0])
         record = {"image": os.path.abspath(self.volume.source) if source.exists() else None,

@@ -316,9 +316,10 @@ class FinetuneConfig:
     ``matched_blend`` mixes the annotations' labels carried by matching (as each class's share
     of the votes) into the network's probabilities at that weight when a refine session
     predicts its own volume: where the network is unsure, the slices that look alike decide.
-    At 0.25 it was ahead of the network alone in every one of 30 runs at two and four
-    annotated slices, from random init and from a pretrained encoder (``docs/decisions.md``,
-    12; ``benchmarks/pretrain_length.py --blend``); 0 turns it off.
+    At 0.25 it was ahead of the network alone in all 60 paired runs at two and four annotated
+    slices, from random init and from a pretrained encoder (``docs/decisions.md``, 12;
+    ``benchmarks/pretrain_length.py --blend``). It waits for a second annotated slice: one
+    slice's shapes carried to every other, however far, lost. 0 turns it off.
     ``postprocess`` drops predicted 3D components that the annotations do not support
     (:mod:`pclseg.postprocess`).
 

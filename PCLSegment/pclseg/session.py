@@ -417,13 +417,14 @@ class RefineSession:
         """Class probabilities on the network grid, ``(S, C, size, size)``: the network's
         softmax (cached until the annotations or the weights change), mixed at ``blend``
         (default ``cfg.matched_blend``; 0: the network alone) with :meth:`matched_votes` where
-        they reach."""
+        they reach, once at least two slices are annotated."""
         if self._network_probabilities is None:
             self._network_probabilities = slice_probabilities(
                 self.trainer.unet, self.network_inputs(), self.trainer.device, amp=self.cfg.amp
             )
         weight = self.cfg.matched_blend if blend is None else blend
-        if weight and self.annotated:
+        # One annotated slice would carry its shapes to every slice however far (it lost there).
+        if weight and len(self.annotated) >= 2:
             return blend_votes(self._network_probabilities,
                                torch.from_numpy(self.matched_votes()), weight)
         return self._network_probabilities

@@ -231,9 +231,11 @@ def test_the_session_blends_matched_labels_into_its_prediction(
     assert session.predict().shape == session.predict(blend=0).shape == truth.shape
     session.add_annotation(liver[len(liver) // 2], truth[liver[len(liver) // 2]])
     assert session.matched_votes() is not votes
-    session.set_annotations(truth, [liver[0]])  # one slice: no blend
+    session.set_annotations(truth, [liver[0]])  # one slice: no blend by default
     torch.testing.assert_close(session.network_probabilities(),
                                session.network_probabilities(blend=0))
+    assert not torch.equal(session.network_probabilities(blend=0.5),  # but on request
+                           session.network_probabilities(blend=0))
     with pytest.raises(PCLSegError, match="matched blend"):
         dataclasses.replace(TINY, matched_blend=1.0)
     assert FinetuneConfig().matched_blend == 0.25  # the measured default

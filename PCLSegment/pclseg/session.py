@@ -415,18 +415,20 @@ class RefineSession:
 
     def network_probabilities(self, blend: float | None = None) -> torch.Tensor:
         """Class probabilities on the network grid, ``(S, C, size, size)``: the network's
-        softmax (cached until the annotations or the weights change), mixed at ``blend``
-        (default ``cfg.matched_blend``; 0: the network alone) with :meth:`matched_votes` where
-        they reach, once at least two slices are annotated."""
+        softmax (cached until the annotations or the weights change), mixed at ``blend`` with
+        :meth:`matched_votes` where they reach (0: the network alone; by default
+        ``cfg.matched_blend`` once at least two slices are annotated, else 0)."""
         if self._network_probabilities is None:
             self._network_probabilities = slice_probabilities(
                 self.trainer.unet, self.network_inputs(), self.trainer.device, amp=self.cfg.amp
             )
-        weight = self.cfg.matched_blend if blend is None else blend
-        # One annotated slice would carry its shapes to every slice however far (it lost there).
-        if weight and len(self.annotated) >= 2:
+        # By default the blend waits for a second annotated slice: one slice's shapes carried
+        # to every slice, however far, lost (docs/decisions.md, 12).
+        if blend is None:
+            blend = self.cfg.matched_blend if len(self.annotated) >= 2 else 0.0
+        if blend and self.annotated:
             return blend_votes(self._network_probabilities,
-                               torch.from_numpy(self.matched_votes()), weight)
+                               torch.from_numpy(self.matched_votes()), blend)
         return self._network_probabilities
 
     def probabilities(self, blend: float | None = None) -> np.ndarray:

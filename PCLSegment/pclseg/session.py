@@ -393,13 +393,12 @@ class RefineSession:
     def network_prior(self) -> np.ndarray:
         """The prior the network sees, on its grid ``(S, size, size)``: :meth:`prior` fitted,
         or with ``cfg.prior_from="features"`` the annotations' labels carried by matching
-        (:mod:`pclseg.propagate`; cached until the annotations or the region change)."""
+        (the class with most of :meth:`matched_votes`, which the blend reads too; cached until
+        the annotations or the region change)."""
         if not self._matched_prior:
             return prepare_label(self.prior().astype(np.int64), self.geometry)
         if self._matched is None:
-            fitted = prepare_label(self.annotation, self.geometry)
-            self._matched = self._matcher.prior(self.slices, fitted, self.annotated,
-                                                self.num_classes)
+            self._matched = self.matched_votes().argmax(axis=1).astype(np.uint8)
         return self._matched
 
     def matched_votes(self) -> np.ndarray:

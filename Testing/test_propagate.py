@@ -16,6 +16,7 @@ from pclseg.cli import _finetune_config, build_parser
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.errors import PCLSegError
 from pclseg.finetune import finetune
+from pclseg.interpolate import prior_channels
 from pclseg.io import read_label, read_volume
 from pclseg.model import UNetEncoder
 from pclseg.propagate import (
@@ -156,6 +157,26 @@ def test_leave_one_out_keeps_to_each_volume() -> None:
             assert 2 * (mine & truth_mask).sum() / (mine.sum() + truth_mask.sum()) > 0.5
 
 
+def test_soft_leave_one_out_priors_are_the_foreground_shares() -> None:
+    """The soft training priors are the votes' foreground shares, where the hard ones are
+    their winners; a lone slice gets none either way."""
+    truth = moving_squares()
+    images = truth.astype(np.float32) * 5
+    data = TrainingSlices(images=images[[0, 4, 8, 2]], labels=truth[[0, 4, 8, 2]],
+                          origins=[("a", 0), ("a", 4), ("a", 8), ("b", 2)])
+    torch.manual_seed(0)
+    matcher = FeatureMatcher(UNetEncoder(1, 8))
+    soft = matcher.leave_one_out(data, 3, soft=True)
+    hard = matcher.leave_one_out(data, 3)
+    assert soft.shape == (4, 2, 32, 32) and soft.dtype == np.float32
+    assert not soft[3].any()
+    assert ((soft > 0) & (soft < 1)).any()  # the matching's doubt is kept
+    background = 1 - soft[:3].sum(axis=1, keepdims=True)
+    shares = np.concatenate([background, soft[:3]], axis=1)
+    np.testing.assert_array_equal(shares.argmax(axis=1), hard[:3])
+    np.testing.assert_array_equal(prior_channels(soft, 3), soft)  # already the channels
+
+
 def test_the_matchers_votes_pick_its_prior() -> None:
     truth = moving_squares()
     images = truth.astype(np.float32) * 5
@@ -209,6 +230,34 @@ def test_the_session_feeds_the_network_the_matched_prior(
     assert session.predict().shape == truth.shape
 
 
+def test_the_session_feeds_the_network_the_soft_prior(
+    a_sample: tuple[Path, np.ndarray]
+) -> None:
+    """With ``prior_from="votes"`` the prior channels are the matched votes' foreground shares,
+    at prediction and in training."""
+    image, truth = a_sample
+    liver = [i for i in range(len(truth)) if (truth[i] == 1).any()]
+    cfg = dataclasses.replace(TINY, prior_from="votes")
+    session = RefineSession.from_encoder(image, None, cfg, ORGANS)
+    session.set_annotations(truth, [liver[0], liver[len(liver) // 2], liver[-1]])
+    prior = session.network_prior()
+    assert prior.shape == (len(truth), 4, 32, 32) and prior.dtype == np.float32
+    np.testing.assert_array_equal(prior, session.matched_votes()[:, 1:])
+    np.testing.assert_array_equal(session.network_inputs()[:, 1:], prior)
+    assert ((prior > 0) & (prior < 1)).any()
+    drawn = []
+    original = session.trainer.run
+
+    def run(data, *args, **kwargs):
+        drawn.append(data.priors)
+        return original(data, *args, **kwargs)
+
+    session.trainer.run = run
+    session.refine(steps=2)
+    assert drawn[0].shape == (3, 4, 32, 32) and drawn[0].dtype == np.float32
+    assert session.predict().shape == truth.shape
+
+
 def test_the_session_blends_matched_labels_into_its_prediction(
     a_sample: tuple[Path, np.ndarray]
 ) -> None:
@@ -241,14 +290,16 @@ def test_the_session_blends_matched_labels_into_its_prediction(
     assert FinetuneConfig().matched_blend == 0.25  # the measured default
 
 
-def test_fine_tuning_trains_on_matched_priors(a_sample_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prior_from", ["features", "votes"])
+def test_fine_tuning_trains_on_matched_priors(a_sample_folder: Path, tmp_path: Path,
+                                              prior_from: str) -> None:
     slices = {"sample_00": [2, 6, 9], "sample_01": [3, 8]}
-    cfg = dataclasses.replace(TINY, epochs=1)
+    cfg = dataclasses.replace(TINY, epochs=1, prior_from=prior_from)
     result = finetune(a_sample_folder / "imagesTr", a_sample_folder / "labelsTr",
                       tmp_path / "model", cfg, slices=slices)
     assert result.model_dir == tmp_path / "model"
     saved = load_metadata(tmp_path / "model" / "model")
-    assert saved["config"]["prior_from"] == "features"
+    assert saved["config"]["prior_from"] == prior_from
     assert saved["config"]["model"]["in_channels"] == 5
 
 
@@ -258,6 +309,7 @@ def test_the_command_line_chooses_the_prior() -> None:
     assert _finetune_config(parse(base)).prior_from == FinetuneConfig.prior_from
     assert _finetune_config(parse([*base, "--prior-from", "features"])).prior_from == "features"
     assert _finetune_config(parse([*base, "--prior-from", "fill"])).prior_from == "fill"
+    assert _finetune_config(parse([*base, "--prior-from", "votes"])).prior_from == "votes"
     with pytest.raises(SystemExit):
         parse([*base, "--prior-from", "nearest"])
     assert _finetune_config(parse(base)).matched_blend == FinetuneConfig.matched_blend

@@ -214,20 +214,44 @@ def variant_lines(rows: list[dict], inits: list[str], column: str,
 def under_variant_lines(rows: list[dict], inits: list[str], column: str,
                         pair_by: tuple[str, ...]) -> list[str]:
     """The summary's part on fine-tuning variants that random init ran too ("random, blend
-    0.25"): each pretrained init's variant paired with random init's, so that pretraining is
-    measured under the same fine-tuning."""
+    0.25", "random, soft prior, blend 0.25"): each pretrained init's variant paired with random
+    init's, so that pretraining is measured under the same fine-tuning."""
     groups = variants_by_base(inits)
+    pretrained = [base for base in groups if not base.startswith(RANDOM)]
     lines = []
-    for variant in groups.get(RANDOM, []):
+    for variant in [init for init in inits if init.startswith(f"{RANDOM}, ")]:
         suffix = variant.removeprefix(RANDOM)
-        others = [f"{base}{suffix}" for base in groups if base != RANDOM
-                  and f"{base}{suffix}" in groups[base]]
+        others = [f"{base}{suffix}" for base in pretrained if f"{base}{suffix}" in inits]
         if others:
             lines += ["", paired_table(rows, others, column, pair_by, baseline=variant)]
     if lines:
         lines.insert(0, "")
         lines.insert(1, "Pretraining under each fine-tuning variant that random init ran too "
                      "(paired difference to random init under it, runs ahead):")
+    return lines
+
+
+def crossed_variant_lines(rows: list[dict], inits: list[str], column: str,
+                          pair_by: tuple[str, ...]) -> list[str]:
+    """The summary's part on two fine-tuning variants at once ("random, soft prior, blend
+    0.25"): each paired with the init under the second alone ("random, blend 0.25"), so that
+    the first is measured where the second is on (as it is by default)."""
+    groups = variants_by_base(inits)
+    parent = {variant: base for base, variants in groups.items() for variant in variants}
+    against: dict[str, list[str]] = defaultdict(list)
+    for base, variants in groups.items():
+        if base in parent:
+            for variant in variants:
+                second = parent[base] + variant.removeprefix(base)
+                if second in inits:
+                    against[second].append(variant)
+    lines = []
+    for second, variants in against.items():
+        lines += ["", paired_table(rows, variants, column, pair_by, baseline=second)]
+    if lines:
+        lines.insert(0, "")
+        lines.insert(1, "Each variant under another, against that other alone (paired "
+                     "difference, runs ahead):")
     return lines
 
 

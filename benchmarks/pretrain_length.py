@@ -32,10 +32,12 @@ task kept on at weight ``W`` (``FinetuneConfig.positional_weight``; "GCL 50 ep, 
 0.5", paired with the encoder fine-tuned without it). ``--matched-prior`` also fine-tunes
 random init and each encoder with the prior channels matched on the init's features instead of
 Fill between slices (``FinetuneConfig.prior_from``, :mod:`pclseg.propagate`; "random, matched
-prior", paired with the same init under the default prior). ``--blend`` scores each default
+prior", paired with the same init under the default prior); ``--soft-prior`` with each
+label's share of the matched votes there instead ("random, soft prior"). ``--blend`` scores each
 fine-tuning's network alone (the plain rows: ``FinetuneConfig.matched_blend`` 0, the default
 before it was measured) and mixed with those matched labels at 0.25 (now the default) and 0.5
-("random, blend 0.25", paired with the same network alone; ``RefineSession.predict(blend)``).
+("random, blend 0.25", paired with the same network alone; ``RefineSession.predict(blend)``;
+"random, soft prior, blend 0.25" is paired with "random, blend 0.25" too).
 Each variant's runs are named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep +
 decoder 10 ep", "PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A
 pretraining run folder that is already there is continued, so a dense stage can be added to an
@@ -69,6 +71,7 @@ from dataset_runs import (
     PAPER_VIEWS,
     RANDOM,
     chosen_images,
+    crossed_variant_lines,
     finished_runs,
     network_line,
     paired_table,
@@ -235,9 +238,12 @@ def ordered_inits(pretraining: list[dict]) -> list[dict]:
     return sorted(rows.values(), key=order)
 
 
-#: The fine-tuning variant with the prior channels matched on the init's features.
+#: The fine-tuning variants with the prior channels matched on the init's features: the
+#: matched labels, or each label's share of the votes.
 MATCHED_PRIOR = "matched prior"
 MATCHED = {"prior_from": "features"}
+SOFT_PRIOR = "soft prior"
+SOFT = {"prior_from": "votes"}
 
 
 def with_finetuning_variants(names: list[str], rows: list[dict]) -> list[str]:
@@ -341,6 +347,9 @@ def main() -> None:
     parser.add_argument("--matched-prior", action="store_true",
                         help="also fine-tune random init and each encoder with the prior "
                         "matched on the init's features (\"..., matched prior\")")
+    parser.add_argument("--soft-prior", action="store_true",
+                        help="also fine-tune random init and each encoder with each label's "
+                        "share of the matched votes as the prior (\"..., soft prior\")")
     parser.add_argument("--blend", action="store_true",
                         help="score each default fine-tuning's network alone (the plain rows) "
                         "and mixed with the labels carried by matching the init's features at "
@@ -392,6 +401,8 @@ def main() -> None:
         inits: dict[str, tuple[Path | None, dict]] = {RANDOM: (None, {})}
         if args.matched_prior:
             inits[f"{RANDOM}, {MATCHED_PRIOR}"] = (None, MATCHED)
+        if args.soft_prior:
+            inits[f"{RANDOM}, {SOFT_PRIOR}"] = (None, SOFT)
         for epochs in lengths:
             run_dir = pretrained(
                 args.data, args.runs or args.out / "pretraining", epochs, variant, args)
@@ -400,6 +411,8 @@ def main() -> None:
                 inits[f"{variant.name(epochs)}, encoder only"] = (run_dir / "encoder.json", {})
             if args.matched_prior:
                 inits[f"{variant.name(epochs)}, {MATCHED_PRIOR}"] = (run_dir, MATCHED)
+            if args.soft_prior:
+                inits[f"{variant.name(epochs)}, {SOFT_PRIOR}"] = (run_dir, SOFT)
             for weight in args.positional_weight:
                 inits[f"{variant.name(epochs)}, positional task {weight:g}"] = (
                     run_dir, {"positional_weight": weight})
@@ -422,7 +435,7 @@ def main() -> None:
                                                         min_steps=args.min_steps))
                     for init_name, (init, changes) in inits.items():
                         # Blends share the default fine-tuning's network: logged as its variants.
-                        shared = BLENDS if args.blend and not changes else {}
+                        shared = BLENDS if args.blend else {}
                         names_of_arms = {DEFAULT: init_name} | {
                             arm: f"{init_name}, {arm}" for arm in shared}
                         if all((volume.name, k, seed, n) in done for n in names_of_arms.values()):
@@ -463,6 +476,7 @@ def main() -> None:
                          ("volume", "seed")),
              *variant_lines(rows, arms, "k", ("volume", "seed")),
              *under_variant_lines(rows, arms, "k", ("volume", "seed")),
+             *crossed_variant_lines(rows, arms, "k", ("volume", "seed")),
              *structure_lines(rows, arms, "k")]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -508,11 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prior-from",
-        choices=("fill", "features"),
+        choices=("fill", "features", "votes"),
         default=FinetuneConfig.prior_from,
-        help="the prior: 'Fill between slices' of the annotations (fill), or their labels "
-        "carried by matching the init encoder's features (features; default: "
-        f"{FinetuneConfig.prior_from})",
+        help="the prior: 'Fill between slices' of the annotations (fill), their labels "
+        "carried by matching the init encoder's features (features), or each label's share "
+        f"of those matched votes (votes; default: {FinetuneConfig.prior_from})",
     )
     p.add_argument(
         "--matched-blend",

@@ -312,7 +312,9 @@ class FinetuneConfig:
     ``prior_dropout`` of the training draws so that the network also segments without it (as
     on another volume). ``prior_from="features"`` fills those channels with the annotations'
     labels carried by matching the init encoder's features instead (:mod:`pclseg.propagate`;
-    ``prior_beyond`` then has no part: matching reaches past the annotated range anyway).
+    ``prior_beyond`` then has no part: matching reaches past the annotated range anyway);
+    ``prior_from="votes"`` fills them with each class's share of those matched votes, a soft
+    prior that also says how sure the matching is.
     ``matched_blend`` mixes the annotations' labels carried by matching (as each class's share
     of the votes) into the network's probabilities at that weight when a refine session
     predicts its own volume: where the network is unsure, the slices that look alike decide.
@@ -373,7 +375,7 @@ class FinetuneConfig:
     prior: bool = True
     prior_beyond: bool = True
     prior_dropout: float = 0.3
-    prior_from: Literal["fill", "features"] = "fill"
+    prior_from: Literal["fill", "features", "votes"] = "fill"
     matched_blend: float = 0.25
     postprocess: bool = True
     seed: int = 0
@@ -424,8 +426,9 @@ class FinetuneConfig:
             raise PCLSegError(f"roi margin must not be negative, got {self.roi_margin}")
         if not 0 <= self.prior_dropout < 1:
             raise PCLSegError(f"prior dropout must be in [0, 1), got {self.prior_dropout}")
-        if self.prior_from not in ("fill", "features"):
-            raise PCLSegError(f"prior_from must be fill or features, got {self.prior_from!r}")
+        if self.prior_from not in ("fill", "features", "votes"):
+            raise PCLSegError("prior_from must be fill, features or votes, "
+                              f"got {self.prior_from!r}")
         if not 0 <= self.matched_blend < 1:
             raise PCLSegError(f"matched blend must be in [0, 1), got {self.matched_blend}")
 

@@ -387,12 +387,13 @@ def finetune(
     cfg = with_classes(cfg, num_classes)
 
     device = resolve_device(cfg.device)
-    matched = cfg.prior and cfg.prior_from == "features"
+    matched = cfg.prior and cfg.prior_from != "fill"
     if matched and resume and init_info.get("path"):
         encoder, _ = init_source(init_info["path"])  # the prior matches the init's features
     unet = build_model(cfg, encoder, str(init))
     if matched:
-        data.priors = FeatureMatcher(unet.encoder, device=device).leave_one_out(data, num_classes)
+        data.priors = FeatureMatcher(unet.encoder, device=device).leave_one_out(
+            data, num_classes, soft=cfg.prior_from == "votes")
     train, held_out = data.split(cfg)
     positional = positional_task(cfg, init_info.get("path"), unet.encoder)
     trainer = Trainer(unet, cfg, device, positional=positional)

@@ -109,8 +109,12 @@ def leave_one_out_priors(
 
 
 def prior_channels(prior: np.ndarray, num_classes: int) -> np.ndarray:
-    """One-hot foreground channels of a prior label map: ``(..., H, W)`` ->
-    ``(..., C - 1, H, W)`` float32 (class 0, background, has no channel)."""
+    """The network's prior channels: the one-hot foreground channels of a prior label map,
+    ``(..., H, W)`` -> ``(..., C - 1, H, W)`` float32 (class 0, background, has no channel).
+    A soft prior (float: each foreground class's share, ``(..., C - 1, H, W)``) already is
+    those channels."""
     prior = np.asarray(prior)
+    if np.issubdtype(prior.dtype, np.floating):
+        return prior.astype(np.float32, copy=False)
     classes = np.arange(1, num_classes, dtype=prior.dtype).reshape(-1, 1, 1)
     return (prior[..., None, :, :] == classes).astype(np.float32)

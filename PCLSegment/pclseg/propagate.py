@@ -16,6 +16,10 @@ carries labels further than a random one's: on CHAOS T2 at 128 px, with two anno
 Fed to the network as its prior, though, it measured behind Fill between slices (decision 12
 in ``docs/decisions.md``), so it is an option (``FinetuneConfig.prior_from``), not the default.
 
+As a soft prior (``prior_from="votes"``), the channels hold each class's share of the votes
+(:func:`carry_votes`) instead of the winner's one-hot, so the network also sees how sure the
+matching is.
+
 Two uses, with the same matching: every slice's prior from all annotated slices
 (:func:`carry_labels` with every slice as a target), and each annotated slice's training prior
 from the *other* annotated slices (targets that are sources take only the others), as
@@ -109,16 +113,21 @@ class FeatureMatcher:
         return carry_votes(self.features(slices), labels, range(len(slices)), annotated,
                            range(len(slices)), num_classes, self.matching)
 
-    def leave_one_out(self, data: TrainingSlices, num_classes: int) -> np.ndarray:
-        """Each training slice labelled from the other annotated slices of its volume:
-        ``(N, size, size)`` uint8, the training priors."""
-        priors = np.zeros(data.labels.shape, dtype=np.uint8)
+    def leave_one_out(self, data: TrainingSlices, num_classes: int,
+                      soft: bool = False) -> np.ndarray:
+        """Each training slice labelled from the other annotated slices of its volume, the
+        training priors: ``(N, size, size)`` uint8, or with ``soft`` each foreground class's
+        share of the votes, ``(N, C - 1, size, size)`` float32."""
+        n, size = len(data), data.labels.shape[-1]
+        priors = (np.zeros((n, num_classes - 1, size, size), np.float32) if soft
+                  else np.zeros((n, size, size), np.uint8))
         for name in dict.fromkeys(origin[0] for origin in data.origins):
             rows = [n for n, origin in enumerate(data.origins) if origin[0] == name]
             positions = [data.origins[n][1] for n in rows]
-            priors[rows] = carry_labels(self.features(data.images[rows]), data.labels[rows],
-                                        positions, range(len(rows)), range(len(rows)),
-                                        num_classes, self.matching)
+            votes = carry_votes(self.features(data.images[rows]), data.labels[rows],
+                                positions, range(len(rows)), range(len(rows)),
+                                num_classes, self.matching)
+            priors[rows] = votes[:, 1:] if soft else votes.argmax(axis=1)
         return priors
 
 

@@ -118,7 +118,7 @@ class RefineSession:
         self._votes: np.ndarray | None = None
         # The init encoder's first level, frozen: what carries the annotations' labels by
         # matching, for the blend and for a matched prior (pclseg.propagate).
-        self._matched_prior = self.cfg.prior and self.cfg.prior_from == "features"
+        self._matched_prior = self.cfg.prior and self.cfg.prior_from != "fill"
         self._matcher = FeatureMatcher(trainer.unet.encoder, device=trainer.device)
         self._set_region(region or RegionOfInterest.whole())
         if self.cfg.prior or self.cfg.postprocess:
@@ -328,7 +328,8 @@ class RefineSession:
                                     self.trainer.with_prior and not self._matched_prior,
                                     self.cfg.prior_beyond)
         if self.trainer.with_prior and self._matched_prior:
-            data.priors = self._matcher.leave_one_out(data, self.num_classes)
+            data.priors = self._matcher.leave_one_out(data, self.num_classes,
+                                                      soft=self.cfg.prior_from == "votes")
         rule = self.cfg.stop
         fit = FitProgress(len(data))
         progress.event("started", total_steps=steps or fit.expected_steps(rule),
@@ -394,9 +395,12 @@ class RefineSession:
         """The prior the network sees, on its grid ``(S, size, size)``: :meth:`prior` fitted,
         or with ``cfg.prior_from="features"`` the annotations' labels carried by matching
         (the class with most of :meth:`matched_votes`, which the blend reads too; cached until
-        the annotations or the region change)."""
+        the annotations or the region change); with ``"votes"``, the foreground classes' shares
+        of those votes, ``(S, C - 1, size, size)`` float32."""
         if not self._matched_prior:
             return prepare_label(self.prior().astype(np.int64), self.geometry)
+        if self.cfg.prior_from == "votes":
+            return self.matched_votes()[:, 1:]
         if self._matched is None:
             self._matched = self.matched_votes().argmax(axis=1).astype(np.uint8)
         return self._matched

@@ -21,6 +21,14 @@ resampling.
         --size 128 --features 32 --encoder "GCL 50 ep=runs/gcl_50" \
         --out benchmarks/results/feature_propagation
 
+``--across N`` asks the same of one labelled volume and another patient (n = 1): each of the
+first volumes is labelled from each of N others (the volumes after them), whole, every slice
+matched to the labelled volume's slices at the nearest relative position above and below (a
+wider ``--window``, since organs lie less alike across patients than across neighbouring
+slices). "Position alone" (features that tell nothing: each pixel takes the labels around its
+place at that position) is the control that says what the features add. PCL was pretrained to
+make exactly this match (one relative position, two patients).
+
 Trains nothing; ``summary.md`` and ``runs.jsonl`` go to ``--out``.
 """
 
@@ -42,13 +50,15 @@ from pclseg.interpolate import fill_between_slices, shape_prior
 from pclseg.io import read_label, read_volume
 from pclseg.model import UNet, load_pretrained
 from pclseg.preprocess import prepare_label, prepare_volume
-from pclseg.propagate import FeatureMatcher, Matching, carry_labels
+from pclseg.propagate import FeatureMatcher, Matching, carry_labels, carry_votes
 from pclseg.suggest import spread_over_extent
 
 FILL = "Fill between slices"
 #: The engine's prior channel: Fill between slices, the first and last annotated slice copied
 #: beyond them (``FinetuneConfig.prior_beyond``).
 PRIOR = "Fill between slices, copied beyond"
+#: Across volumes, the control: labels carried by relative position alone.
+POSITION = "Position alone"
 
 
 #: Which features to match: the last decoder level, or the encoder's first levels, each
@@ -79,6 +89,40 @@ def slice_features(unet: UNet, slices: np.ndarray, layer: str, batch: int = 8) -
     return torch.cat(out)
 
 
+def relative_positions(slices: int, odd: bool) -> list[int]:
+    """Slice positions on one scale for volumes of any length (thousandths of the extent),
+    even for the labelled volume and odd for the target, so that no two coincide."""
+    return [2 * round(1000 * z / max(1, slices - 1)) + int(odd) for z in range(slices)]
+
+
+def across_volume_rows(volumes: list[tuple[str, torch.Tensor, np.ndarray]],
+                       features: dict[str, list[torch.Tensor]], across: int,
+                       matching: Matching, targets: int) -> list[dict]:
+    """Dice of each of the first ``targets`` volumes labelled from each of the ``across``
+    volumes after it, for every set of features and the position-alone control."""
+    rows = []
+    for t in range(targets):
+        target_name, _, target_labels = volumes[t]
+        classes = int(target_labels.max()) + 1
+        for a in range(t + 1, t + 1 + across):
+            atlas_name, _, atlas_labels = volumes[a % len(volumes)]
+            labels = np.concatenate([atlas_labels, np.zeros_like(target_labels)])
+            positions = (relative_positions(len(atlas_labels), False)
+                         + relative_positions(len(target_labels), True))
+            sources = range(len(atlas_labels))
+            rows_of_target = range(len(atlas_labels), len(labels))
+            for name, per_volume in features.items():
+                feats = torch.cat([per_volume[a % len(volumes)], per_volume[t]])
+                votes = carry_votes(feats, labels, positions, sources, rows_of_target,
+                                    classes, matching)
+                mask = votes.argmax(axis=1)
+                dice = mean_foreground_dice(mask, target_labels, classes)
+                rows.append({"volume": target_name, "atlas": atlas_name, "n": 1,
+                             "init": name, "dice": dice})
+                print(f"{target_name} from {atlas_name} {name}: Dice {dice:.3f}", flush=True)
+    return rows
+
+
 def network(tensors: dict[str, torch.Tensor] | None, features: int, seed: int) -> UNet:
     torch.manual_seed(seed)
     unet = UNet(ModelConfig(features=features, in_channels=1, num_classes=2))
@@ -102,6 +146,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=Matching.window, metavar="F",
                         help="match only pixels at most this fraction of the side apart")
     parser.add_argument("--seed", type=int, default=0, help="of the random-init control")
+    parser.add_argument("--across", type=int, default=0, metavar="N",
+                        help="label each volume from each of N other patients' volumes instead")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +159,30 @@ def main() -> None:
         tensors, _ = init_source(run_dir)
         nets[name] = network(tensors, args.features, args.seed)
 
+    if args.across:
+        volumes = []
+        for image in chosen_images(args.data, None, args.first + args.across):
+            volume = read_volume(image)
+            slices, geometry = prepare_volume(volume, PreprocessConfig(size=args.size))
+            fitted = prepare_label(read_label(args.data / "labelsTr" / image.name, volume),
+                                   geometry)
+            volumes.append((volume.name, slices, fitted))
+        features = {name: [slice_features(unet, v[1], args.layer) for v in volumes]
+                    for name, unet in nets.items()}
+        features[POSITION] = [F.normalize(torch.ones_like(f), dim=1) for f in features[RANDOM]]
+        rows = across_volume_rows(volumes, features, args.across, matching, args.first)
+        with (args.out / "runs.jsonl").open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        text = (f"Labels carried from one labelled volume to another patient's by feature "
+                f"matching alone ({args.layer} features; {args.neighbours} neighbours within "
+                f"{args.window:g} of the side, temperature {args.temperature:g}; {args.size} px, "
+                f"f = {args.features}; each of {args.first} volumes from each of {args.across} "
+                "others); mean ± std over the pairs; in brackets: paired difference to "
+                "random-init features\n\n"
+                + paired_table(rows, [POSITION, *nets], "n", ("volume", "atlas")) + "\n")
+        print(text)
+        (args.out / "summary.md").write_text(text)
+        return
     rows = []
     for image in chosen_images(args.data, None, args.first):
         volume = read_volume(image)

@@ -13,6 +13,7 @@ import torch
 
 from pclseg.config import FinetuneConfig, ModelConfig, PredictConfig, PreprocessConfig
 from pclseg.errors import PCLSegError
+from pclseg.evaluate import mean_foreground_dice
 from pclseg.finetune import finetune
 from pclseg.io import read_label, read_volume
 from pclseg.predict import (
@@ -24,6 +25,7 @@ from pclseg.predict import (
     slice_probabilities,
 )
 from pclseg.preprocess import prepare_volume
+from pclseg.propagate import Atlas, FeatureMatcher
 
 NUM_CLASSES = 5
 
@@ -148,6 +150,25 @@ def test_batch_size_does_not_change_probabilities(a_model_dir: Path, odd_inputs:
     many = slice_probabilities(model.unet, inputs, model.device, batch_size=16)
     assert one.shape == (len(slices), NUM_CLASSES, 32, 32)
     torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-4)
+
+
+def test_an_atlas_blends_its_labels_into_the_prediction(
+    a_model_dir: Path, a_sample_folder: Path
+) -> None:
+    """Blend 0 is the network alone; a labelled atlas at 0.5 moves the prediction towards its
+    labels (here the volume's own, which matching carries almost exactly)."""
+    model = load_model(a_model_dir)
+    image = a_sample_folder / "imagesTr" / "sample_01.nii.gz"
+    volume = read_volume(image)
+    truth = read_label(a_sample_folder / "labelsTr" / "sample_01.nii.gz", volume)
+    matcher = FeatureMatcher(model.unet.encoder)
+    alone = predict_volume(model, volume)
+    off = predict_volume(model, volume, atlas=Atlas(matcher, [(volume, truth)], blend=0.0))
+    np.testing.assert_array_equal(off.probabilities, alone.probabilities)
+    blended = predict_volume(model, volume, atlas=Atlas(matcher, [(volume, truth)], blend=0.5))
+    np.testing.assert_allclose(blended.probabilities.sum(axis=0), 1.0, atol=1e-4)
+    assert (mean_foreground_dice(blended.labels, truth, NUM_CLASSES)
+            > mean_foreground_dice(alone.labels, truth, NUM_CLASSES) + 0.1)
 
 
 @pytest.mark.parametrize(

@@ -20,11 +20,13 @@ from pclseg.interpolate import prior_channels
 from pclseg.io import read_label, read_volume
 from pclseg.model import UNetEncoder
 from pclseg.propagate import (
+    Atlas,
     FeatureMatcher,
     Matching,
     blend_votes,
     carry_labels,
     carry_votes,
+    relative_positions,
 )
 from pclseg.session import RefineSession
 from pclseg.training_slices import TrainingSlices
@@ -185,6 +187,40 @@ def test_the_matchers_votes_pick_its_prior() -> None:
     votes = matcher.votes(images, truth, [0, 8], 3)
     assert votes.shape == (9, 3, 32, 32)
     np.testing.assert_array_equal(votes.argmax(axis=1), matcher.prior(images, truth, [0, 8], 3))
+
+
+def test_relative_positions_put_volumes_of_any_length_on_one_scale() -> None:
+    short, long = relative_positions(5, odd=False), relative_positions(9, odd=True)
+    assert (short[0], short[-1], long[0], long[-1]) == (0, 2000, 1, 2001)
+    assert long[4] == short[2] + 1  # the middles meet, one apart
+    assert not set(short) & set(long)
+    assert relative_positions(1, odd=False) == [0]
+
+
+def test_an_atlas_carries_its_labels_to_a_volume_of_another_length() -> None:
+    """Another patient's volume with half the slices: each slice takes the labels the atlas
+    has at the same relative position."""
+    atlas = moving_squares(9)
+    target = atlas[::2]  # relative positions 0, 1/4, ..., 1: atlas slices 0, 2, ..., 8
+    torch.manual_seed(0)
+    matcher = FeatureMatcher(UNetEncoder(1, 8))
+    votes = matcher.atlas_votes(target.astype(np.float32) * 5,
+                                [(atlas.astype(np.float32) * 5, atlas)], 3)
+    assert votes.shape == (5, 3, 32, 32) and votes.dtype == np.float32
+    np.testing.assert_allclose(votes.sum(axis=1), 1.0, rtol=1e-5)
+    carried = votes.argmax(axis=1)
+    for label in (1, 2):
+        mine, truth = carried == label, target == label
+        assert 2 * (mine & truth).sum() / (mine.sum() + truth.sum()) > 0.8
+    twice = matcher.atlas_votes(target.astype(np.float32) * 5,
+                                [(atlas.astype(np.float32) * 5, atlas)] * 2, 3)
+    np.testing.assert_allclose(twice, votes, atol=1e-6)  # averaged over the atlases
+    with pytest.raises(PCLSegError, match="no labelled volume"):
+        matcher.atlas_votes(target.astype(np.float32), [], 3)
+    with pytest.raises(PCLSegError, match="at least one labelled volume"):
+        Atlas(matcher, [])
+    with pytest.raises(PCLSegError, match="atlas blend"):
+        Atlas(matcher, [(None, atlas)], blend=1.0)
 
 
 def test_the_matcher_holds_the_init_encoder() -> None:

@@ -39,6 +39,13 @@ first against the default's random init.
 its augmentation for a whole batch at once (``FinetuneConfig.batch_augment``), named "random,
 draws per batch", paired with the same init drawn per slice.
 
+``--atlas-blend W [W ...]`` also scores every default fine-tuning with the training volumes as
+an atlas: their labels carried to each test volume by matching the init's first-level features
+slice to slice at the same relative position (:class:`pclseg.propagate.Atlas`, the match that
+PCL is pretrained for), mixed into the network's probabilities at W (``predict_volume(...,
+atlas=...)``), named "random, atlas blend 0.25" and paired with the same network alone and,
+for each encoder, with random init under the same blend.
+
 Every run is appended to ``--out``/runs.jsonl as it finishes and skipped when started again;
 the table (mean ± std over folds x seeds per init and n; each encoder's paired difference to
 random init ± std and the runs it is ahead in; a pretraining repeated with another seed,
@@ -55,6 +62,7 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +81,18 @@ from dataset_runs import (
     structure_dice,
     structure_lines,
     structure_names,
+    under_variant_lines,
     variant_lines,
 )
 
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, StopRule
 from pclseg.device import resolve_device, use_all_cores
 from pclseg.evaluate import mean_foreground_dice
-from pclseg.finetune import finetune
+from pclseg.finetune import build_model, finetune, init_source
 from pclseg.io import read_label, read_volume
 from pclseg.predict import load_model, predict_volume
 from pclseg.progress import Progress
+from pclseg.propagate import Atlas, FeatureMatcher
 
 
 def split(images: list[Path], fold: int, test: int) -> tuple[list[Path], list[Path]]:
@@ -120,10 +130,16 @@ def paper_finetuning(cfg: FinetuneConfig) -> FinetuneConfig:
     return dataclasses.replace(cfg, epochs=100, lr=5e-5, loss="ce", intensity_augment=False)
 
 
+def atlas_name(weight: float) -> str:
+    return f"atlas blend {weight:g}"
+
+
 def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneConfig,
-        data: Path, names: list[str]) -> dict:
+        data: Path, names: list[str], blends: Sequence[float] = ()) -> dict:
     """Fine-tune on every slice of ``train`` from ``init``, predict every test volume: the
-    mean Dice over the test set, per volume and per structure, seconds and steps."""
+    mean Dice over the test set, per volume and per structure, seconds and steps; with
+    ``blends``, also each test volume predicted with the training volumes as an atlas at
+    each weight (matched on the init's first level), under ``"blends"``."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         images, labels = linked_folder(train, data, Path(tmp) / "data")
@@ -139,9 +155,26 @@ def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneC
             dice[volume.name] = mean_foreground_dice(pred, truth, len(names) + 1)
             structures[volume.name] = structure_dice(pred, truth, names)
         fit = model.metadata.get("fit") or {}
+        predicted = time.perf_counter() - start
+        blended = {}
+        if blends:
+            # The init as fine-tuning started from it (its seed, its encoder).
+            matcher = FeatureMatcher(build_model(model.config, init_source(init)[0]).encoder)
+            labelled = [(v, read_label(data / "labelsTr" / p.name, v))
+                        for p, v in zip(train, volumes, strict=True)]
+            for weight in blends:
+                atlas = Atlas(matcher, labelled, blend=weight)
+                per_volume, per_structure = {}, {}
+                for volume, truth in tests:
+                    pred = predict_volume(model, volume, atlas=atlas).labels
+                    per_volume[volume.name] = mean_foreground_dice(pred, truth, len(names) + 1)
+                    per_structure[volume.name] = structure_dice(pred, truth, names)
+                blended[atlas_name(weight)] = {
+                    "dice": float(np.mean(list(per_volume.values()))), "per_volume": per_volume,
+                    "structures": per_structure}
     return {"dice": float(np.mean(list(dice.values()))), "per_volume": dice,
-            "structures": structures, "train_seconds": trained,
-            "seconds": time.perf_counter() - start, "steps": result.steps_done,
+            "structures": structures, "train_seconds": trained, "seconds": predicted,
+            "steps": result.steps_done, "blends": blended,
             "fit": {"reason": fit.get("reason"), "unlearned": fit.get("unlearned", [])}}
 
 
@@ -172,6 +205,9 @@ def main() -> None:
     parser.add_argument("--draws-per-batch", action="store_true",
                         help="also fine-tune every init with its augmentation drawn for a whole "
                         "batch at once")
+    parser.add_argument("--atlas-blend", type=float, nargs="+", default=[], metavar="W",
+                        help="also score every default fine-tuning with the training volumes' "
+                        "labels carried by matching blended in at W (\"..., atlas blend W\")")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary from runs.jsonl, train nothing")
     args = parser.parse_args()
@@ -222,15 +258,20 @@ def main() -> None:
                         if (fold, n, seed, init_name) in done:
                             continue
                         arm_cfg = dataclasses.replace(cfg, **changes)
+                        result = run(train, tests, init, arm_cfg, args.data, names,
+                                     args.atlas_blend if not changes else ())
                         row = {"fold": fold, "n": n, "seed": seed, "init": init_name,
                                "train": [p.name for p in train], "test": [p.name for p in test],
-                               "size": args.size, "features": args.features,
-                               **run(train, tests, init, arm_cfg, args.data, names)}
+                               "size": args.size, "features": args.features, **result}
+                        # Atlas blends share the arm's network: logged as its variants.
+                        blended = [{**row, **scores, "init": f"{init_name}, {arm}"}
+                                   for arm, scores in row.pop("blends").items()]
                         with log.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-                        print(f"fold {fold} n={n} seed {seed} {init_name}: Dice {row['dice']:.3f} "
-                              f"({row['seconds']:.0f} s, {row['steps']} steps, "
-                              f"{row['fit']['reason']})", flush=True)
+                            f.writelines(json.dumps(r) + "\n" for r in [row, *blended])
+                        for r in [row, *blended]:
+                            print(f"fold {fold} n={n} seed {seed} {r['init']}: Dice "
+                                  f"{r['dice']:.3f} ({r['seconds']:.0f} s, {r['steps']} steps, "
+                                  f"{r['fit']['reason']})", flush=True)
 
     rows = finished_runs(log)
     # In the order the runs were first logged, each pretraining's other seeds right after its
@@ -246,6 +287,8 @@ def main() -> None:
             + "".join("\n" + line
                       for line in seed_lines(rows, repeated_by_name(order), "n", ("fold", "seed")))
             + "".join("\n" + line for line in variant_lines(
+                rows, [i for i in order if not i.endswith(PAPER)], "n", ("fold", "seed")))
+            + "".join("\n" + line for line in under_variant_lines(
                 rows, [i for i in order if not i.endswith(PAPER)], "n", ("fold", "seed")))
             + paper_table(rows, order)
             + "".join("\n" + line for line in structure_lines(rows, order, "n"))

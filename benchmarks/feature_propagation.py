@@ -50,7 +50,7 @@ from pclseg.interpolate import fill_between_slices, shape_prior
 from pclseg.io import read_label, read_volume
 from pclseg.model import UNet, load_pretrained
 from pclseg.preprocess import prepare_label, prepare_volume
-from pclseg.propagate import FeatureMatcher, Matching, carry_labels, carry_votes
+from pclseg.propagate import FeatureMatcher, Matching, carry_labels, carry_votes, relative_positions
 from pclseg.suggest import spread_over_extent
 
 FILL = "Fill between slices"
@@ -87,12 +87,6 @@ def slice_features(unet: UNet, slices: np.ndarray, layer: str, batch: int = 8) -
                 for m in maps]
         out.append(F.normalize(torch.cat(maps, dim=1), dim=1))
     return torch.cat(out)
-
-
-def relative_positions(slices: int, odd: bool) -> list[int]:
-    """Slice positions on one scale for volumes of any length (thousandths of the extent),
-    even for the labelled volume and odd for the target, so that no two coincide."""
-    return [2 * round(1000 * z / max(1, slices - 1)) + int(odd) for z in range(slices)]
 
 
 def across_volume_rows(volumes: list[tuple[str, torch.Tensor, np.ndarray]],

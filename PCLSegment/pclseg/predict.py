@@ -47,8 +47,9 @@ from .io import (
 )
 from .labels import Label, labels_from_json
 from .model import UNet
-from .preprocess import SliceGeometry, prepare_volume, unfit_slices
+from .preprocess import SliceGeometry, prepare_label, prepare_volume, unfit_slices
 from .progress import Progress
+from .propagate import Atlas, blend_votes
 from .roi import RegionOfInterest
 from .suggest import pixel_entropy
 
@@ -165,15 +166,26 @@ def network_inputs(slices: np.ndarray, in_channels: int) -> np.ndarray:
 
 
 def predict_volume(
-    model: LoadedModel, volume: Volume, batch_size: int = 16, amp: bool = True
+    model: LoadedModel, volume: Volume, batch_size: int = 16, amp: bool = True,
+    atlas: Atlas | None = None,
 ) -> Prediction:
     """Predict one canonical volume with a loaded model, inside the model's region of
-    interest (:mod:`pclseg.roi`; the whole slice for models without one)."""
+    interest (:mod:`pclseg.roi`; the whole slice for models without one); with ``atlas``, its
+    labels carried by matching are blended into the network's probabilities."""
     region = RegionOfInterest.from_dict(model.metadata.get("roi"))
     crop = None if region.is_whole else region.pixels(volume.shape[1:])
     slices, geometry = prepare_volume(volume, model.config.preprocess, crop)
     inputs = network_inputs(slices, model.config.model.in_channels)
     probabilities = slice_probabilities(model.unet, inputs, model.device, batch_size, amp)
+    if atlas is not None and atlas.blend:
+        prepared = []
+        for other, label in atlas.volumes:  # the same region and grid as the volume's
+            other_slices, other_geometry = prepare_volume(
+                other, model.config.preprocess,
+                None if region.is_whole else region.pixels(other.shape[1:]))
+            prepared.append((other_slices, prepare_label(label, other_geometry)))
+        votes = atlas.matcher.atlas_votes(slices, prepared, model.num_classes, atlas.matching)
+        probabilities = blend_votes(probabilities, torch.from_numpy(votes), atlas.blend)
     return to_canonical(probabilities, geometry)
 
 

@@ -20,10 +20,13 @@ As a soft prior (``prior_from="votes"``), the channels hold each class's share o
 (:func:`carry_votes`) instead of the winner's one-hot, so the network also sees how sure the
 matching is.
 
-Two uses, with the same matching: every slice's prior from all annotated slices
-(:func:`carry_labels` with every slice as a target), and each annotated slice's training prior
+Uses, with the same matching: every slice's prior from all annotated slices
+(:func:`carry_labels` with every slice as a target); each annotated slice's training prior
 from the *other* annotated slices (targets that are sources take only the others), as
-:func:`pclseg.interpolate.leave_one_out_priors` does for Fill between slices.
+:func:`pclseg.interpolate.leave_one_out_priors` does for Fill between slices; and labels
+carried to another patient's volume from labelled volumes, slice to slice at the same
+relative position (:class:`Atlas`, for whole-volume prediction), the match PCL is
+pretrained for.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +61,11 @@ class Matching:
             raise PCLSegError(f"matching temperature must be positive, got {self.temperature}")
         if not 0 < self.window <= 1:
             raise PCLSegError(f"matching window must be in (0, 1], got {self.window}")
+
+
+#: Matching between two patients' volumes: organs lie less alike there than on neighbouring
+#: slices of one volume, so a pixel looks twice as far around its place.
+ACROSS_PATIENTS = Matching(window=1 / 8)
 
 
 class FeatureMatcher:
@@ -113,6 +122,29 @@ class FeatureMatcher:
         return carry_votes(self.features(slices), labels, range(len(slices)), annotated,
                            range(len(slices)), num_classes, self.matching)
 
+    def atlas_votes(self, slices: np.ndarray, atlases: Sequence[tuple[np.ndarray, np.ndarray]],
+                    num_classes: int, matching: Matching = ACROSS_PATIENTS) -> np.ndarray:
+        """Each class's share of the votes that carry labels to every slice of a volume
+        ``(S, H, W)`` from other labelled volumes (``atlases``: ``(slices, labels)`` pairs on
+        the same grid, every slice labelled): each slice matched to an atlas's slices at the
+        nearest relative position above and below (what positional pretraining makes alike),
+        averaged over the atlases. ``(S, num_classes, H, W)`` float32."""
+        if not atlases:
+            raise PCLSegError("no labelled volume to carry labels from")
+        target = self.features(slices)
+        empty = np.zeros((len(slices), *slices.shape[1:]), np.int64)
+        total = np.zeros((len(slices), num_classes, *slices.shape[1:]), np.float32)
+        for atlas_slices, atlas_labels in atlases:
+            sources = range(len(atlas_slices))
+            total += carry_votes(
+                torch.cat([self.features(atlas_slices), target]),
+                np.concatenate([atlas_labels, empty]),
+                relative_positions(len(atlas_slices), odd=False)
+                + relative_positions(len(slices), odd=True),
+                sources, range(len(sources), len(sources) + len(slices)), num_classes,
+                matching)
+        return total / len(atlases)
+
     def leave_one_out(self, data: TrainingSlices, num_classes: int,
                       soft: bool = False) -> np.ndarray:
         """Each training slice labelled from the other annotated slices of its volume, the
@@ -129,6 +161,36 @@ class FeatureMatcher:
                                 num_classes, self.matching)
             priors[rows] = votes[:, 1:] if soft else votes.argmax(axis=1)
         return priors
+
+
+@dataclass
+class Atlas:
+    """Labelled volumes of other patients, whose labels matching carries to each volume a
+    model predicts (:meth:`FeatureMatcher.atlas_votes`, ``matching`` there), mixed into the
+    network's probabilities at ``blend`` (:func:`blend_votes`).
+
+    Attributes:
+        matcher: the init encoder's first level (what the features are matched on).
+        volumes: ``(volume, label map)`` pairs on their canonical grids, every slice labelled.
+    """
+
+    matcher: FeatureMatcher
+    volumes: list[tuple[Any, np.ndarray]]
+    blend: float = 0.25
+    matching: Matching = ACROSS_PATIENTS
+
+    def __post_init__(self) -> None:
+        if not self.volumes:
+            raise PCLSegError("an atlas needs at least one labelled volume")
+        if not 0 <= self.blend < 1:
+            raise PCLSegError(f"atlas blend must be in [0, 1), got {self.blend}")
+
+
+def relative_positions(slices: int, odd: bool) -> list[int]:
+    """Slice positions of a volume on a scale shared by volumes of any length (thousandths of
+    its extent, doubled): even for one volume, odd for the other (``odd``), so that no slice
+    of one lies at the very position of a slice of the other."""
+    return [2 * round(1000 * z / max(1, slices - 1)) + int(odd) for z in range(slices)]
 
 
 def _nearest(target: int, positions: Sequence[int], sources: Sequence[int]) -> list[int]:

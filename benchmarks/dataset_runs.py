@@ -217,9 +217,12 @@ def under_variant_lines(rows: list[dict], inits: list[str], column: str,
     0.25", "random, soft prior, blend 0.25"): each pretrained init's variant paired with random
     init's, so that pretraining is measured under the same fine-tuning."""
     groups = variants_by_base(inits)
-    pretrained = [base for base in groups if not base.startswith(RANDOM)]
+    # The fine-tuning variants: what random init ran; an init ending in one is not a pretraining.
+    finetuning = [init for init in inits if init.startswith(f"{RANDOM}, ")]
+    pretrained = [base for base in groups if not base.startswith(RANDOM) and not any(
+        base.endswith(variant.removeprefix(RANDOM)) for variant in finetuning)]
     lines = []
-    for variant in [init for init in inits if init.startswith(f"{RANDOM}, ")]:
+    for variant in finetuning:
         suffix = variant.removeprefix(RANDOM)
         others = [f"{base}{suffix}" for base in pretrained if f"{base}{suffix}" in inits]
         if others:

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from pclseg.cli import EXIT_USER_ERROR, main
 from pclseg.config import FinetuneConfig, ModelConfig, PredictConfig, PreprocessConfig
 from pclseg.errors import PCLSegError
 from pclseg.evaluate import mean_foreground_dice
@@ -169,6 +170,30 @@ def test_an_atlas_blends_its_labels_into_the_prediction(
     np.testing.assert_allclose(blended.probabilities.sum(axis=0), 1.0, atol=1e-4)
     assert (mean_foreground_dice(blended.labels, truth, NUM_CLASSES)
             > mean_foreground_dice(alone.labels, truth, NUM_CLASSES) + 0.1)
+
+
+def test_predict_blends_in_an_atlas_from_the_command_line(
+    a_model_dir: Path, a_sample_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    images, labels = a_sample_folder / "imagesTr", a_sample_folder / "labelsTr"
+    volume = images / "sample_00.nii.gz"
+    alone = predict(a_model_dir, volume, tmp_path / "alone")[0]
+    assert main(["predict", str(a_model_dir), str(volume), "--out", str(tmp_path / "atlas"),
+                 "--atlas-images", str(images / "sample_01.nii.gz"),
+                 "--atlas-labels", str(labels / "sample_01.nii.gz")]) == 0
+    like = read_volume(volume)
+    assert not np.array_equal(read_label(tmp_path / "atlas" / "sample_00.nii.gz", like),
+                              read_label(alone, like))
+    with pytest.raises(PCLSegError, match="atlas blend"):
+        PredictConfig(atlas_blend=1.0)
+    out = str(tmp_path / "bad")
+    assert main(["predict", str(a_model_dir), str(volume), "--out", out,
+                 "--atlas-images", str(images)]) == EXIT_USER_ERROR
+    assert "both --atlas-images and --atlas-labels" in capsys.readouterr().err
+    assert main(["predict", str(a_model_dir), str(volume), "--out", out, "--atlas-images",
+                 str(images), "--atlas-labels", str(tmp_path / "nothing")]) == EXIT_USER_ERROR
+    assert "--atlas-labels" in capsys.readouterr().err
+    assert not Path(out).exists()  # nothing written before the atlas was read
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,11 @@ from pclseg.checkpoint import load_metadata, save_pair
 from pclseg.cli import _finetune_config, build_parser
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig
 from pclseg.errors import PCLSegError
-from pclseg.finetune import finetune
+from pclseg.finetune import build_model, finetune
 from pclseg.interpolate import prior_channels
 from pclseg.io import read_label, read_volume
 from pclseg.model import UNetEncoder
+from pclseg.predict import load_model
 from pclseg.propagate import (
     Atlas,
     FeatureMatcher,
@@ -337,6 +338,15 @@ def test_fine_tuning_trains_on_matched_priors(a_sample_folder: Path, tmp_path: P
     saved = load_metadata(tmp_path / "model" / "model")
     assert saved["config"]["prior_from"] == prior_from
     assert saved["config"]["model"]["in_channels"] == 5
+    # The model keeps the init's first level, not its own trained one, for matching later.
+    model = load_model(tmp_path / "model")
+    restored = FeatureMatcher(model.unet.encoder)
+    assert restored.restore(tmp_path / "model")
+    init = FeatureMatcher(build_model(model.config, None).encoder)
+    for name, tensor in init.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[name], tensor)
+    assert not torch.equal(restored.level.conv_0.conv.weight,
+                           model.unet.encoder.levels[0].conv_0.conv.weight)
 
 
 def test_the_command_line_chooses_the_prior() -> None:

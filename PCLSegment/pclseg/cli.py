@@ -252,9 +252,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         probabilities=args.probabilities,
         uncertainty=args.uncertainty,
         component=args.component,
+        atlas_blend=args.atlas_blend,
     )
+    if (args.atlas_images is None) != (args.atlas_labels is None):
+        raise PCLSegError("an atlas needs both --atlas-images and --atlas-labels")
+    atlas = (args.atlas_images, args.atlas_labels) if args.atlas_images else None
     with _progress(args) as progress:
-        written = predict(args.model, args.input, args.out, cfg, progress=progress)
+        written = predict(args.model, args.input, args.out, cfg, progress=progress, atlas=atlas)
     print(f"{len(written)} prediction(s) written to {args.out}", file=sys.stderr)
     return 0
 
@@ -546,6 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_amp(p)
     p.add_argument("--probabilities", action="store_true", help="also write class probabilities")
     p.add_argument("--uncertainty", action="store_true", help="also write an entropy map")
+    p.add_argument("--atlas-images", default=None, metavar="PATH",
+                   help="labelled volumes of other patients (a file or folder; with "
+                   "--atlas-labels) whose labels matching carries to each input")
+    p.add_argument("--atlas-labels", default=None, metavar="PATH",
+                   help="their label maps, every slice labelled (paired by file name)")
+    p.add_argument("--atlas-blend", type=float, default=PredictConfig.atlas_blend, metavar="W",
+                   help="the atlas's weight in the probabilities, 0 to below 1 (default: "
+                   f"{PredictConfig.atlas_blend:g})")
     _add_component(p)
     _add_progress(p)
     p.set_defaults(func=cmd_predict)

@@ -439,7 +439,9 @@ class FinetuneConfig:
 
 @dataclass
 class PredictConfig:
-    """Whole-volume prediction: slices go through the network ``batch_size`` at a time."""
+    """Whole-volume prediction: slices go through the network ``batch_size`` at a time. With
+    labelled volumes of other patients as an atlas (``pclseg.predict.predict``'s ``atlas``),
+    their labels carried by matching are mixed into the probabilities at ``atlas_blend``."""
 
     batch_size: int = 16
     device: str = "auto"
@@ -447,10 +449,13 @@ class PredictConfig:
     probabilities: bool = False
     uncertainty: bool = False
     component: int | None = None  # of multi-component inputs; None: the model's own choice
+    atlas_blend: float = 0.5
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise PCLSegError(f"batch size must be at least 1, got {self.batch_size}")
+        if not 0 <= self.atlas_blend < 1:
+            raise PCLSegError(f"atlas blend must be in [0, 1), got {self.atlas_blend}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

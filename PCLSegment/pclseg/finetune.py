@@ -46,7 +46,7 @@ from . import checkpoint, contour_process
 from .config import FinetuneConfig, PretrainConfig, from_dict, to_dict
 from .device import resolve_device
 from .errors import PCLSegError
-from .io import find_volume_files, read_label, read_volume, volume_name
+from .io import pair_files, read_label, read_volume
 from .labels import (
     Label,
     check_label_values,
@@ -78,26 +78,6 @@ ENCODER = "encoder"
 UNET = "unet"
 #: The pretraining pairs fine-tuning starts from: format -> ``init["kind"]``.
 PRETRAINED_KINDS = {"pclseg-encoder": "encoder", "pclseg-unet": "unet"}
-
-
-def pair_files(images: Path | str, labels: Path | str) -> list[tuple[Path, Path]]:
-    """``(image, label)`` files matched by volume name (``ct_01.nii.gz`` <-> ``ct_01.nrrd``).
-
-    A file on both sides pairs directly. Images without a label are left out; no pair at all
-    is an error.
-    """
-    images, labels = Path(images), Path(labels)
-    for what, path in (("--images", images), ("--labels", labels)):
-        if not path.exists():
-            raise PCLSegError(f"{what} {path}: no such file or folder")
-    if images.is_file() and labels.is_file():
-        return [(images, labels)]
-    by_name = {volume_name(p): p for p in find_volume_files(labels)}
-    pairs = [(p, by_name[volume_name(p)]) for p in find_volume_files(images)
-             if volume_name(p) in by_name]
-    if not pairs:
-        raise PCLSegError(f"{images}: no image shares a file name with a label map in {labels}")
-    return pairs
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,9 +371,13 @@ def finetune(
     if matched and resume and init_info.get("path"):
         encoder, _ = init_source(init_info["path"])  # the prior matches the init's features
     unet = build_model(cfg, encoder, str(init))
+    # The init's first level, saved with the model: what matching reads (a matched prior, a
+    # session continued from the model, an atlas in prediction).
+    matcher = FeatureMatcher(unet.encoder, device=device)
+    if resume:
+        matcher.restore(out)
     if matched:
-        data.priors = FeatureMatcher(unet.encoder, device=device).leave_one_out(
-            data, num_classes, soft=cfg.prior_from == "votes")
+        data.priors = matcher.leave_one_out(data, num_classes, soft=cfg.prior_from == "votes")
     train, held_out = data.split(cfg)
     positional = positional_task(cfg, init_info.get("path"), unet.encoder)
     trainer = Trainer(unet, cfg, device, positional=positional)
@@ -411,6 +395,7 @@ def finetune(
                  "data": data_summary, "roi": region.to_dict(),
                  "fit": fit.to_dict() if fit else None}
         save_model(out, trainer.unet, cfg, model_labels, init_info, **extra)
+        matcher.save(out)
         opt_tensors, opt_meta = checkpoint.optimizer_to_tensors(trainer.optimizer)
         tensors = {f"model.{k}": v for k, v in trainer.unet.state_dict().items()} | opt_tensors
         if positional is not None:

@@ -750,3 +750,24 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], compress: bool 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def pair_files(images: str | os.PathLike[str], labels: str | os.PathLike[str],
+               options: tuple[str, str] = ("--images", "--labels")) -> list[tuple[Path, Path]]:
+    """``(image, label)`` files matched by volume name (``ct_01.nii.gz`` <-> ``ct_01.nrrd``).
+
+    A file on both sides pairs directly. Images without a label are left out; no pair at all
+    is an error (naming the two paths by their command-line ``options``).
+    """
+    images, labels = Path(images), Path(labels)
+    for what, path in zip(options, (images, labels), strict=True):
+        if not path.exists():
+            raise PCLSegError(f"{what} {path}: no such file or folder")
+    if images.is_file() and labels.is_file():
+        return [(images, labels)]
+    by_name = {volume_name(p): p for p in find_volume_files(labels)}
+    pairs = [(p, by_name[volume_name(p)]) for p in find_volume_files(images)
+             if volume_name(p) in by_name]
+    if not pairs:
+        raise PCLSegError(f"{images}: no image shares a file name with a label map in {labels}")
+    return pairs

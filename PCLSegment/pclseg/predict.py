@@ -42,6 +42,9 @@ from .io import (
     Volume,
     find_volume_files,
     iter_volumes,
+    pair_files,
+    read_label,
+    read_volume,
     volume_name,
     write_image,
 )
@@ -49,7 +52,7 @@ from .labels import Label, labels_from_json
 from .model import UNet
 from .preprocess import SliceGeometry, prepare_label, prepare_volume, unfit_slices
 from .progress import Progress
-from .propagate import Atlas, blend_votes
+from .propagate import Atlas, FeatureMatcher, blend_votes
 from .roi import RegionOfInterest
 from .suggest import pixel_entropy
 
@@ -206,20 +209,43 @@ def output_name(source: str | os.PathLike[str], frame: int | None = None) -> str
     return f"{stem}{'' if frame is None else f'_t{frame}'}{suffix}"
 
 
+def load_atlas(model_dir: Path | str, model: LoadedModel, images: Path | str,
+               labels: Path | str, blend: float) -> Atlas:
+    """The labelled volumes ``images`` + ``labels`` (paired by file name, every slice
+    labelled) as an atlas for ``model``, matched on the init's first level saved with the
+    model (or, in a model saved without one, on its own)."""
+    matcher = FeatureMatcher(model.unet.encoder, device=model.device)
+    matcher.restore(model_stem(model_dir).parent)
+    volumes = []
+    for image, label in pair_files(images, labels, ("--atlas-images", "--atlas-labels")):
+        volume = read_volume(image, model.config.preprocess.slice_axis,
+                             component=model.config.preprocess.component)
+        truth = read_label(label, volume)
+        if truth.max() >= model.num_classes:
+            raise PCLSegError(f"{label}: label value {truth.max()} but the model has "
+                              f"{model.num_classes - 1} labels")
+        volumes.append((volume, truth))
+    return Atlas(matcher, volumes, blend)
+
+
 def predict(
     model_dir: Path | str,
     inputs: Path | str,
     out: Path | str,
     cfg: PredictConfig | None = None,
     progress: Progress | None = None,
+    atlas: tuple[Path | str, Path | str] | None = None,
 ) -> list[Path]:
-    """Predict every volume in ``inputs`` (a file or a folder) into the folder ``out``.
+    """Predict every volume in ``inputs`` (a file or a folder) into the folder ``out``; with
+    ``atlas`` (labelled volumes of other patients: an images and a labels file or folder),
+    blending in their labels carried by matching (:func:`load_atlas`, ``cfg.atlas_blend``).
 
     Returns:
         The label-map paths written, in input order.
 
     Raises:
-        PCLSegError: the model folder is unusable, or no input volume could be read.
+        PCLSegError: the model folder is unusable, the atlas cannot be read, or no input volume
+            could be read.
     """
     cfg = cfg or PredictConfig()
     progress = progress or Progress.null()
@@ -228,6 +254,7 @@ def predict(
         raise PCLSegError(f"{inputs}: no such file or folder")
     device = resolve_device(cfg.device)
     model = load_model(model_dir, device)
+    labelled = load_atlas(model_dir, model, *atlas, cfg.atlas_blend) if atlas else None
     files = find_volume_files(inputs)
     if out.resolve() in {f.resolve().parent for f in files if f.is_file()}:
         raise PCLSegError(f"--out {out}: is the input folder; outputs would overwrite inputs")
@@ -240,7 +267,7 @@ def predict(
     for volume in iter_volumes(files, skipped, model.config.preprocess.slice_axis, component,
                                warn=progress.message):
         t0 = time.monotonic()
-        prediction = predict_volume(model, volume, cfg.batch_size, cfg.amp)
+        prediction = predict_volume(model, volume, cfg.batch_size, cfg.amp, labelled)
         name = output_name(volume.source, volume.frame)
         target = write_image(volume.to_image(prediction.labels, like="label"), out / name)
         if cfg.probabilities:

@@ -34,13 +34,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import checkpoint
 from .errors import PCLSegError
+from .io import Volume
 from .model import UNetEncoder
 from .training_slices import TrainingSlices
 
@@ -62,6 +64,10 @@ class Matching:
         if not 0 < self.window <= 1:
             raise PCLSegError(f"matching window must be in (0, 1], got {self.window}")
 
+
+#: The matcher's frozen first level, saved beside a model (``pclseg finetune``, a refine
+#: session), so that what matches later is the init's, as it was when the model trained.
+MATCHER_STEM, MATCHER_FORMAT = "matcher", "pclseg-matcher"
 
 #: Matching between two patients' volumes: organs lie less alike there than on neighbouring
 #: slices of one volume, so a pixel looks twice as far around its place.
@@ -93,6 +99,21 @@ class FeatureMatcher:
         except RuntimeError as exc:
             raise PCLSegError("the saved matcher does not fit this model's first level "
                               f"({str(exc).strip().splitlines()[-1].strip()})") from exc
+
+    def save(self, folder: Path | str) -> None:
+        """Write the first level to ``folder/matcher.safetensors`` + ``.json``."""
+        checkpoint.save_pair(Path(folder) / MATCHER_STEM, self.state_dict(),
+                             {"format": MATCHER_FORMAT})
+
+    def restore(self, folder: Path | str) -> bool:
+        """Load the first level :meth:`save` wrote to ``folder``, if it is there; whether it
+        was (a folder without one leaves this matcher as it is)."""
+        stem = Path(folder) / MATCHER_STEM
+        if not checkpoint.pair_paths(stem)[1].is_file():
+            return False
+        tensors, _ = checkpoint.load_pair(stem, expect_format=MATCHER_FORMAT)
+        self.load_state_dict(tensors)
+        return True
 
     @torch.no_grad()
     def features(self, slices: np.ndarray, batch: int = 16) -> torch.Tensor:
@@ -150,9 +171,9 @@ class FeatureMatcher:
         """Each training slice labelled from the other annotated slices of its volume, the
         training priors: ``(N, size, size)`` uint8, or with ``soft`` each foreground class's
         share of the votes, ``(N, C - 1, size, size)`` float32."""
-        n, size = len(data), data.labels.shape[-1]
-        priors = (np.zeros((n, num_classes - 1, size, size), np.float32) if soft
-                  else np.zeros((n, size, size), np.uint8))
+        count, size = len(data), data.labels.shape[-1]
+        priors = (np.zeros((count, num_classes - 1, size, size), np.float32) if soft
+                  else np.zeros((count, size, size), np.uint8))
         for name in dict.fromkeys(origin[0] for origin in data.origins):
             rows = [n for n, origin in enumerate(data.origins) if origin[0] == name]
             positions = [data.origins[n][1] for n in rows]
@@ -175,7 +196,7 @@ class Atlas:
     """
 
     matcher: FeatureMatcher
-    volumes: list[tuple[Any, np.ndarray]]
+    volumes: list[tuple[Volume, np.ndarray]]
     blend: float = 0.25
     matching: Matching = ACROSS_PATIENTS
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, contour_process
+from . import contour_process
 from .config import FinetuneConfig
 from .device import resolve_device
 from .errors import PCLSegError
@@ -73,8 +73,6 @@ from .training_slices import annotated_slices, prepared_annotations
 
 SESSION_FILE = "session.json"
 ANNOTATIONS_FILE = "annotations.nii.gz"
-#: The matcher's frozen first level (pclseg.propagate), so a loaded session blends as it did.
-MATCHER_STEM, MATCHER_FORMAT = "matcher", "pclseg-matcher"
 
 
 def _as_volume(image: Volume | Path | str, slice_axis: str) -> Volume:
@@ -165,12 +163,9 @@ class RefineSession:
                           updates=loaded.config.encoder_warmup, positional=positional)
         region = RegionOfInterest.from_dict(loaded.metadata.get("roi"))
         session = cls(volume, trainer, loaded.labels, init, region)
-        # Matching reads the init's first level, saved with the session; a model from
-        # ``pclseg finetune`` has none, and its own first level matches instead.
-        matcher = model_stem(model_dir).parent / MATCHER_STEM
-        if checkpoint.pair_paths(matcher)[1].is_file():
-            tensors, _ = checkpoint.load_pair(matcher, expect_format=MATCHER_FORMAT)
-            session._matcher.load_state_dict(tensors)
+        # Matching reads the init's first level, saved with the model; a model saved before
+        # matchers were has none, and its own first level matches instead.
+        session._matcher.restore(model_stem(model_dir).parent)
         return session
 
     @classmethod
@@ -504,8 +499,7 @@ class RefineSession:
                    data={"volumes": [{"name": self.volume.name, "slices": self.volume.shape[0],
                                       "annotated": self.annotated}],
                          "annotated_slices": len(self.annotated)})
-        checkpoint.save_pair(folder / MATCHER_STEM, self._matcher.state_dict(),
-                             {"format": MATCHER_FORMAT})
+        self._matcher.save(folder)
         write_image(self.volume.to_image(self.annotation, like="label"), folder / ANNOTATIONS_FILE)
         source = Path(self.volume.source.split("::")[0])
         record = {"image": os.path.abspath(self.volume.source) if source.exists() else None,

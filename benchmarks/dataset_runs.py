@@ -221,17 +221,12 @@ def under_variant_lines(rows: list[dict], inits: list[str], column: str,
     finetuning = [init for init in inits if init.startswith(f"{RANDOM}, ")]
     pretrained = [base for base in groups if not base.startswith(RANDOM) and not any(
         base.endswith(variant.removeprefix(RANDOM)) for variant in finetuning)]
-    lines = []
-    for variant in finetuning:
-        suffix = variant.removeprefix(RANDOM)
-        others = [f"{base}{suffix}" for base in pretrained if f"{base}{suffix}" in inits]
-        if others:
-            lines += ["", paired_table(rows, others, column, pair_by, baseline=variant)]
-    if lines:
-        lines.insert(0, "")
-        lines.insert(1, "Pretraining under each fine-tuning variant that random init ran too "
-                     "(paired difference to random init under it, runs ahead):")
-    return lines
+    against = {variant: [f"{base}{variant.removeprefix(RANDOM)}" for base in pretrained
+                         if f"{base}{variant.removeprefix(RANDOM)}" in inits]
+               for variant in finetuning}
+    return titled_tables(rows, against, column, pair_by,
+                         "Pretraining under each fine-tuning variant that random init ran too "
+                         "(paired difference to random init under it, runs ahead):")
 
 
 def crossed_variant_lines(rows: list[dict], inits: list[str], column: str,
@@ -248,14 +243,19 @@ def crossed_variant_lines(rows: list[dict], inits: list[str], column: str,
                 second = parent[base] + variant.removeprefix(base)
                 if second in inits:
                     against[second].append(variant)
+    return titled_tables(rows, against, column, pair_by, "Each variant under another, against "
+                         "that other alone (paired difference, runs ahead):")
+
+
+def titled_tables(rows: list[dict], against: dict[str, list[str]], column: str,
+                  pair_by: tuple[str, ...], title: str) -> list[str]:
+    """A titled part of the summary: for each baseline of ``against``, a table pairing the
+    inits it lists with it (none when no baseline has any)."""
     lines = []
-    for second, variants in against.items():
-        lines += ["", paired_table(rows, variants, column, pair_by, baseline=second)]
-    if lines:
-        lines.insert(0, "")
-        lines.insert(1, "Each variant under another, against that other alone (paired "
-                     "difference, runs ahead):")
-    return lines
+    for baseline, inits in against.items():
+        if inits:
+            lines += ["", paired_table(rows, inits, column, pair_by, baseline=baseline)]
+    return ["", title, *lines] if lines else []
 
 
 def pooled_name(base: str, encoders: int) -> str:

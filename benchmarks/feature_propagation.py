@@ -50,7 +50,7 @@ from pclseg.interpolate import fill_between_slices, shape_prior
 from pclseg.io import read_label, read_volume
 from pclseg.model import UNet, load_pretrained
 from pclseg.preprocess import prepare_label, prepare_volume
-from pclseg.propagate import FeatureMatcher, Matching, carry_labels, carry_votes, relative_positions
+from pclseg.propagate import FeatureMatcher, Matching, carry_across, carry_labels
 from pclseg.suggest import spread_over_extent
 
 FILL = "Fill between slices"
@@ -100,15 +100,9 @@ def across_volume_rows(volumes: list[tuple[str, torch.Tensor, np.ndarray]],
         classes = int(target_labels.max()) + 1
         for a in range(t + 1, t + 1 + across):
             atlas_name, _, atlas_labels = volumes[a % len(volumes)]
-            labels = np.concatenate([atlas_labels, np.zeros_like(target_labels)])
-            positions = (relative_positions(len(atlas_labels), False)
-                         + relative_positions(len(target_labels), True))
-            sources = range(len(atlas_labels))
-            rows_of_target = range(len(atlas_labels), len(labels))
             for name, per_volume in features.items():
-                feats = torch.cat([per_volume[a % len(volumes)], per_volume[t]])
-                votes = carry_votes(feats, labels, positions, sources, rows_of_target,
-                                    classes, matching)
+                votes = carry_across(per_volume[a % len(volumes)], atlas_labels, per_volume[t],
+                                     classes, matching)
                 mask = votes.argmax(axis=1)
                 dice = mean_foreground_dice(mask, target_labels, classes)
                 rows.append({"volume": target_name, "atlas": atlas_name, "n": 1,

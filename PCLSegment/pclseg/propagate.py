@@ -153,17 +153,8 @@ class FeatureMatcher:
         if not atlases:
             raise PCLSegError("no labelled volume to carry labels from")
         target = self.features(slices)
-        empty = np.zeros((len(slices), *slices.shape[1:]), np.int64)
-        total = np.zeros((len(slices), num_classes, *slices.shape[1:]), np.float32)
-        for atlas_slices, atlas_labels in atlases:
-            sources = range(len(atlas_slices))
-            total += carry_votes(
-                torch.cat([self.features(atlas_slices), target]),
-                np.concatenate([atlas_labels, empty]),
-                relative_positions(len(atlas_slices), odd=False)
-                + relative_positions(len(slices), odd=True),
-                sources, range(len(sources), len(sources) + len(slices)), num_classes,
-                matching)
+        total = sum(carry_across(self.features(atlas_slices), atlas_labels, target, num_classes,
+                                 matching) for atlas_slices, atlas_labels in atlases)
         return total / len(atlases)
 
     def leave_one_out(self, data: TrainingSlices, num_classes: int,
@@ -212,6 +203,21 @@ def relative_positions(slices: int, odd: bool) -> list[int]:
     its extent, doubled): even for one volume, odd for the other (``odd``), so that no slice
     of one lies at the very position of a slice of the other."""
     return [2 * round(1000 * z / max(1, slices - 1)) + int(odd) for z in range(slices)]
+
+
+def carry_across(features: torch.Tensor, labels: np.ndarray, target: torch.Tensor,
+                 num_classes: int, matching: Matching = ACROSS_PATIENTS) -> np.ndarray:
+    """:func:`carry_votes` from one labelled volume (``features`` and ``labels`` of every
+    slice) to every slice of another (its ``target`` features), each matched to the labelled
+    slices at the nearest relative position above and below: ``(len(target), num_classes, H,
+    W)`` float32."""
+    sources = len(features)
+    empty = np.zeros((len(target), *labels.shape[1:]), labels.dtype)
+    return carry_votes(torch.cat([features, target]), np.concatenate([labels, empty]),
+                       relative_positions(sources, odd=False)
+                       + relative_positions(len(target), odd=True),
+                       range(sources), range(sources, sources + len(target)), num_classes,
+                       matching)
 
 
 def _nearest(target: int, positions: Sequence[int], sources: Sequence[int]) -> list[int]:

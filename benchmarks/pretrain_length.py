@@ -399,20 +399,18 @@ def main() -> None:
               f"epochs {lengths}", flush=True)
         # Each arm: its init and what it changes in the fine-tuning config.
         inits: dict[str, tuple[Path | None, dict]] = {RANDOM: (None, {})}
-        if args.matched_prior:
-            inits[f"{RANDOM}, {MATCHED_PRIOR}"] = (None, MATCHED)
-        if args.soft_prior:
-            inits[f"{RANDOM}, {SOFT_PRIOR}"] = (None, SOFT)
+        priors = {name: changes for name, changes, asked in (
+            (MATCHED_PRIOR, MATCHED, args.matched_prior), (SOFT_PRIOR, SOFT, args.soft_prior))
+            if asked}
+        inits |= {f"{RANDOM}, {name}": (None, changes) for name, changes in priors.items()}
         for epochs in lengths:
             run_dir = pretrained(
                 args.data, args.runs or args.out / "pretraining", epochs, variant, args)
             inits[variant.name(epochs)] = (run_dir, {})
             if args.encoder_only and variant.decoder_epochs:
                 inits[f"{variant.name(epochs)}, encoder only"] = (run_dir / "encoder.json", {})
-            if args.matched_prior:
-                inits[f"{variant.name(epochs)}, {MATCHED_PRIOR}"] = (run_dir, MATCHED)
-            if args.soft_prior:
-                inits[f"{variant.name(epochs)}, {SOFT_PRIOR}"] = (run_dir, SOFT)
+            inits |= {f"{variant.name(epochs)}, {name}": (run_dir, changes)
+                      for name, changes in priors.items()}
             for weight in args.positional_weight:
                 inits[f"{variant.name(epochs)}, positional task {weight:g}"] = (
                     run_dir, {"positional_weight": weight})

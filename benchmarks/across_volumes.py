@@ -43,8 +43,9 @@ draws per batch", paired with the same init drawn per slice.
 an atlas: their labels carried to each test volume by matching the init's first-level features
 slice to slice at the same relative position (:class:`pclseg.propagate.Atlas`, the match that
 PCL is pretrained for), mixed into the network's probabilities at W (``predict_volume(...,
-atlas=...)``), named "random, atlas blend 0.25" and paired with the same network alone and,
-for each encoder, with random init under the same blend.
+atlas=load_atlas(...))``, as ``pclseg predict --atlas-images`` does), named "random, atlas
+blend 0.25" and paired with the same network alone and, for each encoder, with random init
+under the same blend.
 
 Every run is appended to ``--out``/runs.jsonl as it finishes and skipped when started again;
 the table (mean ± std over folds x seeds per init and n; each encoder's paired difference to
@@ -88,11 +89,10 @@ from dataset_runs import (
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, StopRule
 from pclseg.device import resolve_device, use_all_cores
 from pclseg.evaluate import mean_foreground_dice
-from pclseg.finetune import build_model, finetune, init_source
+from pclseg.finetune import finetune
 from pclseg.io import read_label, read_volume
-from pclseg.predict import load_model, predict_volume
+from pclseg.predict import load_atlas, load_model, predict_volume
 from pclseg.progress import Progress
-from pclseg.propagate import Atlas, FeatureMatcher
 
 
 def split(images: list[Path], fold: int, test: int) -> tuple[list[Path], list[Path]]:
@@ -158,12 +158,10 @@ def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneC
         predicted = time.perf_counter() - start
         blended = {}
         if blends:
-            # The init as fine-tuning started from it (its seed, its encoder).
-            matcher = FeatureMatcher(build_model(model.config, init_source(init)[0]).encoder)
-            labelled = [(v, read_label(data / "labelsTr" / p.name, v))
-                        for p, v in zip(train, volumes, strict=True)]
+            # What `pclseg predict --atlas-images/--atlas-labels` does with the training volumes.
+            atlas = load_atlas(Path(tmp) / "model", model, images, labels, blends[0])
             for weight in blends:
-                atlas = Atlas(matcher, labelled, blend=weight)
+                atlas = dataclasses.replace(atlas, blend=weight)
                 per_volume, per_structure = {}, {}
                 for volume, truth in tests:
                     pred = predict_volume(model, volume, atlas=atlas).labels

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from pclseg import checkpoint
 from pclseg.batch_views import BatchLabelledViews
-from pclseg.cli import _finetune_config, build_parser
+from pclseg.cli import EXIT_USER_ERROR, _finetune_config, build_parser, main
 from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, PretrainConfig, to_dict
 from pclseg.dense import DenseContrastiveNet
 from pclseg.errors import PCLSegError
@@ -40,6 +40,7 @@ from pclseg.labels import (
     resolve_labels,
 )
 from pclseg.model import FIRST_CONV, ContrastiveNet, encoder_state_dict, pretrained_state_dict
+from pclseg.predict import predict
 from pclseg.progress import Progress
 from pclseg.trainer import Trainer, make_loss, warmup_factor
 from pclseg.training_slices import SliceDraws, TrainingSlices, annotated_slices
@@ -424,6 +425,64 @@ def test_finetune_writes_a_model_with_labels_and_progress(
     assert kinds.count("epoch") == 2 and kinds.count("checkpoint") == 2
     steps = [e for e in events if e["event"] == "step"]
     assert len(steps) == result.steps_done and all(np.isfinite(e["loss"]) for e in steps)
+
+
+def test_self_training_adds_the_volumes_a_model_labelled_on_every_slice(
+    a_sample_folder: Path, one_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A first model labels the folder (pclseg predict); the second trains on the user's
+    annotations and on every slice of the other volumes as the first labelled them."""
+    images = a_sample_folder / "imagesTr"
+    finetune(*one_pair, tmp_path / "teacher", TINY)
+    pseudo = tmp_path / "pseudo"
+    predict(tmp_path / "teacher", images, pseudo)  # sample_00 too: the user's labels win
+    assert main(["finetune", "--images", str(one_pair[0]), "--labels", str(one_pair[1]),
+                 "--out", str(tmp_path / "student"), "--epochs", "1", "--size", "32",
+                 "--features", "4", "--pseudo-images", str(images),
+                 "--pseudo-labels", str(pseudo)]) == 0
+    data = json.loads((tmp_path / "student" / "model.json").read_text())["data"]
+    volumes = {v["name"]: v for v in data["volumes"]}
+    assert list(volumes) == ["sample_00", "sample_01", "sample_02", "sample_03"]
+    assert "labelled_by" not in volumes["sample_00"]
+    for name in ("sample_01", "sample_02", "sample_03"):
+        assert volumes[name]["labelled_by"] == "model"
+        assert volumes[name]["annotated"] == list(range(volumes[name]["slices"]))
+    assert data["annotated_slices"] == sum(len(v["annotated"]) for v in volumes.values())
+
+
+def test_self_trained_slices_carry_no_prior(a_sample_folder: Path,
+                                            one_pair: tuple[Path, Path]) -> None:
+    """The network meets a volume a model labelled as it meets a new one: without a prior,
+    whatever the user's sparse annotations give theirs."""
+    other = (a_sample_folder / "imagesTr" / "sample_01.nii.gz",
+             a_sample_folder / "labelsTr" / "sample_01.nii.gz")
+    cfg = dataclasses.replace(TINY, prior=True)
+    data, _, summary, _ = load_training_slices([one_pair], cfg, {"sample_00": [3, 8]},
+                                               whole=[other])
+    assert [origin for origin in data.origins if origin[0] == "sample_00"] == [
+        ("sample_00", 3), ("sample_00", 8)]
+    assert summary[1]["annotated"] == list(range(summary[1]["slices"]))
+    theirs = np.array([origin[0] == "sample_00" for origin in data.origins])
+    assert data.priors[theirs].any() and not data.priors[~theirs].any()
+
+
+def test_self_training_inputs_that_do_not_fit_are_clear_errors(
+    a_sample_folder: Path, one_pair: tuple[Path, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture
+) -> None:
+    images, labels = a_sample_folder / "imagesTr", a_sample_folder / "labelsTr"
+    out = tmp_path / "m"
+    common = ["finetune", "--images", str(one_pair[0]), "--labels", str(one_pair[1]),
+              "--out", str(out), "--epochs", "1", "--size", "32", "--features", "4"]
+    assert main([*common, "--pseudo-images", str(images)]) == EXIT_USER_ERROR
+    assert "both --pseudo-images and --pseudo-labels" in capsys.readouterr().err
+    assert main([*common, "--pseudo-images", str(images), "--pseudo-labels",
+                 str(tmp_path / "nothing")]) == EXIT_USER_ERROR
+    assert "--pseudo-labels" in capsys.readouterr().err
+    assert main([*common, "--pseudo-images", str(images), "--pseudo-labels", str(labels),
+                 "--slices", "sample_00:3,8", "--prior-from", "features"]) == EXIT_USER_ERROR
+    assert "Fill between slices prior" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_resume_continues_and_refuses_to_clobber(

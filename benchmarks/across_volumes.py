@@ -72,6 +72,7 @@ from dataset_runs import (
     DRAWS_PER_BATCH,
     RANDOM,
     chosen_images,
+    crossed_variant_lines,
     finished_runs,
     network_line,
     paired_table,
@@ -86,13 +87,14 @@ from dataset_runs import (
     variant_lines,
 )
 
-from pclseg.config import FinetuneConfig, ModelConfig, PreprocessConfig, StopRule
+from pclseg.config import FinetuneConfig, ModelConfig, PredictConfig, PreprocessConfig, StopRule
 from pclseg.device import resolve_device, use_all_cores
 from pclseg.evaluate import mean_foreground_dice
 from pclseg.finetune import finetune
 from pclseg.io import read_label, read_volume
-from pclseg.predict import load_atlas, load_model, predict_volume
+from pclseg.predict import load_atlas, load_model, predict, predict_volume
 from pclseg.progress import Progress
+from pclseg.propagate import Atlas
 
 
 def split(images: list[Path], fold: int, test: int) -> tuple[list[Path], list[Path]]:
@@ -104,8 +106,17 @@ def split(images: list[Path], fold: int, test: int) -> tuple[list[Path], list[Pa
 
 def training_volumes(pool: list[Path], n: int, fold: int, seed: int) -> list[Path]:
     """n volumes of the pool, drawn with the fold and seed (the same for every init)."""
-    order = np.random.default_rng(1000 * fold + seed).permutation(len(pool))
-    return [pool[i] for i in sorted(order[:n])]
+    return [pool[i] for i in sorted(pool_order(pool, fold, seed)[:n])]
+
+
+def unlabelled_volumes(pool: list[Path], n: int, m: int, fold: int, seed: int) -> list[Path]:
+    """m volumes of the pool drawn after the n training volumes: those a model labels for
+    self-training (the same for every init)."""
+    return [pool[i] for i in sorted(pool_order(pool, fold, seed)[n:n + m])]
+
+
+def pool_order(pool: list[Path], fold: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(1000 * fold + seed).permutation(len(pool))
 
 
 def linked_folder(volumes: list[Path], data: Path, where: Path) -> tuple[Path, Path]:
@@ -134,12 +145,45 @@ def atlas_name(weight: float) -> str:
     return f"atlas blend {weight:g}"
 
 
+def scores(model_dir: Path, tests: list[tuple], names: list[str], device: str,
+           atlas: tuple[Path, Path] | None = None, blends: Sequence[float] = ()) -> dict:
+    """The model's mean Dice over the test set, per volume and per structure; with ``blends``,
+    the same for each test volume predicted with the ``atlas`` (``(images, labels)``) at each
+    weight (matched on the init's first level), under ``"blends"``."""
+    model = load_model(model_dir, resolve_device(device))
+
+    def dice_of(atlas_at: Atlas | None) -> dict:
+        per_volume, per_structure = {}, {}
+        for volume, truth in tests:
+            pred = predict_volume(model, volume, atlas=atlas_at).labels
+            per_volume[volume.name] = mean_foreground_dice(pred, truth, len(names) + 1)
+            per_structure[volume.name] = structure_dice(pred, truth, names)
+        return {"dice": float(np.mean(list(per_volume.values()))), "per_volume": per_volume,
+                "structures": per_structure}
+
+    result = {**dice_of(None), "blends": {}}
+    if blends and atlas is not None:
+        # What `pclseg predict --atlas-images/--atlas-labels` does with the training volumes.
+        loaded = load_atlas(model_dir, model, *atlas, blends[0])
+        for weight in blends:
+            result["blends"][atlas_name(weight)] = dice_of(
+                dataclasses.replace(loaded, blend=weight))
+    fit = model.metadata.get("fit") or {}
+    result["fit"] = {"reason": fit.get("reason"), "unlearned": fit.get("unlearned", [])}
+    return result
+
+
 def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneConfig,
-        data: Path, names: list[str], blends: Sequence[float] = ()) -> dict:
+        data: Path, names: list[str], blends: Sequence[float] = (),
+        unlabelled: Sequence[Path] = (), teacher_blend: float = 0.5) -> dict:
     """Fine-tune on every slice of ``train`` from ``init``, predict every test volume: the
     mean Dice over the test set, per volume and per structure, seconds and steps; with
     ``blends``, also each test volume predicted with the training volumes as an atlas at
-    each weight (matched on the init's first level), under ``"blends"``."""
+    each weight (matched on the init's first level), under ``"blends"``. With ``unlabelled``
+    volumes, then self-training: the model labels them (with the training volumes as an atlas
+    at ``teacher_blend``, as ``pclseg predict`` does), a second model is fine-tuned from
+    ``init`` on ``train`` and those labels (``finetune(..., pseudo=...)``) and scored the same
+    way, under ``"self_trained"``."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         images, labels = linked_folder(train, data, Path(tmp) / "data")
@@ -148,32 +192,29 @@ def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneC
         result = finetune(images, labels, Path(tmp) / "model", cfg, init=init,
                           slices=every_slice, progress=Progress("none"))
         trained = time.perf_counter() - start
-        model = load_model(Path(tmp) / "model", resolve_device(cfg.device))
-        dice, structures = {}, {}
-        for volume, truth in tests:
-            pred = predict_volume(model, volume).labels
-            dice[volume.name] = mean_foreground_dice(pred, truth, len(names) + 1)
-            structures[volume.name] = structure_dice(pred, truth, names)
-        fit = model.metadata.get("fit") or {}
+        scored = scores(Path(tmp) / "model", tests, names, cfg.device, (images, labels), blends)
         predicted = time.perf_counter() - start
-        blended = {}
-        if blends:
-            # What `pclseg predict --atlas-images/--atlas-labels` does with the training volumes.
-            atlas = load_atlas(Path(tmp) / "model", model, images, labels, blends[0])
-            for weight in blends:
-                atlas = dataclasses.replace(atlas, blend=weight)
-                per_volume, per_structure = {}, {}
-                for volume, truth in tests:
-                    pred = predict_volume(model, volume, atlas=atlas).labels
-                    per_volume[volume.name] = mean_foreground_dice(pred, truth, len(names) + 1)
-                    per_structure[volume.name] = structure_dice(pred, truth, names)
-                blended[atlas_name(weight)] = {
-                    "dice": float(np.mean(list(per_volume.values()))), "per_volume": per_volume,
-                    "structures": per_structure}
-    return {"dice": float(np.mean(list(dice.values()))), "per_volume": dice,
-            "structures": structures, "train_seconds": trained, "seconds": predicted,
-            "steps": result.steps_done, "blends": blended,
-            "fit": {"reason": fit.get("reason"), "unlearned": fit.get("unlearned", [])}}
+        row = {**scored, "train_seconds": trained, "seconds": predicted,
+               "steps": result.steps_done}
+        if unlabelled:
+            begun = time.perf_counter()
+            pseudo_images = Path(tmp) / "unlabelled"
+            pseudo_images.mkdir()
+            for image in unlabelled:
+                (pseudo_images / image.name).symlink_to(image.resolve())
+            # What `pclseg predict --atlas-images ... --atlas-blend W` writes for the folder.
+            predict(Path(tmp) / "model", pseudo_images, Path(tmp) / "pseudo",
+                    PredictConfig(device=cfg.device, atlas_blend=teacher_blend),
+                    progress=Progress("none"), atlas=(images, labels))
+            student = finetune(images, labels, Path(tmp) / "student", cfg, init=init,
+                               slices=every_slice, pseudo=(pseudo_images, Path(tmp) / "pseudo"),
+                               progress=Progress("none"))
+            row["self_trained"] = {
+                **scores(Path(tmp) / "student", tests, names, cfg.device, (images, labels),
+                         blends),
+                "seconds": time.perf_counter() - begun, "steps": student.steps_done,
+                "unlabelled": [p.name for p in unlabelled]}
+    return row
 
 
 def main() -> None:
@@ -206,6 +247,11 @@ def main() -> None:
     parser.add_argument("--atlas-blend", type=float, nargs="+", default=[], metavar="W",
                         help="also score every default fine-tuning with the training volumes' "
                         "labels carried by matching blended in at W (\"..., atlas blend W\")")
+    parser.add_argument("--self-train", type=int, default=0, metavar="M",
+                        help="also self-train every default fine-tuning: the model labels M "
+                        "other volumes of the pool (with the training volumes as an atlas at "
+                        f"{PredictConfig.atlas_blend:g}) and a second one is fine-tuned on both "
+                        "(\"..., self-trained on M\")")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary from runs.jsonl, train nothing")
     args = parser.parse_args()
@@ -256,17 +302,24 @@ def main() -> None:
                         if (fold, n, seed, init_name) in done:
                             continue
                         arm_cfg = dataclasses.replace(cfg, **changes)
+                        unlabelled = (unlabelled_volumes(pool, n, args.self_train, fold, seed)
+                                      if not changes else [])
                         result = run(train, tests, init, arm_cfg, args.data, names,
-                                     args.atlas_blend if not changes else ())
+                                     args.atlas_blend if not changes else (), unlabelled)
                         row = {"fold": fold, "n": n, "seed": seed, "init": init_name,
                                "train": [p.name for p in train], "test": [p.name for p in test],
                                "size": args.size, "features": args.features, **result}
+                        arms = [row]
+                        if unlabelled:
+                            arms.append({**row, **row.pop("self_trained"), "init":
+                                         f"{init_name}, self-trained on {len(unlabelled)}"})
                         # Atlas blends share the arm's network: logged as its variants.
-                        blended = [{**row, **scores, "init": f"{init_name}, {arm}"}
-                                   for arm, scores in row.pop("blends").items()]
+                        logged = [r for arm in arms for r in [arm, *(
+                            {**arm, **scored, "init": f"{arm['init']}, {blend}"}
+                            for blend, scored in arm.pop("blends").items())]]
                         with log.open("a") as f:
-                            f.writelines(json.dumps(r) + "\n" for r in [row, *blended])
-                        for r in [row, *blended]:
+                            f.writelines(json.dumps(r) + "\n" for r in logged)
+                        for r in logged:
                             print(f"fold {fold} n={n} seed {seed} {r['init']}: Dice "
                                   f"{r['dice']:.3f} ({r['seconds']:.0f} s, {r['steps']} steps, "
                                   f"{r['fit']['reason']})", flush=True)
@@ -287,6 +340,8 @@ def main() -> None:
             + "".join("\n" + line for line in variant_lines(
                 rows, [i for i in order if not i.endswith(PAPER)], "n", ("fold", "seed")))
             + "".join("\n" + line for line in under_variant_lines(
+                rows, [i for i in order if not i.endswith(PAPER)], "n", ("fold", "seed")))
+            + "".join("\n" + line for line in crossed_variant_lines(
                 rows, [i for i in order if not i.endswith(PAPER)], "n", ("fold", "seed")))
             + paper_table(rows, order)
             + "".join("\n" + line for line in structure_lines(rows, order, "n"))

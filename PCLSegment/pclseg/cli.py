@@ -207,6 +207,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _finetune_config(args)
     init = None if args.init.lower() == "none" else Path(args.init)
     out = Path(args.out)
+    if (args.pseudo_images is None) != (args.pseudo_labels is None):
+        raise PCLSegError("self-training needs both --pseudo-images and --pseudo-labels")
+    pseudo = (args.pseudo_images, args.pseudo_labels) if args.pseudo_images else None
     with _left_as_it_was(out), _progress(args, log_path=out / "log.jsonl") as progress:
         result = finetune(
             args.images,
@@ -216,6 +219,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             init=init,
             slices=slices,
             resume=args.resume,
+            pseudo=pseudo,
             progress=progress,
         )
     if result.stopped:
@@ -459,6 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="annotated slices per volume (NAME:1,5,9;OTHER:3 or a JSON file); "
         "default: every slice holding a label voxel",
+    )
+    p.add_argument(
+        "--pseudo-images",
+        default=None,
+        metavar="PATH",
+        help="self-training: unlabelled volumes (a file or a folder) to train on every slice of, "
+        "labelled by a model with pclseg predict (give those labels with --pseudo-labels)",
+    )
+    p.add_argument(
+        "--pseudo-labels",
+        default=None,
+        metavar="PATH",
+        help="the label maps a model predicted for --pseudo-images, paired by file name",
     )
     p.add_argument(
         "--epochs",

@@ -46,7 +46,7 @@ from . import checkpoint, contour_process
 from .config import FinetuneConfig, PretrainConfig, from_dict, to_dict
 from .device import resolve_device
 from .errors import PCLSegError
-from .io import pair_files, read_label, read_volume
+from .io import pair_files, read_label, read_volume, volume_name
 from .labels import (
     Label,
     check_label_values,
@@ -237,9 +237,12 @@ def load_training_slices(
     slices: dict[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
     named: tuple[list[Label], str] | None = None,
+    whole: Sequence[tuple[Path, Path]] = (),
 ) -> tuple[TrainingSlices, int, list[dict[str, Any]], RegionOfInterest]:
     """Read, prepare and collect the annotated slices of every image/label pair; with
     ``named`` (labels, where they are named), a label value they do not name is an error.
+    The ``whole`` pairs (volumes a model labelled, for self-training) are annotated on every
+    slice and carry no prior: the network meets them as it meets a new volume.
 
     With ``cfg.roi`` the slices are cropped to one region of interest around the annotations
     of all volumes; with ``cfg.prior`` each slice carries its leave-one-out prior (Fill between
@@ -253,7 +256,8 @@ def load_training_slices(
     if fill:
         contour_process.warm_up()  # ITK loads while the volumes are read
     read, summary, top = [], [], 0
-    for image_path, label_path in pairs:
+    for image_path, label_path, every in [*((*p, False) for p in pairs),
+                                          *((*p, True) for p in whole)]:
         volume = read_volume(image_path, cfg.preprocess.slice_axis,
                              component=cfg.preprocess.component)
         for note in volume.notes:
@@ -261,26 +265,28 @@ def load_training_slices(
         label = read_label(label_path, volume)
         if named is not None:
             check_label_values(label, named[0], str(label_path), named[1])
-        explicit = (slices or {}).get(volume.name)
+        explicit = range(len(label)) if every else (slices or {}).get(volume.name)
         try:
             chosen = annotated_slices(label, explicit)
         except PCLSegError as exc:
             raise PCLSegError(f"{label_path}: {exc}") from exc
         top = max(top, int(label[chosen].max(initial=0)) if chosen else 0)
-        read.append((volume, label, chosen))
-        summary.append({"name": volume.name, "slices": volume.shape[0], "annotated": chosen})
+        read.append((volume, label, chosen, every))
+        summary.append({"name": volume.name, "slices": volume.shape[0], "annotated": chosen,
+                        **({"labelled_by": "model"} if every else {})})
         progress.event("message", message=f"{volume.name}: {len(chosen)} annotated slice(s)")
     region = RegionOfInterest.whole()
     if cfg.roi:
-        boxes = [(box, label.shape[1:]) for _, label, chosen in read
-                 if (box := annotation_box(label, chosen)) is not None]
+        # The user's annotations alone place the region: a model's labels do not move it.
+        boxes = [(box, label.shape[1:]) for _, label, chosen, every in read
+                 if not every and (box := annotation_box(label, chosen)) is not None]
         region = region_from_boxes(boxes, cfg.roi_margin)
     parts = []
-    for volume, label, chosen in read:
+    for volume, label, chosen, every in read:
         crop = None if region.is_whole else region.pixels(volume.shape[1:])
         prepared, geometry = prepare_volume(volume, cfg.preprocess, crop)
         parts.append(prepared_annotations(prepared, label, geometry, chosen, volume.name,
-                                          fill, cfg.prior_beyond))
+                                          fill and not every, cfg.prior_beyond))
     data = TrainingSlices.concat(parts) if parts else TrainingSlices.empty(cfg.preprocess.size)
     if len(data) == 0:
         raise PCLSegError("no annotated slices: the label maps hold no label voxel")
@@ -307,6 +313,7 @@ def finetune(
     slices: dict[str, Sequence[int]] | None = None,
     label_names: list[Label] | None = None,
     resume: bool = False,
+    pseudo: tuple[Path | str, Path | str] | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> FinetuneResult:
@@ -323,6 +330,10 @@ def finetune(
         label_names: names and colours; default a ``dataset.json`` beside the labels, else
             ``label 1``, ``label 2``, ...
         resume: continue from ``out``'s checkpoint, with the configuration stored there.
+        pseudo: self-training: ``(images, labels)`` of volumes a model labelled (``pclseg
+            predict``), trained on every slice beside the user's annotations, without a prior.
+            A model that labels the unlabelled volumes of the folder teaches its successor
+            what those patients look like; give them again to resume.
         should_stop: polled after each step; True saves and returns early.
     """
     out = Path(out)
@@ -353,7 +364,14 @@ def finetune(
     pairs = pair_files(images, labels)
     named = ((labels_from_json(meta["labels"]), f"the labels of {out}'s checkpoint") if resume
              else named_labels(Path(labels), label_names))
-    data, top, volumes, region = load_training_slices(pairs, cfg, slices, progress, named)
+    labelled = {volume_name(image) for image, _ in pairs}
+    whole = [pair for pair in (pair_files(*pseudo, ("--pseudo-images", "--pseudo-labels"))
+                               if pseudo else [])
+             if volume_name(pair[0]) not in labelled]  # the user's labels come first
+    if cfg.prior and cfg.prior_from != "fill" and whole:
+        raise PCLSegError("self-training (--pseudo-images) works with the Fill between slices "
+                          "prior, not a matched one (--prior-from fill)")
+    data, top, volumes, region = load_training_slices(pairs, cfg, slices, progress, named, whole)
     model_labels = (labels_from_json(meta["labels"]) if resume
                     else labels_for(top, Path(labels), label_names))
     num_classes = len(model_labels) + 1

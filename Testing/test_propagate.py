@@ -28,6 +28,7 @@ from pclseg.propagate import (
     carry_labels,
     carry_votes,
     relative_positions,
+    window_similarity,
 )
 from pclseg.session import RefineSession
 from pclseg.training_slices import TrainingSlices
@@ -96,6 +97,17 @@ def test_votes_are_shares_that_weigh_the_nearer_slice_more() -> None:
     assert (labels_from_votes == 1).all()
     none = carry_votes(alike, labels, range(9), [4], [4], 3)
     assert not none.any()
+
+
+def test_window_similarity_is_each_pixels_dot_product_with_its_windows_pixels() -> None:
+    """The shifted products equal the dot products with every pixel of the window as
+    ``unfold`` lays it out (zero beyond the slice), the layout the candidates' labels use."""
+    query, source = torch.randn(2, 3, 5, 6).unbind(0)
+    side, radius = 3, 1
+    windows = F.unfold(source[None], side, padding=radius).view(3, side * side, 30)
+    expected = (query.reshape(3, 1, 30) * windows).sum(dim=0)
+    torch.testing.assert_close(window_similarity(query, F.pad(source, (radius,) * 4), side),
+                               expected)
 
 
 def test_blending_leaves_the_probabilities_where_no_vote_reaches() -> None:

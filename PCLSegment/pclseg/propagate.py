@@ -269,35 +269,50 @@ def carry_votes(features: torch.Tensor, labels: np.ndarray, positions: Sequence[
     radius = max(1, round(matching.window * max(h, w)))
     side = 2 * radius + 1
     k = min(matching.neighbours, side * side)
-    small = torch.from_numpy(np.ascontiguousarray(labels[:, ::2, ::2])).long()
+    small = torch.from_numpy(np.ascontiguousarray(labels[:, ::2, ::2])).float()
     out = np.zeros((len(targets), num_classes, 2 * h, 2 * w), dtype=np.float32)
     valid = F.unfold(torch.ones(1, 1, h, w), side, padding=radius).bool()[0]  # (side², hw)
     cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for n, target in enumerate(int(t) for t in targets):
         votes = torch.zeros(num_classes, h * w)
         nearest = _nearest(target, positions, sources)
-        # Neighbouring targets share their sources: keep only the current ones' windows.
+        # Neighbouring targets share their sources: keep only the current ones.
         cached = {s: cached[s] for s in nearest if s in cached}
         for source in nearest:
             if source not in cached:
-                # Every pixel's candidates: the source's pixels within the window around it.
-                keys = F.unfold(features[source][None], side, padding=radius)
-                onehot = F.one_hot(small[source], num_classes).permute(2, 0, 1).float()[None]
-                cached[source] = (keys.view(channels, side * side, h * w),
-                                  F.unfold(onehot, side, padding=radius).view(
-                                      num_classes, side * side, h * w))
-            keys, candidates = cached[source]
-            similarity = (features[target].view(channels, 1, h * w) * keys).sum(dim=0)
+                # The source's features padded by the window, and each pixel's candidates'
+                # labels (the source's pixels within the window around it; beyond the slice, a
+                # class past the last, which votes for none).
+                beyond = F.pad(small[source][None, None], (radius,) * 4, value=num_classes)
+                cached[source] = (F.pad(features[source], (radius,) * 4),
+                                  F.unfold(beyond, side)[0])
+            padded, classes = cached[source]
+            similarity = window_similarity(features[target], padded, side)
             top, index = similarity.masked_fill(~valid, -2.0).topk(k, dim=0)
             weights = torch.softmax(top / matching.temperature, dim=0)  # (k, hw)
-            chosen = torch.gather(candidates, 1, index[None].expand(num_classes, -1, -1))
             gap = abs(positions[target] - positions[source])
-            votes += (weights[None] * chosen).sum(dim=1) / gap
+            chosen = F.one_hot(torch.gather(classes, 0, index).long(), num_classes + 1)
+            votes += (weights[None] * chosen[..., :num_classes].permute(2, 0, 1)).sum(dim=1) / gap
         total = votes.sum(dim=0, keepdim=True)
         if total.any():
             share = (votes / total.clamp_min(1e-12)).view(num_classes, h, w).numpy()
             out[n] = share.repeat(2, axis=1).repeat(2, axis=2)
     return out
+
+
+def window_similarity(query: torch.Tensor, padded: torch.Tensor, side: int) -> torch.Tensor:
+    """Cosine similarity of each pixel of ``query`` ``(f, h, w)`` to every pixel of a source
+    within a ``side`` x ``side`` window around its place (``padded``: the source's features,
+    zero-padded by ``side // 2``): ``(side², h * w)``, ordered as :func:`torch.nn.functional.unfold`
+    orders a window. One shifted product per offset: no copy of the source per offset, which
+    made matching memory-bound."""
+    _, h, w = query.shape
+    similarity = torch.empty(side * side, h, w)
+    for dy in range(side):
+        for dx in range(side):
+            torch.sum(query * padded[:, dy:dy + h, dx:dx + w], dim=0,
+                      out=similarity[dy * side + dx])
+    return similarity.view(side * side, h * w)
 
 
 def blend_votes(probabilities: torch.Tensor, votes: torch.Tensor, weight: float) -> torch.Tensor:

@@ -61,6 +61,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -175,7 +176,8 @@ def scores(model_dir: Path, tests: list[tuple], names: list[str], device: str,
 
 def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneConfig,
         data: Path, names: list[str], blends: Sequence[float] = (),
-        unlabelled: Sequence[Path] = (), teacher_blend: float = 0.5) -> dict:
+        unlabelled: Sequence[Path] = (), teacher_blend: float = 0.5,
+        keep: Path | None = None) -> dict:
     """Fine-tune on every slice of ``train`` from ``init``, predict every test volume: the
     mean Dice over the test set, per volume and per structure, seconds and steps; with
     ``blends``, also each test volume predicted with the training volumes as an atlas at
@@ -183,7 +185,9 @@ def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneC
     volumes, then self-training: the model labels them (with the training volumes as an atlas
     at ``teacher_blend``, as ``pclseg predict`` does), a second model is fine-tuned from
     ``init`` on ``train`` and those labels (``finetune(..., pseudo=...)``) and scored the same
-    way, under ``"self_trained"``."""
+    way, under ``"self_trained"``. With ``keep``, the model folders (and the labels the
+    first model gave the unlabelled volumes) are copied there, to score other ways of
+    predicting with them later."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         images, labels = linked_folder(train, data, Path(tmp) / "data")
@@ -214,6 +218,10 @@ def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneC
                          blends),
                 "seconds": time.perf_counter() - begun, "steps": student.steps_done,
                 "unlabelled": [p.name for p in unlabelled]}
+        if keep is not None:
+            for folder in ("model", "student", "pseudo"):
+                if (Path(tmp) / folder).is_dir():
+                    shutil.copytree(Path(tmp) / folder, keep / folder, dirs_exist_ok=True)
     return row
 
 
@@ -252,6 +260,8 @@ def main() -> None:
                         "other volumes of the pool (with the training volumes as an atlas at "
                         f"{PredictConfig.atlas_blend:g}) and a second one is fine-tuned on both "
                         "(\"..., self-trained on M\")")
+    parser.add_argument("--keep-models", type=Path, default=None, metavar="DIR",
+                        help="copy every model folder to DIR/foldF_nN_seedS/INIT")
     parser.add_argument("--report-only", action="store_true",
                         help="write the summary from runs.jsonl, train nothing")
     args = parser.parse_args()
@@ -304,8 +314,11 @@ def main() -> None:
                         arm_cfg = dataclasses.replace(cfg, **changes)
                         unlabelled = (unlabelled_volumes(pool, n, args.self_train, fold, seed)
                                       if not changes else [])
+                        keep = (args.keep_models / f"fold{fold}_n{n}_seed{seed}" / init_name
+                                if args.keep_models else None)
                         result = run(train, tests, init, arm_cfg, args.data, names,
-                                     args.atlas_blend if not changes else (), unlabelled)
+                                     args.atlas_blend if not changes else (), unlabelled,
+                                     keep=keep)
                         row = {"fold": fold, "n": n, "seed": seed, "init": init_name,
                                "train": [p.name for p in train], "test": [p.name for p in test],
                                "size": args.size, "features": args.features, **result}

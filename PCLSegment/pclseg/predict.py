@@ -175,21 +175,38 @@ def predict_volume(
     """Predict one canonical volume with a loaded model, inside the model's region of
     interest (:mod:`pclseg.roi`; the whole slice for models without one); with ``atlas``, its
     labels carried by matching are blended into the network's probabilities."""
+    probabilities, slices, geometry = network_probabilities(model, volume, batch_size, amp)
+    if atlas is not None and atlas.blend:
+        votes = torch.from_numpy(atlas_votes(model, slices, atlas))
+        probabilities = blend_votes(probabilities, votes, atlas.blend)
+    return to_canonical(probabilities, geometry)
+
+
+def network_probabilities(
+    model: LoadedModel, volume: Volume, batch_size: int = 16, amp: bool = True,
+) -> tuple[torch.Tensor, np.ndarray, SliceGeometry]:
+    """The network's probabilities for a canonical volume, on its grid inside the model's
+    region of interest: ``(probabilities (S, C, size, size), the prepared slices, their
+    geometry)``."""
     region = RegionOfInterest.from_dict(model.metadata.get("roi"))
     crop = None if region.is_whole else region.pixels(volume.shape[1:])
     slices, geometry = prepare_volume(volume, model.config.preprocess, crop)
     inputs = network_inputs(slices, model.config.model.in_channels)
-    probabilities = slice_probabilities(model.unet, inputs, model.device, batch_size, amp)
-    if atlas is not None and atlas.blend:
-        prepared = []
-        for other, label in atlas.volumes:  # the same region and grid as the volume's
-            other_slices, other_geometry = prepare_volume(
-                other, model.config.preprocess,
-                None if region.is_whole else region.pixels(other.shape[1:]))
-            prepared.append((other_slices, prepare_label(label, other_geometry)))
-        votes = atlas.matcher.atlas_votes(slices, prepared, model.num_classes, atlas.matching)
-        probabilities = blend_votes(probabilities, torch.from_numpy(votes), atlas.blend)
-    return to_canonical(probabilities, geometry)
+    return slice_probabilities(model.unet, inputs, model.device, batch_size, amp), slices, geometry
+
+
+def atlas_votes(model: LoadedModel, slices: np.ndarray, atlas: Atlas) -> np.ndarray:
+    """The atlas's labels carried to a volume's prepared ``slices``
+    (:meth:`FeatureMatcher.atlas_votes`), each atlas volume prepared on the same region and
+    grid: ``(S, C, size, size)`` float32."""
+    region = RegionOfInterest.from_dict(model.metadata.get("roi"))
+    prepared = []
+    for other, label in atlas.volumes:
+        other_slices, other_geometry = prepare_volume(
+            other, model.config.preprocess,
+            None if region.is_whole else region.pixels(other.shape[1:]))
+        prepared.append((other_slices, prepare_label(label, other_geometry)))
+    return atlas.matcher.atlas_votes(slices, prepared, model.num_classes, atlas.matching)
 
 
 def output_name(source: str | os.PathLike[str], frame: int | None = None) -> str:

@@ -1,0 +1,181 @@
+"""How to mix an atlas's votes into the network's probabilities, scored on kept models.
+
+``across_volumes.py --atlas-blend W --keep-models DIR`` fine-tunes models on n labelled volumes
+and keeps them; this script predicts each fold's test volumes with every kept model once,
+carries the labelled volumes' labels to them once (:func:`pclseg.predict.atlas_votes`, what
+``pclseg predict --atlas-images`` matches), and scores several ways of mixing the two on the
+same probabilities and votes:
+
+- ``atlas blend W``: the product's fixed weight (:func:`pclseg.propagate.blend_votes`); the
+  default 0.5 reproduces ``across_volumes.py``'s Dice;
+- ``atlas by confidence``: each pixel weighs the network and the atlas by how sure each is
+  (their largest class share), so the atlas counts where the network hesitates;
+- ``atlas geometric W``: a product of the two, ``p^(1-W) v^W`` renormalised, which keeps only
+  what both allow.
+
+    python benchmarks/atlas_blends.py --data ../shared/data/chaos-t2 \
+        --models runs/across_models --out benchmarks/results/atlas_blends
+
+Rows are named as ``across_volumes.py`` names them ("GCL 50 ep, atlas blend 0.5"; a
+self-trained model "GCL 50 ep, self-trained on 3, ..."), appended to ``--out``/runs.jsonl as
+each model finishes (skipped when started again), and tabled in ``--out``/summary.md: every
+rule against the network alone, and each pretrained init against random init under each rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from across_volumes import linked_folder, split
+from dataset_runs import (
+    RANDOM,
+    chosen_images,
+    finished_runs,
+    paired_table,
+    structure_names,
+    under_variant_lines,
+    variant_lines,
+)
+
+from pclseg.device import use_all_cores
+from pclseg.evaluate import mean_foreground_dice
+from pclseg.io import read_label, read_volume, volume_name
+from pclseg.predict import atlas_votes, load_atlas, load_model, network_probabilities, to_canonical
+from pclseg.propagate import blend_votes
+
+Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def by_confidence(probabilities: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
+    """Each pixel's mix weighted by each side's largest class share, where the votes reach."""
+    sure_net = probabilities.amax(dim=1, keepdim=True)
+    sure_atlas = votes.amax(dim=1, keepdim=True)
+    weight = sure_atlas / (sure_net + sure_atlas).clamp_min(1e-12)
+    reached = votes.sum(dim=1, keepdim=True) > 0
+    return torch.where(reached, (1 - weight) * probabilities + weight * votes, probabilities)
+
+
+def geometric(weight: float) -> Rule:
+    """``p^(1-w) v^w`` renormalised where the votes reach (a vote share of 0 floored at 1e-3,
+    so that the atlas vetoes without erasing)."""
+    def rule(probabilities: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
+        mixed = probabilities.clamp_min(1e-6) ** (1 - weight) * votes.clamp_min(1e-3) ** weight
+        mixed = mixed / mixed.sum(dim=1, keepdim=True)
+        reached = votes.sum(dim=1, keepdim=True) > 0
+        return torch.where(reached, mixed, probabilities)
+    return rule
+
+
+def rules(weights: list[float], geometric_weights: list[float]) -> dict[str, Rule]:
+    """Each rule by the name its rows end in."""
+    table: dict[str, Rule] = {
+        f"atlas blend {w:g}": (lambda p, v, w=w: blend_votes(p, v, w)) for w in weights}
+    table["atlas by confidence"] = by_confidence
+    table |= {f"atlas geometric {w:g}": geometric(w) for w in geometric_weights}
+    return table
+
+
+def kept_models(models: Path) -> list[tuple[dict, Path]]:
+    """``(fold/n/seed and init name, model folder)`` of every model ``across_volumes.py
+    --keep-models`` kept, first models before self-trained ones."""
+    found = []
+    for run in sorted(models.glob("fold*_n*_seed*")):
+        fold, n, seed = map(int, re.fullmatch(r"fold(\d+)_n(\d+)_seed(\d+)", run.name).groups())
+        for init in sorted(p for p in run.iterdir() if p.is_dir()):
+            for folder in ("model", "student"):
+                if (init / folder / "model.json").is_file():
+                    found.append(({"fold": fold, "n": n, "seed": seed, "init": init.name,
+                                   "folder": folder}, init / folder))
+    return sorted(found, key=lambda item: item[0]["folder"] == "student")
+
+
+def init_name(key: dict, model_dir: Path) -> str:
+    """The init's name as ``across_volumes.py`` logged it."""
+    if key["folder"] == "model":
+        return key["init"]
+    volumes = json.loads((model_dir / "model.json").read_text())["data"]["volumes"]
+    labelled = sum(v.get("labelled_by") == "model" for v in volumes)
+    return f"{key['init']}, self-trained on {labelled}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="imagesTr + labelsTr folder")
+    parser.add_argument("--models", type=Path, required=True,
+                        help="what across_volumes.py --keep-models kept")
+    parser.add_argument("--out", type=Path, default=Path("runs/atlas_blends"))
+    parser.add_argument("--test", type=int, default=5, help="test volumes per fold (as there)")
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--geometric", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    images = chosen_images(args.data, None, None)
+    by_name = {volume_name(p): p for p in images}
+    names = structure_names(args.data)
+    mixes = rules(args.weights, args.geometric)
+
+    if not args.report_only:
+        use_all_cores()
+        done = {(r["fold"], r["n"], r["seed"], r["init"]) for r in finished_runs(log)}
+        tests: dict[int, list] = {}
+        for key, model_dir in kept_models(args.models):
+            name = init_name(key, model_dir)
+            if (key["fold"], key["n"], key["seed"], name) in done:
+                continue
+            if key["fold"] not in tests:
+                tests[key["fold"]] = []
+                for image in split(images, key["fold"], args.test)[1]:
+                    volume = read_volume(image)
+                    tests[key["fold"]].append(
+                        (volume, read_label(args.data / "labelsTr" / image.name, volume)))
+            model = load_model(model_dir)
+            volumes = json.loads((model_dir / "model.json").read_text())["data"]["volumes"]
+            train = [by_name[v["name"]] for v in volumes if "labelled_by" not in v]
+            dice: dict[str, dict[str, float]] = {"": {}, **{rule: {} for rule in mixes}}
+            with tempfile.TemporaryDirectory() as tmp:
+                atlas = load_atlas(model_dir, model, *linked_folder(train, args.data, Path(tmp)),
+                                   0.5)
+                for volume, truth in tests[key["fold"]]:
+                    probabilities, slices, geometry = network_probabilities(model, volume)
+                    votes = torch.from_numpy(atlas_votes(model, slices, atlas))
+                    for rule, mixed in [("", probabilities), *(
+                            (rule, mix(probabilities, votes)) for rule, mix in mixes.items())]:
+                        pred = to_canonical(mixed, geometry).labels
+                        dice[rule][volume.name] = mean_foreground_dice(pred, truth,
+                                                                       len(names) + 1)
+            rows = [{"fold": key["fold"], "n": key["n"], "seed": key["seed"],
+                     "init": f"{name}, {rule}" if rule else name,
+                     "dice": float(np.mean(list(per_volume.values()))),
+                     "per_volume": per_volume} for rule, per_volume in dice.items()]
+            with log.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            for r in rows:
+                print(f"fold {r['fold']} n={r['n']} seed {r['seed']} {r['init']}: "
+                      f"Dice {r['dice']:.3f}", flush=True)
+
+    rows = finished_runs(log)
+    order = list(dict.fromkeys(r["init"] for r in rows))
+    order = sorted(order, key=lambda i: (not i.startswith(RANDOM), "self-trained" in i))
+    text = ("Dice on unseen volumes with the atlas mixed in by each rule, on the same kept "
+            f"models ({args.test} test volumes a fold; mean ± std over folds x seeds; in "
+            "brackets: paired difference to random init ± std, runs ahead)\n\n"
+            + paired_table(rows, order, "n", ("fold", "seed"))
+            + "".join("\n" + line for line in variant_lines(rows, order, "n", ("fold", "seed")))
+            + "".join("\n" + line
+                      for line in under_variant_lines(rows, order, "n", ("fold", "seed")))
+            + "\n")
+    print(text)
+    (args.out / "summary.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -364,10 +364,11 @@ def finetune(
     pairs = pair_files(images, labels)
     named = ((labels_from_json(meta["labels"]), f"the labels of {out}'s checkpoint") if resume
              else named_labels(Path(labels), label_names))
+    # Self-training's volumes, labelled by a model: where the user labelled one, theirs count.
     labelled = {volume_name(image) for image, _ in pairs}
-    whole = [pair for pair in (pair_files(*pseudo, ("--pseudo-images", "--pseudo-labels"))
-                               if pseudo else [])
-             if volume_name(pair[0]) not in labelled]  # the user's labels come first
+    whole = [] if pseudo is None else [
+        pair for pair in pair_files(*pseudo, ("--pseudo-images", "--pseudo-labels"))
+        if volume_name(pair[0]) not in labelled]
     if cfg.prior and cfg.prior_from != "fill" and whole:
         raise PCLSegError("self-training (--pseudo-images) works with the Fill between slices "
                           "prior, not a matched one (--prior-from fill)")

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +103,14 @@ def across_volume_rows(volumes: list[tuple[str, torch.Tensor, np.ndarray]],
         for a in range(t + 1, t + 1 + across):
             atlas_name, _, atlas_labels = volumes[a % len(volumes)]
             for name, per_volume in features.items():
+                start = time.perf_counter()
                 votes = carry_across(per_volume[a % len(volumes)], atlas_labels, per_volume[t],
                                      classes, matching)
+                seconds = time.perf_counter() - start
                 mask = votes.argmax(axis=1)
                 dice = mean_foreground_dice(mask, target_labels, classes)
                 rows.append({"volume": target_name, "atlas": atlas_name, "n": 1,
-                             "init": name, "dice": dice})
+                             "init": name, "dice": dice, "seconds": seconds})
                 print(f"{target_name} from {atlas_name} {name}: Dice {dice:.3f}", flush=True)
     return rows
 
@@ -167,7 +171,10 @@ def main() -> None:
                 f"f = {args.features}; each of {args.first} volumes from each of {args.across} "
                 "others); mean ± std over the pairs; in brackets: paired difference to "
                 "random-init features\n\n"
-                + paired_table(rows, [POSITION, *nets], "n", ("volume", "atlas")) + "\n")
+                + paired_table(rows, [POSITION, *nets], "n", ("volume", "atlas"))
+                + f"\n\nMatching one volume from another: median "
+                f"{np.median([r['seconds'] for r in rows]):.1f} s ({torch.get_num_threads()} "
+                f"threads, {platform.processor() or platform.machine()})\n")
         print(text)
         (args.out / "summary.md").write_text(text)
         return

@@ -47,6 +47,14 @@ atlas=load_atlas(...))``, as ``pclseg predict --atlas-images`` does), named "ran
 blend 0.25" and paired with the same network alone and, for each encoder, with random init
 under the same blend.
 
+``--self-train M`` then self-trains every default fine-tuning: its model labels M other volumes
+of the pool (drawn after the training ones, the same for every init; with the training volumes
+as an atlas at ``PredictConfig.atlas_blend``, as ``pclseg predict`` does), and a second model is
+fine-tuned from the same init on the training volumes and those labels (``finetune(...,
+pseudo=...)``, ``pclseg finetune --pseudo-images``), named "random, self-trained on 3" and
+scored, blended too, as the first. ``--keep-models DIR`` keeps every model folder (and the
+labels the first model gave) for ``atlas_blends.py``.
+
 Every run is appended to ``--out``/runs.jsonl as it finishes and skipped when started again;
 the table (mean ± std over folds x seeds per init and n; each encoder's paired difference to
 random init ± std and the runs it is ahead in; a pretraining repeated with another seed,

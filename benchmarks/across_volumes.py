@@ -128,6 +128,15 @@ def pool_order(pool: list[Path], fold: int, seed: int) -> np.ndarray:
     return np.random.default_rng(1000 * fold + seed).permutation(len(pool))
 
 
+def labelled_volumes(images: list[Path], data: Path) -> list[tuple]:
+    """``(volume, label map)`` of each image, its labels read from ``data/labelsTr``."""
+    pairs = []
+    for image in images:
+        volume = read_volume(image)
+        pairs.append((volume, read_label(data / "labelsTr" / image.name, volume)))
+    return pairs
+
+
 def linked_folder(volumes: list[Path], data: Path, where: Path) -> tuple[Path, Path]:
     """``(images, labels)`` folders holding links to ``volumes`` and their labels, with the
     dataset's ``dataset.json`` (the structure names) beside the labels."""
@@ -184,7 +193,7 @@ def scores(model_dir: Path, tests: list[tuple], names: list[str], device: str,
 
 def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneConfig,
         data: Path, names: list[str], blends: Sequence[float] = (),
-        unlabelled: Sequence[Path] = (), teacher_blend: float = 0.5,
+        unlabelled: Sequence[Path] = (), teacher_blend: float = PredictConfig.atlas_blend,
         keep: Path | None = None) -> dict:
     """Fine-tune on every slice of ``train`` from ``init``, predict every test volume: the
     mean Dice over the test set, per volume and per structure, seconds and steps; with
@@ -304,10 +313,7 @@ def main() -> None:
         done = {(r["fold"], r["n"], r["seed"], r["init"]) for r in finished_runs(log)}
         for fold in range(args.folds):
             pool, test = split(images, fold, args.test)
-            tests = []
-            for image in test:
-                volume = read_volume(image)
-                tests.append((volume, read_label(args.data / "labelsTr" / image.name, volume)))
+            tests = labelled_volumes(test, args.data)
             for n in args.ns:
                 for seed in args.seeds:
                     train = training_volumes(pool, n, fold, seed)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from across_volumes import linked_folder, split
+from across_volumes import labelled_volumes, linked_folder, split
 from dataset_runs import (
     RANDOM,
     chosen_images,
@@ -46,7 +46,7 @@ from dataset_runs import (
 
 from pclseg.device import use_all_cores
 from pclseg.evaluate import mean_foreground_dice
-from pclseg.io import read_label, read_volume, volume_name
+from pclseg.io import volume_name
 from pclseg.predict import atlas_votes, load_atlas, load_model, network_probabilities, to_canonical
 from pclseg.propagate import blend_votes
 
@@ -57,9 +57,7 @@ def by_confidence(probabilities: torch.Tensor, votes: torch.Tensor) -> torch.Ten
     """Each pixel's mix weighted by each side's largest class share, where the votes reach."""
     sure_net = probabilities.amax(dim=1, keepdim=True)
     sure_atlas = votes.amax(dim=1, keepdim=True)
-    weight = sure_atlas / (sure_net + sure_atlas).clamp_min(1e-12)
-    reached = votes.sum(dim=1, keepdim=True) > 0
-    return torch.where(reached, (1 - weight) * probabilities + weight * votes, probabilities)
+    return blend_votes(probabilities, votes, sure_atlas / (sure_net + sure_atlas).clamp_min(1e-12))
 
 
 def geometric(weight: float) -> Rule:
@@ -132,14 +130,11 @@ def main() -> None:
             if (key["fold"], key["n"], key["seed"], name) in done:
                 continue
             if key["fold"] not in tests:
-                tests[key["fold"]] = []
-                for image in split(images, key["fold"], args.test)[1]:
-                    volume = read_volume(image)
-                    tests[key["fold"]].append(
-                        (volume, read_label(args.data / "labelsTr" / image.name, volume)))
+                tests[key["fold"]] = labelled_volumes(split(images, key["fold"], args.test)[1],
+                                                      args.data)
             model = load_model(model_dir)
-            volumes = json.loads((model_dir / "model.json").read_text())["data"]["volumes"]
-            train = [by_name[v["name"]] for v in volumes if "labelled_by" not in v]
+            train = [by_name[v["name"]] for v in model.metadata["data"]["volumes"]
+                     if "labelled_by" not in v]
             dice: dict[str, dict[str, float]] = {"": {}, **{rule: {} for rule in mixes}}
             with tempfile.TemporaryDirectory() as tmp:
                 atlas = load_atlas(model_dir, model, *linked_folder(train, args.data, Path(tmp)),

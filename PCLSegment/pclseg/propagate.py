@@ -315,8 +315,10 @@ def window_similarity(query: torch.Tensor, padded: torch.Tensor, side: int) -> t
     return similarity.view(side * side, h * w)
 
 
-def blend_votes(probabilities: torch.Tensor, votes: torch.Tensor, weight: float) -> torch.Tensor:
+def blend_votes(probabilities: torch.Tensor, votes: torch.Tensor,
+                weight: float | torch.Tensor) -> torch.Tensor:
     """``probabilities`` ``(S, C, H, W)`` mixed with :func:`carry_votes` of the same shape at
-    ``weight`` where the votes reach (elsewhere, the probabilities as they are)."""
+    ``weight`` (a number, or one per pixel, ``(S, 1, H, W)``) where the votes reach (elsewhere,
+    the probabilities as they are)."""
     reached = votes.sum(dim=1, keepdim=True) > 0
     return torch.where(reached, (1 - weight) * probabilities + weight * votes, probabilities)

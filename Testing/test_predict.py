@@ -178,14 +178,27 @@ def test_predict_blends_in_an_atlas_from_the_command_line(
     images, labels = a_sample_folder / "imagesTr", a_sample_folder / "labelsTr"
     volume = images / "sample_00.nii.gz"
     alone = predict(a_model_dir, volume, tmp_path / "alone")[0]
-    assert main(["predict", str(a_model_dir), str(volume), "--out", str(tmp_path / "atlas"),
-                 "--atlas-images", str(images / "sample_01.nii.gz"),
-                 "--atlas-labels", str(labels / "sample_01.nii.gz")]) == 0
+    atlas = ["--atlas-images", str(images / "sample_01.nii.gz"),
+             "--atlas-labels", str(labels / "sample_01.nii.gz"), "--probabilities"]
+    for mix in ("blend", "product"):
+        assert main(["predict", str(a_model_dir), str(volume), "--out", str(tmp_path / mix),
+                     *atlas, "--atlas-mix", mix]) == 0
     like = read_volume(volume)
-    assert not np.array_equal(read_label(tmp_path / "atlas" / "sample_00.nii.gz", like),
+    assert not np.array_equal(read_label(tmp_path / "blend" / "sample_00.nii.gz", like),
                               read_label(alone, like))
+    blend, product = (
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / mix / "probabilities" / volume.name)))
+        for mix in ("blend", "product"))
+    np.testing.assert_allclose(product.sum(axis=-1), 1.0, atol=1e-4)
+    assert np.abs(product - blend).max() > 0.05  # the option reaches the mix
     with pytest.raises(PCLSegError, match="atlas blend"):
         PredictConfig(atlas_blend=1.0)
+    with pytest.raises(PCLSegError, match="atlas mix must be one of blend, product"):
+        PredictConfig(atlas_mix="sum")
+    with pytest.raises(SystemExit):
+        main(["predict", str(a_model_dir), str(volume), "--out", str(tmp_path / "bad"),
+              "--atlas-mix", "sum"])
+    assert "invalid choice: 'sum'" in capsys.readouterr().err
     out = str(tmp_path / "bad")
     assert main(["predict", str(a_model_dir), str(volume), "--out", out,
                  "--atlas-images", str(images)]) == EXIT_USER_ERROR

@@ -27,6 +27,8 @@ from pclseg.propagate import (
     blend_votes,
     carry_labels,
     carry_votes,
+    mix_votes,
+    multiply_votes,
     relative_positions,
     window_similarity,
 )
@@ -116,6 +118,25 @@ def test_blending_leaves_the_probabilities_where_no_vote_reaches() -> None:
     mixed = blend_votes(probabilities, votes, 0.25)
     torch.testing.assert_close(mixed[0].flatten(), torch.tensor([0.6, 0.4]))
     torch.testing.assert_close(mixed[1], probabilities[1])
+
+
+def test_a_product_keeps_a_class_only_where_both_sides_allow_it() -> None:
+    """Where the network is torn and the atlas sure, the product follows the atlas further than
+    the sum at the same weight; where the atlas gives a class no vote, a sure network keeps
+    it (no erasing); where no vote reaches, the probabilities stay as they are."""
+    probabilities = torch.tensor([[0.5, 0.5, 0.0], [0.0001, 0.9999, 0.0], [0.6, 0.4, 0.0]])
+    votes = torch.tensor([[0.9, 0.1, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    probabilities, votes = probabilities.view(3, 3, 1, 1), votes.view(3, 3, 1, 1)
+    product = multiply_votes(probabilities, votes, 0.5)
+    torch.testing.assert_close(product.sum(dim=1), torch.ones(3, 1, 1))
+    assert product[0, 0] > blend_votes(probabilities, votes, 0.5)[0, 0] > 0.5
+    assert product[1].argmax() == 1  # a network a thousand times surer outweighs a missing vote
+    torch.testing.assert_close(product[2], probabilities[2])
+    torch.testing.assert_close(mix_votes(probabilities, votes, 0.5, "product"), product)
+    torch.testing.assert_close(mix_votes(probabilities, votes, 0.5),
+                               blend_votes(probabilities, votes, 0.5))
+    with pytest.raises(PCLSegError, match="atlas mix must be one of blend, product"):
+        mix_votes(probabilities, votes, 0.5, "sum")
 
 
 def test_an_annotated_slice_takes_only_the_others() -> None:

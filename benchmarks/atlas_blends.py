@@ -6,12 +6,12 @@ carries the labelled volumes' labels to them once (:func:`pclseg.predict.atlas_v
 ``pclseg predict --atlas-images`` matches), and scores several ways of mixing the two on the
 same probabilities and votes:
 
-- ``atlas blend W``: the product's fixed weight (:func:`pclseg.propagate.blend_votes`); the
-  default 0.5 reproduces ``across_volumes.py``'s Dice;
+- ``atlas blend W``: a weighted sum at a fixed weight (:func:`pclseg.propagate.blend_votes`,
+  ``pclseg predict --atlas-mix blend``); 0.5 reproduces ``across_volumes.py``'s Dice;
 - ``atlas by confidence``: each pixel weighs the network and the atlas by how sure each is
   (their largest class share), so the atlas counts where the network hesitates;
-- ``atlas geometric W``: a product of the two, ``p^(1-W) v^W`` renormalised, which keeps only
-  what both allow.
+- ``atlas product W``: a weighted product, ``p^(1-W) v^W`` renormalised, which keeps only
+  what both allow (:func:`pclseg.propagate.multiply_votes`, ``--atlas-mix product``).
 
     python benchmarks/atlas_blends.py --data ../shared/data/chaos-t2 \
         --models runs/across_models --out benchmarks/results/atlas_blends
@@ -48,7 +48,7 @@ from pclseg.device import use_all_cores
 from pclseg.evaluate import mean_foreground_dice
 from pclseg.io import volume_name
 from pclseg.predict import atlas_votes, load_atlas, load_model, network_probabilities, to_canonical
-from pclseg.propagate import blend_votes
+from pclseg.propagate import blend_votes, multiply_votes
 
 Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -60,23 +60,13 @@ def by_confidence(probabilities: torch.Tensor, votes: torch.Tensor) -> torch.Ten
     return blend_votes(probabilities, votes, sure_atlas / (sure_net + sure_atlas).clamp_min(1e-12))
 
 
-def geometric(weight: float) -> Rule:
-    """``p^(1-w) v^w`` renormalised where the votes reach (a vote share of 0 floored at 1e-3,
-    so that the atlas vetoes without erasing)."""
-    def rule(probabilities: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
-        mixed = probabilities.clamp_min(1e-6) ** (1 - weight) * votes.clamp_min(1e-3) ** weight
-        mixed = mixed / mixed.sum(dim=1, keepdim=True)
-        reached = votes.sum(dim=1, keepdim=True) > 0
-        return torch.where(reached, mixed, probabilities)
-    return rule
-
-
-def rules(weights: list[float], geometric_weights: list[float]) -> dict[str, Rule]:
+def rules(weights: list[float], product_weights: list[float]) -> dict[str, Rule]:
     """Each rule by the name its rows end in."""
     table: dict[str, Rule] = {
         f"atlas blend {w:g}": (lambda p, v, w=w: blend_votes(p, v, w)) for w in weights}
     table["atlas by confidence"] = by_confidence
-    table |= {f"atlas geometric {w:g}": geometric(w) for w in geometric_weights}
+    table |= {f"atlas product {w:g}": (lambda p, v, w=w: multiply_votes(p, v, w))
+              for w in product_weights}
     return table
 
 
@@ -111,7 +101,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/atlas_blends"))
     parser.add_argument("--test", type=int, default=5, help="test volumes per fold (as there)")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    parser.add_argument("--geometric", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--products", type=float, nargs="+", default=[0.5])
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +109,7 @@ def main() -> None:
     images = chosen_images(args.data, None, None)
     by_name = {volume_name(p): p for p in images}
     names = structure_names(args.data)
-    mixes = rules(args.weights, args.geometric)
+    mixes = rules(args.weights, args.products)
 
     if not args.report_only:
         use_all_cores()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import get_args
 
 from .config import (
+    AtlasMix,
     DecoderTask,
     FinetuneConfig,
     ModelConfig,
@@ -257,6 +258,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         uncertainty=args.uncertainty,
         component=args.component,
         atlas_blend=args.atlas_blend,
+        atlas_mix=args.atlas_mix,
     )
     if (args.atlas_images is None) != (args.atlas_labels is None):
         raise PCLSegError("an atlas needs both --atlas-images and --atlas-labels")
@@ -575,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlas-blend", type=float, default=PredictConfig.atlas_blend, metavar="W",
                    help="the atlas's weight in the probabilities, 0 to below 1 (default: "
                    f"{PredictConfig.atlas_blend:g})")
+    p.add_argument("--atlas-mix", choices=get_args(AtlasMix), default=PredictConfig.atlas_mix,
+                   help="how the atlas's votes go in: a weighted sum (blend) or a weighted "
+                   "product, which keeps a class only where both sides allow it (default: "
+                   f"{PredictConfig.atlas_mix})")
     _add_component(p)
     _add_progress(p)
     p.set_defaults(func=cmd_predict)

@@ -12,6 +12,9 @@ from .errors import PCLSegError
 Method = Literal["pcl", "simclr", "gcl"]
 DecoderTask = Literal["local", "adjacent", "restore", "position"]
 SliceAxis = Literal["auto", "axial", "coronal", "sagittal"]
+#: How an atlas's votes go into the network's probabilities: a weighted sum or a weighted
+#: product (``pclseg.propagate.mix_votes``).
+AtlasMix = Literal["blend", "product"]
 
 T = TypeVar("T")
 
@@ -441,7 +444,8 @@ class FinetuneConfig:
 class PredictConfig:
     """Whole-volume prediction: slices go through the network ``batch_size`` at a time. With
     labelled volumes of other patients as an atlas (``pclseg.predict.predict``'s ``atlas``),
-    their labels carried by matching are mixed into the probabilities at ``atlas_blend``."""
+    their labels carried by matching are mixed into the probabilities at weight
+    ``atlas_blend``, by ``atlas_mix``."""
 
     batch_size: int = 16
     device: str = "auto"
@@ -450,12 +454,21 @@ class PredictConfig:
     uncertainty: bool = False
     component: int | None = None  # of multi-component inputs; None: the model's own choice
     atlas_blend: float = 0.5
+    atlas_mix: AtlasMix = "blend"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise PCLSegError(f"batch size must be at least 1, got {self.batch_size}")
-        if not 0 <= self.atlas_blend < 1:
-            raise PCLSegError(f"atlas blend must be in [0, 1), got {self.atlas_blend}")
+        check_atlas_mix(self.atlas_blend, self.atlas_mix)
+
+
+def check_atlas_mix(weight: float, mix: str) -> None:
+    """A clear error for an atlas weight outside [0, 1) or an unknown mix."""
+    if not 0 <= weight < 1:
+        raise PCLSegError(f"atlas blend must be in [0, 1), got {weight}")
+    if mix not in get_args(AtlasMix):
+        raise PCLSegError(f"atlas mix must be one of {', '.join(get_args(AtlasMix))}, "
+                          f"got {mix!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from .labels import Label, labels_from_json
 from .model import UNet
 from .preprocess import SliceGeometry, prepare_label, prepare_volume, unfit_slices
 from .progress import Progress
-from .propagate import Atlas, FeatureMatcher, blend_votes
+from .propagate import Atlas, FeatureMatcher, mix_votes
 from .roi import RegionOfInterest
 from .suggest import pixel_entropy
 
@@ -174,11 +174,11 @@ def predict_volume(
 ) -> Prediction:
     """Predict one canonical volume with a loaded model, inside the model's region of
     interest (:mod:`pclseg.roi`; the whole slice for models without one); with ``atlas``, its
-    labels carried by matching are blended into the network's probabilities."""
+    labels carried by matching are mixed into the network's probabilities."""
     probabilities, slices, geometry = network_probabilities(model, volume, batch_size, amp)
     if atlas is not None and atlas.blend:
         votes = torch.from_numpy(atlas_votes(model, slices, atlas))
-        probabilities = blend_votes(probabilities, votes, atlas.blend)
+        probabilities = mix_votes(probabilities, votes, atlas.blend, atlas.mix)
     return to_canonical(probabilities, geometry)
 
 
@@ -227,7 +227,7 @@ def output_name(source: str | os.PathLike[str], frame: int | None = None) -> str
 
 
 def load_atlas(model_dir: Path | str, model: LoadedModel, images: Path | str,
-               labels: Path | str, blend: float) -> Atlas:
+               labels: Path | str, blend: float, mix: str = "blend") -> Atlas:
     """The labelled volumes ``images`` + ``labels`` (paired by file name, every slice
     labelled) as an atlas for ``model``, matched on the init's first level saved with the
     model (or, in a model saved without one, on its own)."""
@@ -242,7 +242,7 @@ def load_atlas(model_dir: Path | str, model: LoadedModel, images: Path | str,
             raise PCLSegError(f"{label}: label value {truth.max()} but the model has "
                               f"{model.num_classes - 1} labels")
         volumes.append((volume, truth))
-    return Atlas(matcher, volumes, blend)
+    return Atlas(matcher, volumes, blend, mix=mix)
 
 
 def predict(
@@ -255,7 +255,8 @@ def predict(
 ) -> list[Path]:
     """Predict every volume in ``inputs`` (a file or a folder) into the folder ``out``; with
     ``atlas`` (labelled volumes of other patients: an images and a labels file or folder),
-    blending in their labels carried by matching (:func:`load_atlas`, ``cfg.atlas_blend``).
+    mixing in their labels carried by matching (:func:`load_atlas`; ``cfg.atlas_blend`` and
+    ``cfg.atlas_mix``).
 
     Returns:
         The label-map paths written, in input order.
@@ -271,7 +272,8 @@ def predict(
         raise PCLSegError(f"{inputs}: no such file or folder")
     device = resolve_device(cfg.device)
     model = load_model(model_dir, device)
-    labelled = load_atlas(model_dir, model, *atlas, cfg.atlas_blend) if atlas else None
+    labelled = (load_atlas(model_dir, model, *atlas, cfg.atlas_blend, cfg.atlas_mix) if atlas
+                else None)
     files = find_volume_files(inputs)
     if out.resolve() in {f.resolve().parent for f in files if f.is_file()}:
         raise PCLSegError(f"--out {out}: is the input folder; outputs would overwrite inputs")

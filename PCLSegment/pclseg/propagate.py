@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
+from .config import AtlasMix, check_atlas_mix
 from .errors import PCLSegError
 from .io import Volume
 from .model import UNetEncoder
@@ -72,7 +73,6 @@ MATCHER_STEM, MATCHER_FORMAT = "matcher", "pclseg-matcher"
 #: Matching between two patients' volumes: organs lie less alike there than on neighbouring
 #: slices of one volume, so a pixel looks twice as far around its place.
 ACROSS_PATIENTS = Matching(window=1 / 8)
-
 
 class FeatureMatcher:
     """Carries labels between the slices of a volume (see the module docstring).
@@ -179,7 +179,7 @@ class FeatureMatcher:
 class Atlas:
     """Labelled volumes of other patients, whose labels matching carries to each volume a
     model predicts (:meth:`FeatureMatcher.atlas_votes`, ``matching`` there), mixed into the
-    network's probabilities at ``blend`` (:func:`blend_votes`).
+    network's probabilities at weight ``blend`` by ``mix`` (:func:`mix_votes`).
 
     Attributes:
         matcher: the init encoder's first level (what the features are matched on).
@@ -190,12 +190,12 @@ class Atlas:
     volumes: list[tuple[Volume, np.ndarray]]
     blend: float = 0.25
     matching: Matching = ACROSS_PATIENTS
+    mix: AtlasMix = "blend"
 
     def __post_init__(self) -> None:
         if not self.volumes:
             raise PCLSegError("an atlas needs at least one labelled volume")
-        if not 0 <= self.blend < 1:
-            raise PCLSegError(f"atlas blend must be in [0, 1), got {self.blend}")
+        check_atlas_mix(self.blend, self.mix)
 
 
 def relative_positions(slices: int, odd: bool) -> list[int]:
@@ -322,3 +322,26 @@ def blend_votes(probabilities: torch.Tensor, votes: torch.Tensor,
     the probabilities as they are)."""
     reached = votes.sum(dim=1, keepdim=True) > 0
     return torch.where(reached, (1 - weight) * probabilities + weight * votes, probabilities)
+
+
+def multiply_votes(probabilities: torch.Tensor, votes: torch.Tensor,
+                   weight: float) -> torch.Tensor:
+    """``probabilities^(1 - weight) * votes^weight``, renormalised over the classes, where the
+    votes reach (elsewhere, the probabilities as they are). A class keeps its share only where
+    both the network and the atlas allow it, where a sum lets either side carry it alone. A
+    class with no vote is floored at 1e-3, so that the atlas outvotes the network there
+    without erasing it: a network that is sure enough still wins."""
+    mixed = probabilities.clamp_min(1e-6) ** (1 - weight) * votes.clamp_min(1e-3) ** weight
+    mixed = mixed / mixed.sum(dim=1, keepdim=True)
+    reached = votes.sum(dim=1, keepdim=True) > 0
+    return torch.where(reached, mixed, probabilities)
+
+
+def mix_votes(probabilities: torch.Tensor, votes: torch.Tensor, weight: float,
+              mix: AtlasMix = "blend") -> torch.Tensor:
+    """An atlas's ``votes`` mixed into the network's ``probabilities`` at ``weight``: a
+    weighted sum (``"blend"``, :func:`blend_votes`) or product (``"product"``,
+    :func:`multiply_votes`)."""
+    check_atlas_mix(weight, mix)
+    mixer = multiply_votes if mix == "product" else blend_votes
+    return mixer(probabilities, votes, weight)

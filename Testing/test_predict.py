@@ -203,6 +203,10 @@ def test_predict_blends_in_an_atlas_from_the_command_line(
     assert main(["predict", str(a_model_dir), str(volume), "--out", out,
                  "--atlas-images", str(images)]) == EXIT_USER_ERROR
     assert "both --atlas-images and --atlas-labels" in capsys.readouterr().err
+    for option, value in (("--atlas-blend", "0.3"), ("--atlas-mix", "product")):
+        assert main(["predict", str(a_model_dir), str(volume), "--out", out,
+                     option, value]) == EXIT_USER_ERROR  # a weight for no atlas is a mistake
+        assert "give one with --atlas-images and --atlas-labels" in capsys.readouterr().err
     assert main(["predict", str(a_model_dir), str(volume), "--out", out, "--atlas-images",
                  str(images), "--atlas-labels", str(tmp_path / "nothing")]) == EXIT_USER_ERROR
     assert "--atlas-labels" in capsys.readouterr().err

@@ -257,11 +257,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         probabilities=args.probabilities,
         uncertainty=args.uncertainty,
         component=args.component,
-        atlas_blend=args.atlas_blend,
-        atlas_mix=args.atlas_mix,
+        atlas_blend=PredictConfig.atlas_blend if args.atlas_blend is None else args.atlas_blend,
+        atlas_mix=args.atlas_mix or PredictConfig.atlas_mix,
     )
     if (args.atlas_images is None) != (args.atlas_labels is None):
         raise PCLSegError("an atlas needs both --atlas-images and --atlas-labels")
+    if args.atlas_images is None and (args.atlas_blend, args.atlas_mix) != (None, None):
+        raise PCLSegError("--atlas-blend and --atlas-mix weigh an atlas: give one with "
+                          "--atlas-images and --atlas-labels")
     atlas = (args.atlas_images, args.atlas_labels) if args.atlas_images else None
     with _progress(args) as progress:
         written = predict(args.model, args.input, args.out, cfg, progress=progress, atlas=atlas)
@@ -574,10 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--atlas-labels) whose labels matching carries to each input")
     p.add_argument("--atlas-labels", default=None, metavar="PATH",
                    help="their label maps, every slice labelled (paired by file name)")
-    p.add_argument("--atlas-blend", type=float, default=PredictConfig.atlas_blend, metavar="W",
+    p.add_argument("--atlas-blend", type=float, default=None, metavar="W",
                    help="the atlas's weight in the probabilities, 0 to below 1 (default: "
                    f"{PredictConfig.atlas_blend:g})")
-    p.add_argument("--atlas-mix", choices=get_args(AtlasMix), default=PredictConfig.atlas_mix,
+    p.add_argument("--atlas-mix", choices=get_args(AtlasMix), default=None,
                    help="how the atlas's votes go in: a weighted sum (blend) or a weighted "
                    "product, which keeps a class only where both sides allow it (default: "
                    f"{PredictConfig.atlas_mix})")

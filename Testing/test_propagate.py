@@ -213,14 +213,16 @@ def test_soft_leave_one_out_priors_are_the_foreground_shares() -> None:
     np.testing.assert_array_equal(prior_channels(soft, 3), soft)  # already the channels
 
 
-def test_the_matchers_votes_pick_its_prior() -> None:
+def test_the_matchers_votes_pick_the_carried_labels() -> None:
     truth = moving_squares()
     images = truth.astype(np.float32) * 5
     torch.manual_seed(0)
     matcher = FeatureMatcher(UNetEncoder(1, 8))
     votes = matcher.votes(images, truth, [0, 8], 3)
     assert votes.shape == (9, 3, 32, 32)
-    np.testing.assert_array_equal(votes.argmax(axis=1), matcher.prior(images, truth, [0, 8], 3))
+    carried = carry_labels(matcher.features(images), truth, range(9), [0, 8], range(9), 3,
+                           matcher.matching)
+    np.testing.assert_array_equal(votes.argmax(axis=1), carried)
 
 
 def test_relative_positions_put_volumes_of_any_length_on_one_scale() -> None:

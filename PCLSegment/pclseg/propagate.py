@@ -129,17 +129,11 @@ class FeatureMatcher:
             out.append(F.normalize(F.avg_pool2d(first, 2), dim=1).cpu())
         return torch.cat(out)
 
-    def prior(self, slices: np.ndarray, labels: np.ndarray, annotated: Sequence[int],
-              num_classes: int) -> np.ndarray:
-        """Every slice of a volume ``(S, H, W)`` labelled from its ``annotated`` slices of
-        ``labels`` (the annotated slices from the others): ``(S, H, W)`` uint8."""
-        return carry_labels(self.features(slices), labels, range(len(slices)), annotated,
-                            range(len(slices)), num_classes, self.matching)
-
     def votes(self, slices: np.ndarray, labels: np.ndarray, annotated: Sequence[int],
               num_classes: int) -> np.ndarray:
-        """As :meth:`prior`, but each class's share of the votes (:func:`carry_votes`):
-        ``(S, num_classes, H, W)`` float32."""
+        """Each class's share of the votes (:func:`carry_votes`) that carry labels to every
+        slice of a volume ``(S, H, W)`` from its ``annotated`` slices of ``labels`` (the
+        annotated slices from the others): ``(S, num_classes, H, W)`` float32."""
         return carry_votes(self.features(slices), labels, range(len(slices)), annotated,
                            range(len(slices)), num_classes, self.matching)
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import FinetuneConfig, PredictConfig, from_dict
+from .config import AtlasMix, FinetuneConfig, PredictConfig, from_dict
 from .device import autocast, channels_last, network_input, resolve_device
 from .errors import PCLSegError
 from .io import (
@@ -227,7 +227,7 @@ def output_name(source: str | os.PathLike[str], frame: int | None = None) -> str
 
 
 def load_atlas(model_dir: Path | str, model: LoadedModel, images: Path | str,
-               labels: Path | str, blend: float, mix: str = "blend") -> Atlas:
+               labels: Path | str, blend: float, mix: AtlasMix = "blend") -> Atlas:
     """The labelled volumes ``images`` + ``labels`` (paired by file name, every slice
     labelled) as an atlas for ``model``, matched on the init's first level saved with the
     model (or, in a model saved without one, on its own)."""

@@ -74,6 +74,7 @@ MATCHER_STEM, MATCHER_FORMAT = "matcher", "pclseg-matcher"
 #: slices of one volume, so a pixel looks twice as far around its place.
 ACROSS_PATIENTS = Matching(window=1 / 8)
 
+
 class FeatureMatcher:
     """Carries labels between the slices of a volume (see the module docstring).
 

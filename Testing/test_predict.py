@@ -180,9 +180,9 @@ def test_predict_blends_in_an_atlas_from_the_command_line(
     alone = predict(a_model_dir, volume, tmp_path / "alone")[0]
     atlas = ["--atlas-images", str(images / "sample_01.nii.gz"),
              "--atlas-labels", str(labels / "sample_01.nii.gz"), "--probabilities"]
-    for mix in ("blend", "product"):
+    for mix, flags in (("product", []), ("blend", ["--atlas-mix", "blend"])):  # product: default
         assert main(["predict", str(a_model_dir), str(volume), "--out", str(tmp_path / mix),
-                     *atlas, "--atlas-mix", mix]) == 0
+                     *atlas, *flags]) == 0
     like = read_volume(volume)
     assert not np.array_equal(read_label(tmp_path / "blend" / "sample_00.nii.gz", like),
                               read_label(alone, like))

@@ -49,11 +49,11 @@ under the same blend.
 
 ``--self-train M`` then self-trains every default fine-tuning: its model labels M other volumes
 of the pool (drawn after the training ones, the same for every init; with the training volumes
-as an atlas at ``PredictConfig.atlas_blend``, as ``pclseg predict`` does), and a second model is
-fine-tuned from the same init on the training volumes and those labels (``finetune(...,
-pseudo=...)``, ``pclseg finetune --pseudo-images``), named "random, self-trained on 3" and
-scored, blended too, as the first. ``--keep-models DIR`` keeps every model folder (and the
-labels the first model gave) for ``atlas_blends.py``.
+as an atlas blended in at ``PredictConfig.atlas_blend``, ``pclseg predict --atlas-mix blend``,
+what these runs measured), and a second model is fine-tuned from the same init on the training
+volumes and those labels (``finetune(..., pseudo=...)``, ``pclseg finetune --pseudo-images``),
+named "random, self-trained on 3" and scored, blended too, as the first. ``--keep-models DIR``
+keeps every model folder (and the labels the first model gave) for ``atlas_blends.py``.
 
 Every run is appended to ``--out``/runs.jsonl as it finishes and skipped when started again;
 the table (mean ± std over folds x seeds per init and n; each encoder's paired difference to
@@ -223,9 +223,10 @@ def run(train: list[Path], tests: list[tuple], init: Path | None, cfg: FinetuneC
             pseudo_images.mkdir()
             for image in unlabelled:
                 (pseudo_images / image.name).symlink_to(image.resolve())
-            # What `pclseg predict --atlas-images ... --atlas-blend W` writes for the folder.
+            # What `pclseg predict --atlas-images ... --atlas-blend W --atlas-mix blend` writes.
             predict(Path(tmp) / "model", pseudo_images, Path(tmp) / "pseudo",
-                    PredictConfig(device=cfg.device, atlas_blend=teacher_blend),
+                    PredictConfig(device=cfg.device, atlas_blend=teacher_blend,
+                                  atlas_mix="blend"),
                     progress=Progress("none"), atlas=(images, labels))
             student = finetune(images, labels, Path(tmp) / "student", cfg, init=init,
                                slices=every_slice, pseudo=(pseudo_images, Path(tmp) / "pseudo"),
@@ -274,8 +275,9 @@ def main() -> None:
                         "labels carried by matching blended in at W (\"..., atlas blend W\")")
     parser.add_argument("--self-train", type=int, default=0, metavar="M",
                         help="also self-train every default fine-tuning: the model labels M "
-                        "other volumes of the pool (with the training volumes as an atlas at "
-                        f"{PredictConfig.atlas_blend:g}) and a second one is fine-tuned on both "
+                        "other volumes of the pool (with the training volumes as an atlas "
+                        f"blended in at {PredictConfig.atlas_blend:g}) and a second one is "
+                        "fine-tuned on both "
                         "(\"..., self-trained on M\")")
     parser.add_argument("--keep-models", type=Path, default=None, metavar="DIR",
                         help="copy every model folder to DIR/foldF_nN_seedS/INIT")

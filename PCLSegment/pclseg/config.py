@@ -454,7 +454,7 @@ class PredictConfig:
     uncertainty: bool = False
     component: int | None = None  # of multi-component inputs; None: the model's own choice
     atlas_blend: float = 0.5
-    atlas_mix: AtlasMix = "blend"
+    atlas_mix: AtlasMix = "product"  # measured best on average (docs/decisions.md, 15)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

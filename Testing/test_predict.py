@@ -172,7 +172,7 @@ def test_an_atlas_blends_its_labels_into_the_prediction(
             > mean_foreground_dice(alone.labels, truth, NUM_CLASSES) + 0.1)
 
 
-def test_predict_blends_in_an_atlas_from_the_command_line(
+def test_predict_mixes_in_an_atlas_from_the_command_line(
     a_model_dir: Path, a_sample_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     images, labels = a_sample_folder / "imagesTr", a_sample_folder / "labelsTr"

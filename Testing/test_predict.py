@@ -166,7 +166,8 @@ def test_an_atlas_blends_its_labels_into_the_prediction(
     alone = predict_volume(model, volume)
     off = predict_volume(model, volume, atlas=Atlas(matcher, [(volume, truth)], blend=0.0))
     np.testing.assert_array_equal(off.probabilities, alone.probabilities)
-    blended = predict_volume(model, volume, atlas=Atlas(matcher, [(volume, truth)], blend=0.5))
+    blended = predict_volume(model, volume, atlas=Atlas(matcher, [(volume, truth)], blend=0.5,
+                                                               mix="blend"))
     np.testing.assert_allclose(blended.probabilities.sum(axis=0), 1.0, atol=1e-4)
     assert (mean_foreground_dice(blended.labels, truth, NUM_CLASSES)
             > mean_foreground_dice(alone.labels, truth, NUM_CLASSES) + 0.1)

@@ -182,7 +182,7 @@ def scores(model_dir: Path, tests: list[tuple], names: list[str], device: str,
     result = {**dice_of(None), "blends": {}}
     if blends and atlas is not None:
         # What `pclseg predict --atlas-images/--atlas-labels` does with the training volumes.
-        loaded = load_atlas(model_dir, model, *atlas, blends[0])
+        loaded = load_atlas(model_dir, model, *atlas, blends[0], mix="blend")
         for weight in blends:
             result["blends"][atlas_name(weight)] = dice_of(
                 dataclasses.replace(loaded, blend=weight))

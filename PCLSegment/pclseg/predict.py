@@ -227,7 +227,8 @@ def output_name(source: str | os.PathLike[str], frame: int | None = None) -> str
 
 
 def load_atlas(model_dir: Path | str, model: LoadedModel, images: Path | str,
-               labels: Path | str, blend: float, mix: AtlasMix = "blend") -> Atlas:
+               labels: Path | str, blend: float = PredictConfig.atlas_blend,
+               mix: AtlasMix = PredictConfig.atlas_mix) -> Atlas:
     """The labelled volumes ``images`` + ``labels`` (paired by file name, every slice
     labelled) as an atlas for ``model``, matched on the init's first level saved with the
     model (or, in a model saved without one, on its own)."""

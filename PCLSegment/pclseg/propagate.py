@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .config import AtlasMix, check_atlas_mix
+from .config import AtlasMix, PredictConfig, check_atlas_mix
 from .errors import PCLSegError
 from .io import Volume
 from .model import UNetEncoder
@@ -183,9 +183,9 @@ class Atlas:
 
     matcher: FeatureMatcher
     volumes: list[tuple[Volume, np.ndarray]]
-    blend: float = 0.25
+    blend: float = PredictConfig.atlas_blend
     matching: Matching = ACROSS_PATIENTS
-    mix: AtlasMix = "blend"
+    mix: AtlasMix = PredictConfig.atlas_mix
 
     def __post_init__(self) -> None:
         if not self.volumes:

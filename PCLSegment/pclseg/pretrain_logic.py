@@ -36,8 +36,8 @@ LOG_FILE = "log.jsonl"
 
 #: The dense stage the panels add when *Decoder epochs* is above 0: each region of a slice
 #: followed into the next slice, told apart from the same place in the batch's other slices,
-#: the encoder trained on. Of the decoder stages it is the one that measured best (README,
-#: "Does pretraining pay?"; decision 10), so the panels offer it alone.
+#: the encoder trained on. Of the decoder stages it is the one that measured best
+#: (docs/results.md, "Does pretraining pay?"; decision 10), so the panels offer it alone.
 PANEL_DECODER_STAGE = {"decoder_task": "adjacent", "decoder_encoder_lr": 1.0,
                        "decoder_batch_negatives": True}
 

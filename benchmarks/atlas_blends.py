@@ -11,7 +11,14 @@ same probabilities and votes:
 - ``atlas by confidence``: each pixel weighs the network and the atlas by how sure each is
   (their largest class share), so the atlas counts where the network hesitates;
 - ``atlas product W``: a weighted product, ``p^(1-W) v^W`` renormalised, which keeps only
-  what both allow (:func:`pclseg.propagate.multiply_votes`, ``--atlas-mix product``).
+  what both allow (:func:`pclseg.propagate.multiply_votes`, ``--atlas-mix product``);
+- ``atlas blend by agreement`` and ``atlas product by agreement``: one weight a volume,
+  1 minus how far the network and the atlas agree on it (:func:`agreement`), so that the atlas
+  counts more where the network strays from it, as a poorly trained network does;
+- ``atlas chosen by agreement on the other folds``: a mix chosen for each test volume from the
+  fixed ones above (or none) by whether its agreement lies below a threshold, the threshold and
+  the two mixes fitted on the other folds' volumes (in the report; nothing is fitted on the
+  fold it is scored on).
 
     python benchmarks/atlas_blends.py --data ../shared/data/chaos-t2 \
         --models runs/across_models --out benchmarks/results/atlas_blends
@@ -60,6 +67,18 @@ def by_confidence(probabilities: torch.Tensor, votes: torch.Tensor) -> torch.Ten
     return blend_votes(probabilities, votes, sure_atlas / (sure_net + sure_atlas).clamp_min(1e-12))
 
 
+def agreement(probabilities: torch.Tensor, votes: torch.Tensor) -> float:
+    """Mean Dice, over the atlas's foreground classes, between the network's labels and the
+    atlas's where the votes reach: 1 where they label alike. A network trained on one volume
+    fails on another by missing whole organs, which the atlas, carried by matching, still
+    places roughly; so a low agreement says the network needs the atlas."""
+    reached = votes.sum(dim=1) > 0
+    network = torch.where(reached, probabilities.argmax(dim=1), 0).numpy()
+    atlas = torch.where(reached, votes.argmax(dim=1), 0).numpy()
+    score = mean_foreground_dice(network, atlas, votes.shape[1])
+    return 1.0 if np.isnan(score) else score
+
+
 def rules(weights: list[float], product_weights: list[float]) -> dict[str, Rule]:
     """Each rule by the name its rows end in."""
     table: dict[str, Rule] = {
@@ -67,7 +86,50 @@ def rules(weights: list[float], product_weights: list[float]) -> dict[str, Rule]
     table["atlas by confidence"] = by_confidence
     table |= {f"atlas product {w:g}": (lambda p, v, w=w: multiply_votes(p, v, w))
               for w in product_weights}
+    table["atlas blend by agreement"] = lambda p, v: blend_votes(p, v, 1 - agreement(p, v))
+    table["atlas product by agreement"] = lambda p, v: multiply_votes(p, v, 1 - agreement(p, v))
     return table
+
+
+CHOSEN = "atlas chosen by agreement on the other folds"
+
+
+def chosen_by_agreement(rows: list[dict], fixed: list[str]) -> list[dict]:
+    """Rows for :data:`CHOSEN`: each test volume scored under one of the ``fixed`` rules (or
+    the network alone, ``""``), the one for its side of an agreement threshold. For each fold
+    the threshold and the two rules are those with the best mean Dice over the other folds'
+    volumes (every model there, every init), so the fold scored had no say in its rule."""
+    by_model: dict[tuple, dict[str, dict[str, float]]] = {}
+    agreements: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        rule = next((f for f in fixed if r["init"].endswith(", " + f)), "")
+        key = (r["fold"], r["n"], r["seed"], r["init"].removesuffix(", " + rule))
+        by_model.setdefault(key, {})[rule] = r["per_volume"]
+        if "agreement" in r:
+            agreements[key] = r["agreement"]
+    models = {key: dice for key, dice in by_model.items()
+              if key in agreements and set(dice) == {"", *fixed}}
+    volumes = [(key, volume, agreements[key][volume], dice)
+               for key, dice in models.items() for volume in dice[""]]
+    chosen = []
+    for fold in sorted({key[0] for key in models}):
+        train = [v for v in volumes if v[0][0] != fold]
+        if not train:
+            continue
+        best = max(((t, low, high) for t in sorted({v[2] for v in train})
+                    for low in ["", *fixed] for high in ["", *fixed]),
+                   key=lambda c: np.mean([d[c[1] if a < c[0] else c[2]][name]
+                                          for _, name, a, d in train]))
+        for key, dice in models.items():
+            if key[0] != fold:
+                continue
+            per_volume = {name: dice[best[1] if agreements[key][name] < best[0] else best[2]]
+                          [name] for name in dice[""]}
+            chosen.append({"fold": key[0], "n": key[1], "seed": key[2],
+                           "init": f"{key[3]}, {CHOSEN}", "rule": list(best),
+                           "dice": float(np.mean(list(per_volume.values()))),
+                           "per_volume": per_volume})
+    return chosen
 
 
 def kept_models(models: Path) -> list[tuple[dict, Path]]:
@@ -126,12 +188,14 @@ def main() -> None:
             train = [by_name[v["name"]] for v in model.metadata["data"]["volumes"]
                      if "labelled_by" not in v]
             dice: dict[str, dict[str, float]] = {"": {}, **{rule: {} for rule in mixes}}
+            agreements: dict[str, float] = {}
             with tempfile.TemporaryDirectory() as tmp:
                 atlas = load_atlas(model_dir, model, *linked_folder(train, args.data, Path(tmp)),
                                    0.5)
                 for volume, truth in tests[key["fold"]]:
                     probabilities, slices, geometry = network_probabilities(model, volume)
                     votes = torch.from_numpy(atlas_votes(model, slices, atlas))
+                    agreements[volume.name] = agreement(probabilities, votes)
                     for rule, mixed in [("", probabilities), *(
                             (rule, mix(probabilities, votes)) for rule, mix in mixes.items())]:
                         pred = to_canonical(mixed, geometry).labels
@@ -140,7 +204,8 @@ def main() -> None:
             rows = [{"fold": key["fold"], "n": key["n"], "seed": key["seed"],
                      "init": f"{name}, {rule}" if rule else name,
                      "dice": float(np.mean(list(per_volume.values()))),
-                     "per_volume": per_volume} for rule, per_volume in dice.items()]
+                     "per_volume": per_volume} | ({} if rule else {"agreement": agreements})
+                    for rule, per_volume in dice.items()]
             with log.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             for r in rows:
@@ -148,6 +213,8 @@ def main() -> None:
                       f"Dice {r['dice']:.3f}", flush=True)
 
     rows = finished_runs(log)
+    rows += chosen_by_agreement(rows, [rule for rule in mixes if "agreement" not in rule
+                                       and "confidence" not in rule])
     order = list(dict.fromkeys(r["init"] for r in rows))
     order = sorted(order, key=lambda i: (not i.startswith(RANDOM), "self-trained" in i))
     text = ("Dice on unseen volumes with the atlas mixed in by each rule, on the same kept "

@@ -173,6 +173,28 @@ def test_an_atlas_blends_its_labels_into_the_prediction(
             > mean_foreground_dice(alone.labels, truth, NUM_CLASSES) + 0.1)
 
 
+def test_the_default_mix_fills_for_a_pretrained_init_and_multiplies_for_random_init(
+    a_model_dir: Path, a_sample_folder: Path
+) -> None:
+    """``"auto"`` follows the init the model was fine-tuned from, as its metadata names it."""
+    model = load_model(a_model_dir)
+    volume = read_volume(a_sample_folder / "imagesTr" / "sample_00.nii.gz")
+    other = read_volume(a_sample_folder / "imagesTr" / "sample_01.nii.gz")
+    truth = read_label(a_sample_folder / "labelsTr" / "sample_01.nii.gz", other)
+    matcher = FeatureMatcher(model.unet.encoder)
+
+    def predicted(mix: str) -> np.ndarray:
+        return predict_volume(model, volume, atlas=Atlas(matcher, [(other, truth)], mix=mix)
+                              ).probabilities
+
+    assert not model.pretrained
+    np.testing.assert_array_equal(predicted("auto"), predicted("product"))
+    model.metadata["init"] = {"kind": "model", "from": {"kind": "encoder", "path": "run"}}
+    assert model.pretrained  # refined from a model fine-tuned from a pretraining run
+    np.testing.assert_array_equal(predicted("auto"), predicted("fill"))
+    assert not np.array_equal(predicted("fill"), predicted("product"))
+
+
 def test_predict_mixes_in_an_atlas_from_the_command_line(
     a_model_dir: Path, a_sample_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -181,20 +203,22 @@ def test_predict_mixes_in_an_atlas_from_the_command_line(
     alone = predict(a_model_dir, volume, tmp_path / "alone")[0]
     atlas = ["--atlas-images", str(images / "sample_01.nii.gz"),
              "--atlas-labels", str(labels / "sample_01.nii.gz"), "--probabilities"]
-    for mix, flags in (("product", []), ("blend", ["--atlas-mix", "blend"])):  # product: default
+    for mix, flags in (("auto", []), ("product", ["--atlas-mix", "product"]),
+                       ("blend", ["--atlas-mix", "blend"])):
         assert main(["predict", str(a_model_dir), str(volume), "--out", str(tmp_path / mix),
                      *atlas, *flags]) == 0
     like = read_volume(volume)
     assert not np.array_equal(read_label(tmp_path / "blend" / "sample_00.nii.gz", like),
                               read_label(alone, like))
-    blend, product = (
+    auto, blend, product = (
         sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / mix / "probabilities" / volume.name)))
-        for mix in ("blend", "product"))
+        for mix in ("auto", "blend", "product"))
     np.testing.assert_allclose(product.sum(axis=-1), 1.0, atol=1e-4)
     assert np.abs(product - blend).max() > 0.05  # the option reaches the mix
+    np.testing.assert_array_equal(auto, product)  # the default, for a model from random init
     with pytest.raises(PCLSegError, match="atlas blend"):
         PredictConfig(atlas_blend=1.0)
-    with pytest.raises(PCLSegError, match="atlas mix must be one of blend, product"):
+    with pytest.raises(PCLSegError, match="atlas mix must be one of auto, blend, product, fill"):
         PredictConfig(atlas_mix="sum")
     with pytest.raises(SystemExit):
         main(["predict", str(a_model_dir), str(volume), "--out", str(tmp_path / "bad"),

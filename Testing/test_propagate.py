@@ -27,9 +27,11 @@ from pclseg.propagate import (
     blend_votes,
     carry_labels,
     carry_votes,
+    fill_missed,
     mix_votes,
     multiply_votes,
     relative_positions,
+    resolve_mix,
     window_similarity,
 )
 from pclseg.session import RefineSession
@@ -135,8 +137,42 @@ def test_a_product_keeps_a_class_only_where_both_sides_allow_it() -> None:
     torch.testing.assert_close(mix_votes(probabilities, votes, 0.5, "product"), product)
     torch.testing.assert_close(mix_votes(probabilities, votes, 0.5),
                                blend_votes(probabilities, votes, 0.5))
-    with pytest.raises(PCLSegError, match="atlas mix must be one of blend, product"):
+    with pytest.raises(PCLSegError, match="atlas mix must be one of auto, blend, product, fill"):
         mix_votes(probabilities, votes, 0.5, "sum")
+
+
+def test_filling_takes_the_atlas_only_for_organs_the_network_missed() -> None:
+    """An organ the network labels less than half as much of as the atlas places is taken from
+    the atlas where the network says background; one it found keeps the network's labels, and
+    a network that found every organ is left as it was."""
+    probabilities = torch.zeros(2, 4, 8, 8)
+    probabilities[:, 0] = 0.9
+    probabilities[:, 1] = 0.1
+    probabilities[:, 1, :2, :2], probabilities[:, 0, :2, :2] = 0.95, 0.05  # organ 1: 8 pixels
+    probabilities[:, 3, 6:, :2], probabilities[:, 0, 6:, :2] = 0.95, 0.05  # organ 3: found
+    votes = torch.zeros(2, 4, 8, 8)
+    votes[:, 0] = 1.0
+    for organ, rows, cols in ((1, slice(0, 3), slice(0, 3)), (2, slice(5, 8), slice(5, 8)),
+                              (3, slice(6, 8), slice(0, 3))):
+        votes[:, organ, rows, cols], votes[:, 0, rows, cols] = 1.0, 0.0
+    labels = fill_missed(probabilities, votes).argmax(dim=1)
+    assert (labels[:, :3, :3] == 1).all()  # 8 of the atlas's 18 pixels: missed, filled
+    assert (labels[:, 5:, 5:] == 2).all()  # never labelled: filled
+    assert (labels[:, 6:, 2] == 0).all()  # 4 of 6 pixels: found, the network's own stays
+    assert labels.eq(0).sum() == (probabilities.argmax(dim=1) == 0).sum() - 2 * (5 + 9)
+    found = votes.clone()
+    found[:, 1], found[:, 2], found[:, 0] = 0.0, 0.0, 1.0 - found[:, 3]
+    torch.testing.assert_close(fill_missed(probabilities, found), probabilities)
+    torch.testing.assert_close(mix_votes(probabilities, votes, 0.5, "fill"),
+                               fill_missed(probabilities, votes))
+
+
+def test_auto_fills_for_a_pretrained_init_and_multiplies_for_random_init() -> None:
+    assert resolve_mix("auto", pretrained=True) == "fill"
+    assert resolve_mix("auto", pretrained=False) == "product"
+    assert resolve_mix("blend", pretrained=True) == "blend"
+    with pytest.raises(PCLSegError, match="resolve_mix"):
+        mix_votes(torch.ones(1, 2, 1, 1) / 2, torch.ones(1, 2, 1, 1) / 2, 0.5, "auto")
 
 
 def test_an_annotated_slice_takes_only_the_others() -> None:

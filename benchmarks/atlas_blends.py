@@ -18,8 +18,7 @@ same probabilities and votes:
 - with ``--fill``, ``atlas fills missed organs`` (on the network alone, and after the product):
   where the network labels less than half as much of an organ as the atlas places, the
   atlas's label for that organ is taken wherever the network says background
-  (:func:`fill_missed`). A network fine-tuned on one volume fails on another mostly by
-  missing whole organs; this touches nothing where it found them all;
+  (:func:`pclseg.propagate.fill_missed`, ``--atlas-mix fill``);
 - ``atlas chosen by agreement on the other folds``: a mix chosen for each test volume from the
   fixed ones above (or none) by whether its agreement lies below a threshold, the threshold and
   the two mixes fitted on the other folds' volumes (in the report; nothing is fitted on the
@@ -60,7 +59,7 @@ from pclseg.device import use_all_cores
 from pclseg.evaluate import mean_foreground_dice
 from pclseg.io import volume_name
 from pclseg.predict import atlas_votes, load_atlas, load_model, network_probabilities, to_canonical
-from pclseg.propagate import blend_votes, multiply_votes
+from pclseg.propagate import blend_votes, fill_missed, multiply_votes
 
 Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -84,20 +83,6 @@ def agreement(probabilities: torch.Tensor, votes: torch.Tensor) -> float:
     atlas = torch.where(reached, votes.argmax(dim=1), 0).numpy()
     score = mean_foreground_dice(network, atlas, votes.shape[1])
     return 1.0 if np.isnan(score) else score
-
-
-def fill_missed(probabilities: torch.Tensor, votes: torch.Tensor,
-                ratio: float = 0.5) -> torch.Tensor:
-    """``probabilities`` with the atlas's votes taken where the atlas places an organ that the
-    network labels less than ``ratio`` as much of (over the whole volume) and the network
-    says background there."""
-    reached = votes.sum(dim=1) > 0
-    network = probabilities.argmax(dim=1)
-    atlas = torch.where(reached, votes.argmax(dim=1), 0)
-    missed = [c for c in range(1, votes.shape[1])
-              if (atlas == c).any() and (network == c).sum() < ratio * (atlas == c).sum()]
-    fill = torch.isin(atlas, torch.tensor(missed, dtype=atlas.dtype)) & (network == 0)
-    return torch.where(fill[:, None], votes, probabilities)
 
 
 def rules(weights: list[float], product_weights: list[float],

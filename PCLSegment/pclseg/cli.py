@@ -581,8 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the atlas's weight in the probabilities, 0 to below 1 (default: "
                    f"{PredictConfig.atlas_blend:g})")
     p.add_argument("--atlas-mix", choices=get_args(AtlasMix), default=None,
-                   help="how the atlas's votes go in: a weighted sum (blend) or a weighted "
-                   "product, which keeps a class only where both sides allow it (default: "
+                   help="how the atlas's votes go in: a weighted sum (blend), a weighted "
+                   "product, which keeps a class only where both sides allow it, or filling "
+                   "the organs the network missed (fill, no weight); auto: fill for a model "
+                   "fine-tuned from a pretrained encoder, product for random init (default: "
                    f"{PredictConfig.atlas_mix})")
     _add_component(p)
     _add_progress(p)

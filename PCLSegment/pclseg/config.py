@@ -12,9 +12,10 @@ from .errors import PCLSegError
 Method = Literal["pcl", "simclr", "gcl"]
 DecoderTask = Literal["local", "adjacent", "restore", "position"]
 SliceAxis = Literal["auto", "axial", "coronal", "sagittal"]
-#: How an atlas's votes go into the network's probabilities: a weighted sum or a weighted
-#: product (``pclseg.propagate.mix_votes``).
-AtlasMix = Literal["blend", "product"]
+#: How an atlas's votes go into the network's probabilities (``pclseg.propagate.mix_votes``):
+#: a weighted sum, a weighted product, the atlas filling organs the network missed, or "auto":
+#: fill for a model fine-tuned from a pretrained encoder, product for one from random init.
+AtlasMix = Literal["auto", "blend", "product", "fill"]
 
 T = TypeVar("T")
 
@@ -454,7 +455,7 @@ class PredictConfig:
     uncertainty: bool = False
     component: int | None = None  # of multi-component inputs; None: the model's own choice
     atlas_blend: float = 0.5
-    atlas_mix: AtlasMix = "product"  # measured best on average (docs/decisions.md, 15)
+    atlas_mix: AtlasMix = "auto"  # measured best for each init (docs/decisions.md, 15)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -60,7 +60,7 @@ from .labels import (
 )
 from .model import UNet, load_pretrained, untransferred
 from .positional_task import check_positional_source, positional_task
-from .predict import MODEL, MODEL_FORMAT
+from .predict import MODEL, MODEL_FORMAT, PRETRAINED_KINDS
 from .preprocess import prepare_volume
 from .pretrain import get_lr
 from .progress import Progress
@@ -76,8 +76,6 @@ CHECKPOINT_FORMAT = "pclseg-finetune"
 POSITIONAL = "positional."
 ENCODER = "encoder"
 UNET = "unet"
-#: The pretraining pairs fine-tuning starts from: format -> ``init["kind"]``.
-PRETRAINED_KINDS = {"pclseg-encoder": "encoder", "pclseg-unet": "unet"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,12 +52,14 @@ from .labels import Label, labels_from_json
 from .model import UNet
 from .preprocess import SliceGeometry, prepare_label, prepare_volume, unfit_slices
 from .progress import Progress
-from .propagate import Atlas, FeatureMatcher, mix_votes
+from .propagate import Atlas, FeatureMatcher, mix_votes, resolve_mix
 from .roi import RegionOfInterest
 from .suggest import pixel_entropy
 
 MODEL = "model"
 MODEL_FORMAT = "pclseg-model"
+#: The pretraining pairs fine-tuning starts from: format -> ``init["kind"]``.
+PRETRAINED_KINDS = {"pclseg-encoder": "encoder", "pclseg-unet": "unet"}
 
 
 @dataclass
@@ -73,6 +75,15 @@ class LoadedModel:
     @property
     def num_classes(self) -> int:
         return self.config.model.num_classes
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the network was fine-tuned from a pretraining run (followed back through
+        models refined from models), whose first level an atlas is then matched on."""
+        init = self.metadata.get("init", {})
+        while init.get("kind") == "model":
+            init = init.get("from", {})
+        return init.get("kind") in PRETRAINED_KINDS.values()
 
 
 def model_stem(model_dir: Path | str) -> Path:
@@ -178,7 +189,8 @@ def predict_volume(
     probabilities, slices, geometry = network_probabilities(model, volume, batch_size, amp)
     if atlas is not None and atlas.blend:
         votes = torch.from_numpy(atlas_votes(model, slices, atlas))
-        probabilities = mix_votes(probabilities, votes, atlas.blend, atlas.mix)
+        probabilities = mix_votes(probabilities, votes, atlas.blend,
+                                  resolve_mix(atlas.mix, model.pretrained))
     return to_canonical(probabilities, geometry)
 
 

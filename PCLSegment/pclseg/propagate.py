@@ -332,11 +332,42 @@ def multiply_votes(probabilities: torch.Tensor, votes: torch.Tensor,
     return torch.where(reached, mixed, probabilities)
 
 
+def fill_missed(probabilities: torch.Tensor, votes: torch.Tensor,
+                ratio: float = 0.5) -> torch.Tensor:
+    """``probabilities`` with the atlas's votes taken for each organ the network missed: one
+    that it labels less than ``ratio`` as much of, over the whole volume, as the atlas places,
+    wherever the atlas places it and the network says background. A network fine-tuned on one
+    volume fails on another mostly by missing whole organs, which matching still places; where
+    the network found every organ, nothing changes."""
+    reached = votes.sum(dim=1) > 0
+    network = probabilities.argmax(dim=1)
+    atlas = torch.where(reached, votes.argmax(dim=1), 0)
+    missed = [c for c in range(1, votes.shape[1])
+              if (atlas == c).any() and (network == c).sum() < ratio * (atlas == c).sum()]
+    fill = torch.isin(atlas, torch.tensor(missed, dtype=atlas.dtype)) & (network == 0)
+    return torch.where(fill[:, None], votes, probabilities)
+
+
+def resolve_mix(mix: AtlasMix, pretrained: bool) -> AtlasMix:
+    """``"auto"`` made concrete: the atlas fills missed organs when the features it is matched
+    on were pretrained, and mixes in as a product when they are a random init's, each what
+    measured best for that init (``docs/decisions.md``, 15): random features carry labels too
+    poorly to be taken on their own."""
+    if mix != "auto":
+        return mix
+    return "fill" if pretrained else "product"
+
+
 def mix_votes(probabilities: torch.Tensor, votes: torch.Tensor, weight: float,
               mix: AtlasMix = "blend") -> torch.Tensor:
     """An atlas's ``votes`` mixed into the network's ``probabilities`` at ``weight``: a
     weighted sum (``"blend"``, :func:`blend_votes`) or product (``"product"``,
-    :func:`multiply_votes`)."""
+    :func:`multiply_votes`), or filling the organs the network missed (``"fill"``,
+    :func:`fill_missed`, which takes no weight). ``"auto"`` needs :func:`resolve_mix` first."""
     check_atlas_mix(weight, mix)
+    if mix == "auto":
+        raise PCLSegError('atlas mix "auto" depends on the model\'s init: resolve_mix() it first')
+    if mix == "fill":
+        return fill_missed(probabilities, votes)
     mixer = multiply_votes if mix == "product" else blend_votes
     return mixer(probabilities, votes, weight)

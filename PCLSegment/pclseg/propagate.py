@@ -174,7 +174,8 @@ class FeatureMatcher:
 class Atlas:
     """Labelled volumes of other patients, whose labels matching carries to each volume a
     model predicts (:meth:`FeatureMatcher.atlas_votes`, ``matching`` there), mixed into the
-    network's probabilities at weight ``blend`` by ``mix`` (:func:`mix_votes`).
+    network's probabilities at weight ``blend`` by ``mix`` (:func:`mix_votes`; ``"auto"`` as
+    :func:`resolve_mix` makes it for the model predicting; a weight of 0 leaves the atlas out).
 
     Attributes:
         matcher: the init encoder's first level (what the features are matched on).

@@ -398,6 +398,26 @@ def test_the_session_blends_matched_labels_into_its_prediction(
     assert FinetuneConfig().matched_blend == 0.25  # the measured default
 
 
+def test_any_mix_of_network_and_votes_becomes_labels_as_the_prediction_does(
+    a_sample: tuple[Path, np.ndarray]
+) -> None:
+    """``labels_from`` is what ``predict`` makes of the network's probabilities, and keeps the
+    user's slices whatever the probabilities say."""
+    image, truth = a_sample
+    liver = [i for i in range(len(truth)) if (truth[i] == 1).any()]
+    session = RefineSession.from_encoder(image, None, TINY, ORGANS)
+    session.set_annotations(truth, [liver[0], liver[-1]])
+    session.refine(steps=2)
+    np.testing.assert_array_equal(session.labels_from(session.network_probabilities()),
+                                  session.predict())
+    background = torch.zeros_like(session.network_probabilities())
+    background[:, 0] = 1
+    labels = session.labels_from(background)
+    np.testing.assert_array_equal(labels[[liver[0], liver[-1]]], truth[[liver[0], liver[-1]]])
+    others = np.setdiff1d(np.arange(len(truth)), [liver[0], liver[-1]])
+    assert not labels[others].any()
+
+
 @pytest.mark.parametrize("prior_from", ["features", "votes"])
 def test_fine_tuning_trains_on_matched_priors(a_sample_folder: Path, tmp_path: Path,
                                               prior_from: str) -> None:

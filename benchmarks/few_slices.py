@@ -92,6 +92,7 @@ from pclseg.interpolate import fill_between_slices
 from pclseg.io import read_label, read_volume
 from pclseg.postprocess import clean_prediction
 from pclseg.progress import Progress
+from pclseg.propagate import fill_missed, multiply_votes
 from pclseg.session import RefineSession
 from pclseg.suggest import spread_over_extent
 
@@ -107,16 +108,23 @@ GAP1, GAP2 = "prior by 1/gap", "prior by 2/gap"
 #: features (``FinetuneConfig.matched_blend``; the default is 0.25).
 BLEND_QUARTER, BLEND_HALF = "blend 0.25", "blend 0.5"
 BLENDS = {BLEND_QUARTER: 0.25, BLEND_HALF: 0.5}
+#: The same matched votes mixed in as across patients (``pclseg.propagate``, decision 15): as a
+#: product at half weight, or filling, slice by slice, each organ the network labels less than
+#: half as much of as the votes place (on every slice, or only on the slices between the first
+#: and last annotated slice that show that organ, where the votes carry an organ that is there).
+MATCHED_PRODUCT, FILL_SLICES, FILL_INSIDE = (
+    "matched product 0.5", "matched fill by slice", "matched fill by slice, inside")
+MATCHED_MIXES = (MATCHED_PRODUCT, FILL_SLICES, FILL_INSIDE)
 SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
 #: The commands' model size (``PreprocessConfig``'s and ``ModelConfig``'s defaults) as an arm.
 COMMAND_SIZE, COMMAND_FEATURES = PreprocessConfig().size, ModelConfig().features
 LARGE = f"{COMMAND_SIZE} px, f = {COMMAND_FEATURES}"
 ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, LR_LOW, FAST,
         MEAN_STOP, FIXED_CAP, ENCODER_SLOW, WARMUP, FIT90, SHALLOW, NO_NORMS, LARGE, GAP1, GAP2,
-        DRAWS_PER_BATCH, BLEND_QUARTER, BLEND_HALF)
+        DRAWS_PER_BATCH, BLEND_QUARTER, BLEND_HALF, *MATCHED_MIXES)
 #: Arms scored from another arm's network, and which.
 SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR, GAP1: DEFAULT, GAP2: DEFAULT,
-          BLEND_QUARTER: DEFAULT, BLEND_HALF: DEFAULT}
+          BLEND_QUARTER: DEFAULT, BLEND_HALF: DEFAULT} | dict.fromkeys(MATCHED_MIXES, DEFAULT)
 OLD_STEPS = 300
 
 
@@ -196,6 +204,25 @@ def fused(session: RefineSession, weights: np.ndarray, postprocess: bool = False
     return labels
 
 
+def matched_mix(session: RefineSession, mix: str) -> torch.Tensor:
+    """The session's network probabilities (no blend) with its matched votes mixed in by
+    ``mix`` (one of :data:`MATCHED_MIXES`), on the network grid."""
+    probabilities = session.network_probabilities(0.0)
+    votes = torch.from_numpy(session.matched_votes())
+    if mix == MATCHED_PRODUCT:
+        return multiply_votes(probabilities, votes, 0.5)
+    if mix == FILL_INSIDE:  # an organ's votes only between its own first and last annotated slice
+        votes = votes.clone()
+        for organ in range(1, votes.shape[1]):
+            shown = [s for s in session.annotated if (session.annotation[s] == organ).any()]
+            outside = np.ones(len(votes), bool)
+            if shown:
+                outside[min(shown) : max(shown) + 1] = False
+            votes[torch.from_numpy(outside), organ] = 0
+    return torch.cat([fill_missed(probabilities[i : i + 1], votes[i : i + 1])
+                      for i in range(len(probabilities))])
+
+
 def run_arms(
     volume, truth: np.ndarray, chosen: list[int], init: Path | None, arms: list[str],
     base: FinetuneConfig, args: argparse.Namespace, labels: list[str],
@@ -230,6 +257,9 @@ def run_arms(
                     out[sharer] = (fused(session, weights), *out[arm][1:])
                 elif sharer in BLENDS:
                     out[sharer] = (session.predict(BLENDS[sharer]), *out[arm][1:])
+                elif sharer in MATCHED_MIXES:
+                    labels = session.labels_from(matched_mix(session, sharer))
+                    out[sharer] = (labels, *out[arm][1:])
                 else:
                     scale = 1.0 if sharer == GAP1 else 2.0
                     weights = gap_weights(session.annotated, len(truth), scale)

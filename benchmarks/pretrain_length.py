@@ -37,7 +37,10 @@ label's share of the matched votes there instead ("random, soft prior"). ``--ble
 fine-tuning's network alone (the plain rows: ``FinetuneConfig.matched_blend`` 0, the default
 before it was measured) and mixed with those matched labels at 0.25 (now the default) and 0.5
 ("random, blend 0.25", paired with the same network alone; ``RefineSession.predict(blend)``;
-"random, soft prior, blend 0.25" is paired with "random, blend 0.25" too).
+"random, soft prior, blend 0.25" is paired with "random, blend 0.25" too); ``--matched-mixes``
+also mixes those labels in as across patients, as a product at half weight and filling the
+organs the network missed slice by slice ("random, matched fill by slice";
+``few_slices.matched_mix``).
 Each variant's runs are named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep +
 decoder 10 ep", "PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A
 pretraining run folder that is already there is continued, so a dense stage can be added to an
@@ -84,7 +87,7 @@ from dataset_runs import (
     under_variant_lines,
     variant_lines,
 )
-from few_slices import BLENDS, DEFAULT, run_arms
+from few_slices import BLENDS, DEFAULT, MATCHED_MIXES, run_arms
 
 from pclseg.config import (
     FinetuneConfig,
@@ -354,6 +357,10 @@ def main() -> None:
                         help="score each default fine-tuning's network alone (the plain rows) "
                         "and mixed with the labels carried by matching the init's features at "
                         "0.25 and 0.5 (\"..., blend 0.25\"; no extra training)")
+    parser.add_argument("--matched-mixes", action="store_true",
+                        help="also score each default fine-tuning's network with those labels "
+                        "mixed in as a product and filling missed organs slice by slice "
+                        "(\"..., matched fill by slice\"; no extra training)")
     parser.add_argument("--encoder-only", action="store_true",
                         help="after a dense stage, also fine-tune from each run's encoder "
                         "alone (\"..., encoder only\"), the decoder random")
@@ -433,7 +440,8 @@ def main() -> None:
                                                         min_steps=args.min_steps))
                     for init_name, (init, changes) in inits.items():
                         # Blends share the default fine-tuning's network: logged as its variants.
-                        shared = BLENDS if args.blend else {}
+                        shared = [*(BLENDS if args.blend else ()),
+                                  *(MATCHED_MIXES if args.matched_mixes else ())]
                         names_of_arms = {DEFAULT: init_name} | {
                             arm: f"{init_name}, {arm}" for arm in shared}
                         if all((volume.name, k, seed, n) in done for n in names_of_arms.values()):

@@ -445,7 +445,13 @@ class RefineSession:
         """The label map ``(S, H, W)`` on the canonical grid: the model's prediction (``blend``
         as in :meth:`network_probabilities`; post-processed with ``cfg.postprocess``), and the
         user's labels exactly on annotated slices."""
-        labels = to_canonical(self.network_probabilities(blend), self.geometry).labels
+        return self.labels_from(self.network_probabilities(blend))
+
+    def labels_from(self, probabilities: torch.Tensor) -> np.ndarray:
+        """The label map that :meth:`predict` makes of ``probabilities`` on the network grid
+        ``(S, C, size, size)``, so that another mix of the network and the matched votes is
+        post-processed and keeps the user's slices alike."""
+        labels = to_canonical(probabilities, self.geometry).labels
         labels = labels.astype(np.uint8 if self.num_classes <= 256 else np.uint16)
         if self.annotated and self.cfg.postprocess:
             labels = clean_prediction(labels, self.annotation, self.annotated,

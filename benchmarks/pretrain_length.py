@@ -39,7 +39,8 @@ before it was measured) and mixed with those matched labels at 0.25 (now the def
 ("random, blend 0.25", paired with the same network alone; ``RefineSession.predict(blend)``;
 "random, soft prior, blend 0.25" is paired with "random, blend 0.25" too); ``--matched-mixes``
 also mixes those labels in as across patients, as a product at half weight and filling the
-organs the network missed slice by slice ("random, matched fill by slice";
+organs the network missed slice by slice, on every slice or only between an organ's first and
+last annotated slice ("random, matched fill by slice", "..., inside";
 ``few_slices.matched_mix``).
 Each variant's runs are named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep +
 decoder 10 ep", "PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A

@@ -424,6 +424,8 @@ def main() -> None:
                     run_dir, {"positional_weight": weight})
         names = structure_names(args.data)
         done = {(r["volume"], r["k"], r["seed"], r["init"]) for r in finished_runs(log)}
+        # Blends and mixes share the default fine-tuning's network: logged as its variants.
+        shared = [*(BLENDS if args.blend else ()), *(MATCHED_MIXES if args.matched_mixes else ())]
         for image in chosen_images(args.data, args.volumes, args.first):
             volume = read_volume(image)
             truth = read_label(args.data / "labelsTr" / image.name, volume)
@@ -440,9 +442,6 @@ def main() -> None:
                                           stop=StopRule(stretch=args.stretch,
                                                         min_steps=args.min_steps))
                     for init_name, (init, changes) in inits.items():
-                        # Blends share the default fine-tuning's network: logged as its variants.
-                        shared = [*(BLENDS if args.blend else ()),
-                                  *(MATCHED_MIXES if args.matched_mixes else ())]
                         names_of_arms = {DEFAULT: init_name} | {
                             arm: f"{init_name}, {arm}" for arm in shared}
                         if all((volume.name, k, seed, n) in done for n in names_of_arms.values()):

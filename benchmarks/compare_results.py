@@ -12,6 +12,9 @@ did not touch them: a check that nothing else differs).
 
 The earlier folder is rebuilt with the earlier default where the benchmark can set it
 (``pretrain_length.py --stretch 1`` for the stop rule before its cap was stretched).
+``--before-name OLD=NEW`` renames an init of the first folder where the two runs name one arm
+differently (a run with ``--blend`` names the default blend "random, blend 0.25", a run
+without it "random").
 """
 
 from __future__ import annotations
@@ -33,10 +36,16 @@ def run_key(row: dict) -> tuple:
     raise SystemExit(f"a run without the fields that identify it: {sorted(row)}")
 
 
-def change_table(before: list[dict], after: list[dict]) -> str:
+def change_table(before: list[dict], after: list[dict],
+                 before_names: dict[str, str] | None = None) -> str:
     """One line per init and k (or n) that both folders ran: the Dice before and after, the
-    paired difference ± std, runs ahead / behind / identical, runs that missed a structure."""
-    earlier = {run_key(r): r for r in before}
+    paired difference ± std, runs ahead / behind / identical, runs that missed a structure.
+    ``before_names`` renames inits of the first folder (old name -> the second's name); a run
+    of the first folder already named as a rename's result is left out, not paired twice."""
+    names = before_names or {}
+    renamed = [{**r, "init": names.get(r["init"], r["init"])} for r in before
+               if r["init"] in names or r["init"] not in names.values()]
+    earlier = {run_key(r): r for r in renamed}
     pairs = [(earlier[run_key(r)], r) for r in after if run_key(r) in earlier]
     if not pairs:
         return "No run of the second folder is in the first."
@@ -67,9 +76,14 @@ def main() -> None:
     parser.add_argument("before", type=Path, help="results folder under the earlier default")
     parser.add_argument("after", type=Path, help="results folder under the new one")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--before-name", action="append", default=[], metavar="OLD=NEW",
+                        help="pair the first folder's init OLD with the second's NEW")
     args = parser.parse_args()
+    if any("=" not in pair for pair in args.before_name):
+        parser.error("--before-name takes OLD=NEW")
     table = change_table(finished_runs(args.before / "runs.jsonl"),
-                         finished_runs(args.after / "runs.jsonl"))
+                         finished_runs(args.after / "runs.jsonl"),
+                         dict(pair.rsplit("=", 1) for pair in args.before_name))
     text = (f"Run for run: {args.after.name} against {args.before.name} (Dice on the "
             f"unannotated slices; a structure under {MISSED} counts as missed)\n\n{table}\n")
     print(text)

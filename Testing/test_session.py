@@ -293,3 +293,46 @@ def test_where_the_image_contradicts_interpolation_the_default_beats_it() -> Non
     dice = {name: 2 * (disk & mask).sum() / (disk.sum() + mask.sum())
             for name, mask in found.items()}
     assert dice["fill"] < 0.4 and dice["network"] > dice["fill"] + 0.3, dice
+
+
+def test_self_training_learns_the_model_labels_of_the_other_slices(
+    an_image: Path, a_truth: np.ndarray
+) -> None:
+    """A label the user's slices never show, on every other slice of the model's mask: the
+    network trained with it predicts it there; the user's slices stay theirs."""
+    # The network's own mask: no post-processing, no blend with the (all background) votes.
+    cfg = dataclasses.replace(TINY, postprocess=False, roi=False, matched_blend=0.0)
+    session = RefineSession.from_encoder(an_image, None, cfg, ORGANS)
+    session.set_annotations(np.zeros_like(a_truth), [0, len(a_truth) - 1])
+    pseudo = np.zeros_like(a_truth)
+    height, width = a_truth.shape[1:]
+    square = (slice(1, len(a_truth) - 1), slice(height // 4, 3 * height // 4),
+              slice(width // 4, 3 * width // 4))
+    pseudo[square] = 4
+    session.refine(steps=40, pseudo=pseudo)
+    labels = session.predict()
+    assert (labels[square] == 4).mean() > 0.5
+    assert not labels[[0, -1]].any()
+    without = RefineSession.from_encoder(an_image, None, cfg, ORGANS)
+    without.set_annotations(np.zeros_like(a_truth), [0, len(a_truth) - 1])
+    without.refine(steps=40)
+    assert not (without.predict() == 4).any()
+
+
+@pytest.mark.parametrize(
+    ("shape", "value", "message"), [((3, 32, 32), 1, "do not fit"), (None, 7, "0..4")])
+def test_bad_model_labels_are_clear_errors(
+    a_session: RefineSession, shape: tuple | None, value: int, message: str
+) -> None:
+    pseudo = np.full(shape or a_session.volume.shape, value, np.int64)
+    with pytest.raises(PCLSegError, match=message):
+        a_session.refine(steps=1, pseudo=pseudo)
+    assert a_session.steps_done == 0
+
+
+def test_self_training_needs_the_fill_prior(an_image: Path, a_truth: np.ndarray) -> None:
+    cfg = dataclasses.replace(TINY, prior_from="features")
+    session = RefineSession.from_encoder(an_image, None, cfg, ORGANS)
+    session.set_annotations(a_truth, ANNOTATED)
+    with pytest.raises(PCLSegError, match="Fill between slices"):
+        session.refine(steps=1, pseudo=a_truth)

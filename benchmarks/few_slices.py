@@ -48,12 +48,17 @@ draws per batch       the defaults with fine-tuning's augmentation drawn for the
                       at once, in one resampling (``FinetuneConfig.batch_augment``)
 128 px, f = 32        the defaults at the commands' model size (slices of 128 px, width 32)
                       whatever ``--size`` and ``--features`` say; random init only
+self-trained          self-training within the volume: a fresh network from the same init,
+                      trained on the k slices and on the default's mask of every other slice
+                      (``RefineSession.refine(pseudo=...)``); its seconds include the
+                      default's, its steps are its own
 ===================== ======================================================================
 
 Each arm runs from random init and from every ``--encoder NAME=RUN_DIR`` (a pretraining run;
 the encoder may have seen every volume's images, never a label, as a user pretrains on their
 whole folder). Arms that share a network ("default, no post" and the "prior by" arms with
-"default", "fused" with "no prior") are scored from the same training run.
+"default", "fused" with "no prior") are scored from the same training run; "self-trained" is
+taught by the same run of "default".
 
     python benchmarks/few_slices.py --data ../shared/data/chaos-t2 --encoder PCL=runs/pcl \
         --ks 2 4 8 --seeds 0 --out runs/few_slices
@@ -115,16 +120,20 @@ BLENDS = {BLEND_QUARTER: 0.25, BLEND_HALF: 0.5}
 MATCHED_PRODUCT, FILL_SLICES, FILL_INSIDE = (
     "matched product 0.5", "matched fill by slice", "matched fill by slice, inside")
 MATCHED_MIXES = (MATCHED_PRODUCT, FILL_SLICES, FILL_INSIDE)
+#: Self-training within the volume: a fresh network from the same init, trained on the annotated
+#: slices and on the default's mask of every other slice (``RefineSession.refine(pseudo=...)``).
+SELF_TRAINED = "self-trained"
 SHALLOW, NO_NORMS = "encoder levels 1-3", "no batch norms"
 #: The commands' model size (``PreprocessConfig``'s and ``ModelConfig``'s defaults) as an arm.
 COMMAND_SIZE, COMMAND_FEATURES = PreprocessConfig().size, ModelConfig().features
 LARGE = f"{COMMAND_SIZE} px, f = {COMMAND_FEATURES}"
 ARMS = (DEFAULT, NO_POST, NO_PRIOR, BETWEEN, WHOLE, FUSED, OLD, BATCH4, LR2, LR3, LR_LOW, FAST,
         MEAN_STOP, FIXED_CAP, ENCODER_SLOW, WARMUP, FIT90, SHALLOW, NO_NORMS, LARGE, GAP1, GAP2,
-        DRAWS_PER_BATCH, BLEND_QUARTER, BLEND_HALF, *MATCHED_MIXES)
-#: Arms scored from another arm's network, and which.
+        DRAWS_PER_BATCH, BLEND_QUARTER, BLEND_HALF, *MATCHED_MIXES, SELF_TRAINED)
+#: Arms scored from another arm's network (the self-trained one taught by it), and which.
 SHARED = {NO_POST: DEFAULT, FUSED: NO_PRIOR, GAP1: DEFAULT, GAP2: DEFAULT,
-          BLEND_QUARTER: DEFAULT, BLEND_HALF: DEFAULT} | dict.fromkeys(MATCHED_MIXES, DEFAULT)
+          BLEND_QUARTER: DEFAULT, BLEND_HALF: DEFAULT, SELF_TRAINED: DEFAULT} | dict.fromkeys(
+              MATCHED_MIXES, DEFAULT)
 OLD_STEPS = 300
 
 
@@ -231,25 +240,36 @@ def run_arms(
     the run (its reason, and the training-slice Dice at every check), of every trained arm and
     of the arms that share its network."""
     out: dict[str, tuple[np.ndarray, float, int, dict]] = {}
-    for arm in [a for a in arms if a not in SHARED]:
-        cfg, steps = arm_config(arm, base)
+
+    def trained(cfg: FinetuneConfig, steps: int | None,
+                pseudo: np.ndarray | None = None) -> tuple[RefineSession, float, dict]:
+        """A session from ``init`` refined on the chosen slices (and ``pseudo``'s labels of
+        the others): the session, its seconds, and how the stop rule ended it."""
         checks: list[list[float]] = []
 
-        def on_event(event: dict, checks=checks) -> None:
+        def on_event(event: dict) -> None:
             if event["event"] == "check":
                 checks.append([event["step"], round(event["train_dice"], 4)])
 
         start = time.perf_counter()
         session = RefineSession.from_encoder(volume, init, cfg, labels)
         session.set_annotations(truth, chosen)
-        session.refine(steps, progress=Progress("none", callback=on_event))
+        session.refine(steps, progress=Progress("none", callback=on_event), pseudo=pseudo)
         last = session.last_fit or {}
-        fit = {"reason": last.get("reason", "fixed"), "unlearned": last.get("unlearned", []),
-               "checks": checks}
-        out[arm] = (session.predict(), time.perf_counter() - start, session.steps_done, fit)
+        return session, time.perf_counter() - start, {
+            "reason": last.get("reason", "fixed"), "unlearned": last.get("unlearned", []),
+            "checks": checks}
+
+    for arm in [a for a in arms if a not in SHARED]:
+        cfg, steps = arm_config(arm, base)
+        session, seconds, fit = trained(cfg, steps)
+        out[arm] = (session.predict(), seconds, session.steps_done, fit)
         for sharer, source in SHARED.items():
             if source == arm and sharer in arms:
-                if sharer == NO_POST:
+                if sharer == SELF_TRAINED:  # its seconds: the first model's and its own
+                    student, more, fit = trained(cfg, steps, pseudo=out[arm][0])
+                    out[sharer] = (student.predict(), seconds + more, student.steps_done, fit)
+                elif sharer == NO_POST:
                     session.trainer.cfg = dataclasses.replace(session.cfg, postprocess=False)
                     out[sharer] = (session.predict(), *out[arm][1:])
                 elif sharer == FUSED:

@@ -41,7 +41,10 @@ before it was measured) and mixed with those matched labels at 0.25 (now the def
 also mixes those labels in as across patients, as a product at half weight and filling the
 organs the network missed slice by slice, on every slice or only between an organ's first and
 last annotated slice ("random, matched fill by slice", "..., inside";
-``few_slices.matched_mix``).
+``few_slices.matched_mix``). ``--self-train`` then self-trains each default fine-tuning within
+its volume: a fresh network from the same init learns the k slices and the first model's mask
+of every other slice ("random, self-trained", paired with the first; ``RefineSession.refine(
+pseudo=...)``).
 Each variant's runs are named after it ("SimCLR 50 ep", "PCL 50 ep, 20 mm", "PCL 50 ep +
 decoder 10 ep", "PCL 50 ep + restore 20 ep", "GCL 50 ep, crops 0.5 + position 20 ep"). A
 pretraining run folder that is already there is continued, so a dense stage can be added to an
@@ -88,7 +91,7 @@ from dataset_runs import (
     under_variant_lines,
     variant_lines,
 )
-from few_slices import BLENDS, DEFAULT, MATCHED_MIXES, run_arms
+from few_slices import BLENDS, DEFAULT, MATCHED_MIXES, SELF_TRAINED, run_arms
 
 from pclseg.config import (
     FinetuneConfig,
@@ -362,6 +365,10 @@ def main() -> None:
                         help="also score each default fine-tuning's network with those labels "
                         "mixed in as a product and filling missed organs slice by slice "
                         "(\"..., matched fill by slice\"; no extra training)")
+    parser.add_argument("--self-train", action="store_true",
+                        help="also self-train each default fine-tuning within its volume: a "
+                        "fresh network from the same init learns the k slices and the first "
+                        "model's mask of the others (\"..., self-trained\")")
     parser.add_argument("--encoder-only", action="store_true",
                         help="after a dense stage, also fine-tune from each run's encoder "
                         "alone (\"..., encoder only\"), the decoder random")
@@ -425,7 +432,8 @@ def main() -> None:
         names = structure_names(args.data)
         done = {(r["volume"], r["k"], r["seed"], r["init"]) for r in finished_runs(log)}
         # Blends and mixes share the default fine-tuning's network: logged as its variants.
-        shared = [*(BLENDS if args.blend else ()), *(MATCHED_MIXES if args.matched_mixes else ())]
+        shared = [*(BLENDS if args.blend else ()), *(MATCHED_MIXES if args.matched_mixes else ()),
+                  *((SELF_TRAINED,) if args.self_train else ())]
         for image in chosen_images(args.data, args.volumes, args.first):
             volume = read_volume(image)
             truth = read_label(args.data / "labelsTr" / image.name, volume)

@@ -69,7 +69,7 @@ from .roi import RegionOfInterest, region_of_annotations
 from .stopping import FitProgress, unlearned_note
 from .suggest import largest_gap_middles, pick_spread, slice_uncertainty, structure_range
 from .trainer import RunResult, Trainer
-from .training_slices import annotated_slices, prepared_annotations
+from .training_slices import TrainingSlices, annotated_slices, prepared_annotations
 
 SESSION_FILE = "session.json"
 ANNOTATIONS_FILE = "annotations.nii.gz"
@@ -303,6 +303,7 @@ class RefineSession:
         steps: int | None = None,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
+        pseudo: np.ndarray | None = None,
     ) -> RunResult:
         """Train on the annotated slices (see the module docstring).
 
@@ -311,6 +312,11 @@ class RefineSession:
             progress: gets ``started``, ``step``, ``check`` and ``done`` events.
             should_stop: polled after every step; True ends the refine early (the weights keep
                 what the finished steps learned).
+            pseudo: self-training within the volume: a label map ``(S, H, W)`` a model made of
+                it (another session's :meth:`predict`). Every slice the user did not annotate
+                trains too, with these labels and the prior the network meets there when it
+                predicts, so a fresh network learns the whole volume from a first model's
+                mask rather than from two or four slices; the user's slices keep theirs.
         """
         if steps is not None and steps < 1:
             raise PCLSegError(f"steps must be at least 1, got {steps}")
@@ -325,6 +331,8 @@ class RefineSession:
         if self.trainer.with_prior and self._matched_prior:
             data.priors = self._matcher.leave_one_out(data, self.num_classes,
                                                       soft=self.cfg.prior_from == "votes")
+        if pseudo is not None:
+            data = TrainingSlices.concat([data, self._model_labelled(pseudo)])
         rule = self.cfg.stop
         fit = FitProgress(len(data))
         progress.event("started", total_steps=steps or fit.expected_steps(rule),
@@ -356,6 +364,27 @@ class RefineSession:
         progress.event("done", steps=result.steps, loss=result.loss, stopped=result.stopped,
                        seconds=time.monotonic() - start)
         return result
+
+    def _model_labelled(self, pseudo: np.ndarray) -> TrainingSlices:
+        """The slices the user did not annotate, labelled by ``pseudo`` (canonical), each
+        with the prior the network sees there in prediction."""
+        pseudo = np.asarray(pseudo)
+        if pseudo.shape != self.volume.shape:
+            raise PCLSegError(f"a model's labels of shape {pseudo.shape} do not fit the "
+                              f"volume's {self.volume.shape}")
+        if self.trainer.with_prior and self._matched_prior:
+            raise PCLSegError("self-training within the volume works with the Fill between "
+                              "slices prior, not a matched one (prior_from 'fill')")
+        pseudo = self._check_values(pseudo, "a model's labels")
+        annotated = set(self.annotated)
+        others = [i for i in range(len(pseudo)) if i not in annotated]
+        if not others:
+            return TrainingSlices.empty(self.cfg.preprocess.size)
+        priors = (self.network_prior()[others].astype(np.uint8) if self.trainer.with_prior
+                  else None)
+        return TrainingSlices(np.ascontiguousarray(self.slices[others]),
+                              prepare_label(pseudo[others], self.geometry),
+                              [(self.volume.name, i) for i in others], priors)
 
     def set_mixed_precision(self, enabled: bool) -> None:
         """Mixed precision on or off (:mod:`pclseg.device`) for what follows."""

@@ -216,14 +216,16 @@ def under_variant_lines(rows: list[dict], inits: list[str], column: str,
     """The summary's part on fine-tuning variants that random init ran too ("random, blend
     0.25", "random, soft prior, blend 0.25"): each pretrained init's variant paired with random
     init's, so that pretraining is measured under the same fine-tuning."""
-    groups = variants_by_base(inits)
-    # The fine-tuning variants: what random init ran; an init ending in one is not a pretraining.
-    finetuning = [init for init in inits if init.startswith(f"{RANDOM}, ")]
-    pretrained = [base for base in groups if not base.startswith(RANDOM) and not any(
-        base.endswith(variant.removeprefix(RANDOM)) for variant in finetuning)]
-    against = {variant: [f"{base}{variant.removeprefix(RANDOM)}" for base in pretrained
-                         if f"{base}{variant.removeprefix(RANDOM)}" in inits]
-               for variant in finetuning}
+    # The fine-tuning variants: what random init ran. A pretrained init's pretraining is its
+    # name without the longest of them it ends in ("GCL 50 ep, self-trained on 3, atlas blend
+    # 0.5" is "GCL 50 ep"), whether or not that pretraining ran alone.
+    suffixes = [init.removeprefix(RANDOM) for init in inits if init.startswith(f"{RANDOM}, ")]
+    longest_first = sorted(suffixes, key=len, reverse=True)
+    pretrained = list(dict.fromkeys(
+        next((init.removesuffix(s) for s in longest_first if init.endswith(s)), init)
+        for init in inits if not init.startswith(RANDOM)))
+    against = {RANDOM + suffix: [base + suffix for base in pretrained if base + suffix in inits]
+               for suffix in suffixes}
     return titled_tables(rows, against, column, pair_by,
                          "Pretraining under each fine-tuning variant that random init ran too "
                          "(paired difference to random init under it, runs ahead):")

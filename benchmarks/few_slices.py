@@ -267,8 +267,9 @@ def run_arms(
         for sharer, source in SHARED.items():
             if source == arm and sharer in arms:
                 if sharer == SELF_TRAINED:  # its seconds: the first model's and its own
-                    student, more, fit = trained(cfg, steps, pseudo=out[arm][0])
-                    out[sharer] = (student.predict(), seconds + more, student.steps_done, fit)
+                    student, more, student_fit = trained(cfg, steps, pseudo=out[arm][0])
+                    out[sharer] = (student.predict(), seconds + more, student.steps_done,
+                                   student_fit)
                 elif sharer == NO_POST:
                     session.trainer.cfg = dataclasses.replace(session.cfg, postprocess=False)
                     out[sharer] = (session.predict(), *out[arm][1:])

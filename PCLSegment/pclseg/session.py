@@ -324,6 +324,8 @@ class RefineSession:
             raise PCLSegError("no annotated slice yet: annotate at least one slice, then refine")
         progress = progress or Progress.null()
         self._follow_annotations()
+        # The model's slices first: a bad label map is refused before any matching or step.
+        model_labelled = None if pseudo is None else self._model_labelled(pseudo)
         data = prepared_annotations(self.slices, self.annotation, self.geometry, self.annotated,
                                     self.volume.name,
                                     self.trainer.with_prior and not self._matched_prior,
@@ -331,8 +333,8 @@ class RefineSession:
         if self.trainer.with_prior and self._matched_prior:
             data.priors = self._matcher.leave_one_out(data, self.num_classes,
                                                       soft=self.cfg.prior_from == "votes")
-        if pseudo is not None:
-            data = TrainingSlices.concat([data, self._model_labelled(pseudo)])
+        if model_labelled is not None:
+            data = TrainingSlices.concat([data, model_labelled])
         rule = self.cfg.stop
         fit = FitProgress(len(data))
         progress.event("started", total_steps=steps or fit.expected_steps(rule),

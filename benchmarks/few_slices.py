@@ -462,6 +462,11 @@ def main() -> None:
                else args.arms)
         for init in inits
     }
+    for init, arms in arm_lists.items():
+        if missing := sorted({f"{a!r} needs {SHARED[a]!r}" for a in arms
+                              if a in SHARED and SHARED[a] not in arms}):
+            parser.error(f"{init} init: an arm scored from another arm's network needs that "
+                         f"arm too ({'; '.join(missing)})")
     used: set[str] = set()
     for image in images:
         volume = read_volume(image)

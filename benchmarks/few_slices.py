@@ -65,9 +65,10 @@ taught by the same run of "default".
 
 Dice is the mean over the foreground classes present in the truth, on the scored slices taken
 together as one volume. Every run is appended to ``--out``/runs.jsonl as it finishes (a long
-benchmark can be stopped and started again: finished runs are skipped); the tables (each arm
-against Fill between slices, each pretrained arm against random init, paired) are printed at the
-end and written to ``--out``/summary.md, with the Dice-vs-k plot ``--out``/dice_vs_k.png.
+benchmark can be stopped and started again: finished runs are skipped, and an arm asked for
+later is added to them, the row logged again with it); the tables (each arm against Fill between
+slices, each pretrained arm against random init, paired) are printed at the end and written to
+``--out``/summary.md, with the Dice-vs-k plot ``--out``/dice_vs_k.png.
 """
 
 from __future__ import annotations
@@ -487,16 +488,24 @@ def main() -> None:
             fill_mask = fill_between_slices(truth, chosen)
             fill = score(fill_mask)
             for seed in args.seeds:
-                if (volume.name, k, seed) in done:
+                # A finished row is extended with the inits whose arms it lacks (an arm asked
+                # for later), the logged copy with every arm replacing it.
+                row = done.get((volume.name, k, seed))
+                todo = [init for init in inits if row is None
+                        or any(f"{init} {arm}" not in row["dice"] for arm in arm_lists[init])]
+                if not todo:
                     continue
                 base = FinetuneConfig(seed=seed, device=args.device,
                                       preprocess=PreprocessConfig(size=args.size),
                                       model=ModelConfig(features=args.features))
-                row = {"volume": volume.name, "k": k, "seed": seed, "slices": chosen,
-                       "dice": {FILL: fill}, "seconds": {}, "steps": {}, "fit": {},
-                       "structures": {FILL: per_structure(fill_mask)}}
+                row = ({key: dict(value) if isinstance(value, dict) else value
+                        for key, value in row.items()} if row else
+                       {"volume": volume.name, "k": k, "seed": seed, "slices": chosen,
+                        "dice": {FILL: fill}, "seconds": {}, "steps": {}, "fit": {},
+                        "structures": {FILL: per_structure(fill_mask)}})
                 masks = {FILL: fill_mask}
-                for init_name, init in inits.items():
+                for init_name in todo:
+                    init = inits[init_name]
                     results = run_arms(volume, truth, chosen, init, arm_lists[init_name], base,
                                        args, names)
                     for arm, (pred, seconds, steps, fit) in results.items():

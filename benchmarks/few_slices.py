@@ -233,6 +233,11 @@ def matched_mix(session: RefineSession, mix: str) -> torch.Tensor:
                       for i in range(len(probabilities))])
 
 
+def logged_arm(init: str, arm: str) -> str:
+    """An arm's name in the rows: its init, then the arm ("random default")."""
+    return f"{init} {arm}"
+
+
 def run_arms(
     volume, truth: np.ndarray, chosen: list[int], init: Path | None, arms: list[str],
     base: FinetuneConfig, args: argparse.Namespace, labels: list[str],
@@ -489,27 +494,25 @@ def main() -> None:
             fill = score(fill_mask)
             for seed in args.seeds:
                 # A finished row is extended with the inits whose arms it lacks (an arm asked
-                # for later), the logged copy with every arm replacing it.
+                # for later) and logged again with every arm; the last row of a run counts.
                 row = done.get((volume.name, k, seed))
                 todo = [init for init in inits if row is None
-                        or any(f"{init} {arm}" not in row["dice"] for arm in arm_lists[init])]
+                        or any(logged_arm(init, arm) not in row["dice"] for arm in arm_lists[init])]
                 if not todo:
                     continue
                 base = FinetuneConfig(seed=seed, device=args.device,
                                       preprocess=PreprocessConfig(size=args.size),
                                       model=ModelConfig(features=args.features))
-                row = ({key: dict(value) if isinstance(value, dict) else value
-                        for key, value in row.items()} if row else
-                       {"volume": volume.name, "k": k, "seed": seed, "slices": chosen,
-                        "dice": {FILL: fill}, "seconds": {}, "steps": {}, "fit": {},
-                        "structures": {FILL: per_structure(fill_mask)}})
+                row = row or {"volume": volume.name, "k": k, "seed": seed, "slices": chosen,
+                              "dice": {FILL: fill}, "seconds": {}, "steps": {}, "fit": {},
+                              "structures": {FILL: per_structure(fill_mask)}}
                 masks = {FILL: fill_mask}
                 for init_name in todo:
                     init = inits[init_name]
                     results = run_arms(volume, truth, chosen, init, arm_lists[init_name], base,
                                        args, names)
                     for arm, (pred, seconds, steps, fit) in results.items():
-                        key = f"{init_name} {arm}"
+                        key = logged_arm(init_name, arm)
                         row["dice"][key] = score(pred)
                         row["seconds"][key] = seconds
                         row["steps"][key] = steps

@@ -305,6 +305,45 @@ def test_crop_starts_the_contrastive_views_and_the_positional_task_alike():
         tiny_config(crop=0)
 
 
+@pytest.mark.parametrize("batch_augment", [False, True])
+@pytest.mark.parametrize("crop", [0.5, 1.0])
+def test_view_size_draws_smaller_contrastive_views_of_the_whole_slice(batch_augment, crop):
+    # A ramp across the width: a whole-slice view at half the side still spans all of it.
+    cache = SimpleNamespace(slices=np.broadcast_to(np.linspace(0, 1, 32, dtype=np.float32),
+                                                   (4, 32, 32)).copy(),
+                            positions=np.linspace(0.25, 1.0, 4),
+                            slice_units=lambda unit: np.full(4, 0.25, np.float32))
+    still = dict(intensity_augment=False, batch_augment=batch_augment, crop=crop)
+    views = contrastive_views(tiny_config(view_size=16, **still), cache, seed=0)
+    view1, view2, *_ = views.collate([views[i] for i in range(4)])
+    assert view1.shape == view2.shape == (4, 1, 16, 16)
+    assert float(view1.amax() - view1.amin()) > 0.5
+    full = contrastive_views(tiny_config(**still), cache, seed=0)
+    assert full.collate([full[i] for i in range(4)])[0].shape == (4, 1, 32, 32)
+    # The dense stage's views keep the slice's size.
+    assert view_augment(tiny_config(view_size=16, crop=crop))(cache.slices[:1]).shape == (1, 32, 32)
+    with pytest.raises(PCLSegError, match="view size must be a multiple of 16"):
+        tiny_config(view_size=24)
+
+
+def test_an_encoder_pretrained_on_smaller_views_loads_at_the_slice_size(a_sample_folder,
+                                                                         tmp_path):
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "run",
+                                  "--epochs", "1", "--view-size", "16"))
+    assert proc.returncode == 0, proc.stderr
+    tensors, meta = checkpoint.load_pair(tmp_path / "run" / "encoder",
+                                         expect_format="pclseg-encoder")
+    assert meta["config"]["view_size"] == 16
+    unet = UNet(ModelConfig(features=4, num_classes=3))
+    load_encoder(unet, tensors)
+    with torch.no_grad():
+        assert unet.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "bad",
+                                  "--view-size", "20"))
+    assert proc.returncode == 2 and "view size must be a multiple of 16" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()
+
+
 def test_cli_crops_and_inplane_threshold_are_stored_with_the_encoder(a_sample_folder, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",

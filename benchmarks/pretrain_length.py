@@ -24,7 +24,8 @@ and ``--decoder-batch-negatives`` set its regions and their negatives;
 (each view a random crop, each side at least F of the slice's; with ``--inplane-threshold T``
 both views share one crop, and crops T or more apart in the slice plane are negatives),
 ``--batch-augment`` (the views of a batch drawn at once, in one resampling:
-:mod:`pclseg.batch_views`), ``--pretrain-seed S`` (another encoder of the same pretraining, to
+:mod:`pclseg.batch_views`), ``--view-size PX`` (the contrastive views drawn at PX pixels a
+side, a quarter of the computing at half the slice's side), ``--pretrain-seed S`` (another encoder of the same pretraining, to
 see how far two of them differ; the summary then also averages each pretraining over its
 encoders and compares the averages, so that two methods are not told apart by one encoder each).
 ``--positional-weight W`` also fine-tunes from each encoder with its pretraining's contrastive
@@ -118,6 +119,7 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
             ("crop", "crops {:g}", "crop{:g}"),
             ("inplane_threshold", "in-plane {:g}", "ip{:g}"),
             ("batch_augment", "views per batch", "batch"),
+            ("view_size", "views {:g} px", "view{:g}"),
             ("seed", "pretraining seed {:g}", "seed{:g}"))
 #: The same for the dense stage's settings, said after it (an encoder lr of 0 is the default).
 DENSE_SETTINGS = (("decoder_encoder_lr", "encoder lr {:g}", "elr{:g}"),
@@ -155,6 +157,7 @@ class Variant:
     decoder_reach: int | None = None
     decoder_grid: int | None = None
     decoder_batch_negatives: bool | None = None
+    view_size: int | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -384,6 +387,9 @@ def main() -> None:
     parser.add_argument("--batch-augment", action="store_const", const=True, default=None,
                         help="draw the views for a whole batch at once (default: one slice at "
                         "a time, with MONAI transforms)")
+    parser.add_argument("--view-size", type=int, default=None, metavar="PX",
+                        help="draw the contrastive views at PX pixels a side (default: the "
+                        "slice's --size)")
     parser.add_argument("--pretrain-volumes", type=int, default=None, metavar="N",
                         help="pretrain on the first N volumes only (default: all)")
     parser.add_argument("--positional-weight", type=float, nargs="+", default=[], metavar="W",
@@ -404,7 +410,8 @@ def main() -> None:
                       args.decoder_epochs, args.pretrain_volumes, args.decoder_task,
                       args.pretrain_seed or None, args.intensity_augment, args.crop,
                       args.inplane_threshold, args.batch_augment, args.decoder_encoder_lr,
-                      args.decoder_reach, args.decoder_grid, args.decoder_batch_negatives)
+                      args.decoder_reach, args.decoder_grid, args.decoder_batch_negatives,
+                      args.view_size)
 
     if not args.report_only:
         threads = use_all_cores()

@@ -163,24 +163,28 @@ def pretrain_augment(
     intensity: bool = False,
     params: AugmentParams = NO_FLIP_PARAMS,
     crop: float = 1.0,
+    view_size: int | None = None,
 ) -> Compose:
-    """A random augmentation of one slice: ``(C, size, size)`` -> float32 tensor, same shape.
+    """A random augmentation of one slice: ``(C, size, size)`` -> float32 tensor
+    ``(C, view_size, view_size)`` (``view_size`` defaults to ``size``).
 
     With ``crop`` < 1 a random crop comes first, each side between ``crop`` and all of the
-    slice's, resized back to ``size`` (what a view of a slice is in SimCLR). Then flips along
-    both in-plane axes (with ``params.flip_prob`` > 0), rotation and scaling, elastic
-    deformation, then (with ``intensity``) gamma, bias field, scaling and noise. Seeded by
-    ``seed``; reseed with ``set_random_state``.
+    slice's, resized to ``view_size`` (what a view of a slice is in SimCLR); without, the slice
+    is resized when ``view_size`` differs. Then flips along both in-plane axes (with
+    ``params.flip_prob`` > 0), rotation and scaling, elastic deformation, then (with
+    ``intensity``) gamma, bias field, scaling and noise. Seeded by ``seed``; reseed with
+    ``set_random_state``.
     """
     _check_size(size)
     check_crop(crop)
-    affine, elastic = _spatial_kwargs(size, params)
+    view = size if view_size is None else view_size
+    _check_size(view)
+    affine, elastic = _spatial_kwargs(view, params)
     transforms: list[Callable] = []
     if crop < 1:
-        transforms += [
-            RandScaleCrop(roi_scale=crop, max_roi_scale=1.0, random_size=True),
-            Resize((size, size), mode="bilinear"),
-        ]
+        transforms.append(RandScaleCrop(roi_scale=crop, max_roi_scale=1.0, random_size=True))
+    if crop < 1 or view != size:
+        transforms.append(Resize((view, view), mode="bilinear"))
     transforms += [
         RandFlip(prob=params.flip_prob, spatial_axis=0),
         RandFlip(prob=params.flip_prob, spatial_axis=1),

@@ -186,12 +186,14 @@ class BatchViews:
     """A random view of every slice of a batch: ``(n, C, H, W)`` -> float32, same shape.
 
     ``crop`` < 1 draws a crop per view; :meth:`__call__` takes given crops instead (two views
-    that share one crop of a slice, for the in-plane rule).
+    that share one crop of a slice, for the in-plane rule). ``size`` draws views of that side
+    (``None``: the slices' height and width).
     """
 
     params: AugmentParams = NO_FLIP_PARAMS
     crop: float = 1.0
     intensity: bool = False
+    size: int | None = None
 
     def __post_init__(self) -> None:
         check_crop(self.crop)
@@ -202,7 +204,8 @@ class BatchViews:
         n, _, height, width = images.shape
         if crops is None:
             crops = crop_boxes(n, self.crop, g)
-        views = resample(images, sampling_grid(n, (height, width), self.params, g, crops))
+        shape = (height, width) if self.size is None else (self.size, self.size)
+        views = resample(images, sampling_grid(n, shape, self.params, g, crops))
         if self.intensity:
             views = intensity_views(views, self.params.intensity_prob, g)
         return views

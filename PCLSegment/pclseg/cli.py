@@ -122,6 +122,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         intensity_augment=args.intensity_augment,
         crop=args.crop,
         inplane_threshold=args.inplane_threshold,
+        view_size=args.view_size,
         batch_augment=args.batch_augment,
         # Resuming keeps the run's own epochs unless --epochs asks for more.
         epochs=args.epochs or (1 if args.resume else DEFAULT_PRETRAIN_EPOCHS),
@@ -362,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="start each view with a random crop, each side between F and all of the slice's "
         f"(default {PretrainConfig.crop:g}; 1: whole slices, the paper's)",
+    )
+    p.add_argument(
+        "--view-size",
+        type=int,
+        default=PretrainConfig.view_size,
+        metavar="PX",
+        help="draw the contrastive views at PX pixels a side, a multiple of 16 (default: the "
+        "slice's --size; half of it costs a quarter of the computing)",
     )
     p.add_argument(
         "--inplane-threshold",

@@ -84,13 +84,15 @@ def _sgd(groups: list[dict], cfg: PretrainConfig) -> torch.optim.SGD:
 
 
 def view_augment(
-    cfg: PretrainConfig, intensity: bool = False, crop: bool = True
+    cfg: PretrainConfig, intensity: bool = False, crop: bool = True, size: int | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The spatial augmentation of a slice (``cfg.crop`` included unless ``crop`` is False),
-    followed by the intensity one with ``intensity``."""
+    followed by the intensity one with ``intensity``; views of ``size`` pixels a side
+    (``None``: the slice's)."""
     return pretrain_augment(
         cfg.preprocess.size, intensity=intensity,
         params=FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS, crop=cfg.crop if crop else 1.0,
+        view_size=size,
     )
 
 
@@ -104,14 +106,16 @@ def contrastive_views(
     shared = cfg.inplane_threshold is not None
     if cfg.batch_augment:
         views = BatchViews(FLIP_PARAMS if cfg.flips else NO_FLIP_PARAMS,
-                           crop=1.0 if shared else cfg.crop, intensity=cfg.intensity_augment)
+                           crop=1.0 if shared else cfg.crop, intensity=cfg.intensity_augment,
+                           size=cfg.view_size)
         return BatchTwoViewDataset(
             cache.slices, cache.positions, views, seed=seed,
             units=cache.slice_units(cfg.position_unit), shared_crop=cfg.crop if shared else None,
         )
     return TwoViewSliceDataset(
         cache.slices, cache.positions,
-        view_augment(cfg, cfg.intensity_augment, crop=not shared), seed=seed,
+        view_augment(cfg, cfg.intensity_augment, crop=not shared, size=cfg.view_size),
+        seed=seed,
         units=cache.slice_units(cfg.position_unit), shared_crop=cfg.crop if shared else None,
     )
 

@@ -25,9 +25,10 @@ and ``--decoder-batch-negatives`` set its regions and their negatives;
 both views share one crop, and crops T or more apart in the slice plane are negatives),
 ``--batch-augment`` (the views of a batch drawn at once, in one resampling:
 :mod:`pclseg.batch_views`), ``--view-size PX`` (the contrastive views drawn at PX pixels a
-side, a quarter of the computing at half the slice's side), ``--pretrain-seed S`` (another encoder of the same pretraining, to
-see how far two of them differ; the summary then also averages each pretraining over its
-encoders and compares the averages, so that two methods are not told apart by one encoder each).
+side, a quarter of the computing at half the slice's side), ``--pretrain-seed S`` (another
+encoder of the same pretraining, to see how far two of them differ; the summary then also
+averages each pretraining over its encoders and compares the averages, so that two methods are
+not told apart by one encoder each).
 ``--positional-weight W`` also fine-tunes from each encoder with its pretraining's contrastive
 task kept on at weight ``W`` (``FinetuneConfig.positional_weight``; "GCL 50 ep, positional task
 0.5", paired with the encoder fine-tuned without it). ``--matched-prior`` also fine-tunes

@@ -20,6 +20,12 @@ AtlasMix = Literal["auto", "blend", "product", "fill"]
 T = TypeVar("T")
 
 
+def check_side(name: str, value: int) -> None:
+    """Refuse a slice or view side the U-Net's four 2x2 max-pools cannot take."""
+    if value < 16 or value % 16:
+        raise PCLSegError(f"{name} must be a multiple of 16 and at least 16, got {value}")
+
+
 @dataclass
 class PreprocessConfig:
     """How a volume becomes training slices.
@@ -39,8 +45,7 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         self.clip_percentiles = tuple(self.clip_percentiles)  # JSON gives lists
-        if self.size < 16 or self.size % 16:
-            raise PCLSegError(f"size must be a multiple of 16 and at least 16, got {self.size}")
+        check_side("size", self.size)
         lo, hi = self.clip_percentiles
         if not 0 <= lo < hi <= 100:
             raise PCLSegError(
@@ -204,10 +209,8 @@ class PretrainConfig:
             raise PCLSegError(f"temperature must be positive, got {self.temperature}")
         if not 0 < self.crop <= 1:
             raise PCLSegError(f"crop must be in (0, 1] (a fraction of the slice), got {self.crop}")
-        if self.view_size is not None and (self.view_size < 16 or self.view_size % 16):
-            raise PCLSegError(
-                f"view size must be a multiple of 16 and at least 16, got {self.view_size}"
-            )
+        if self.view_size is not None:
+            check_side("view size", self.view_size)
         if self.inplane_threshold is not None:
             if not 0 < self.inplane_threshold <= 1:
                 raise PCLSegError(

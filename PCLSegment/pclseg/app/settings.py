@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import check_side
 from ..errors import PCLSegError
 
 LOOPBACK_NAMES = ("localhost",)
@@ -76,8 +77,7 @@ class AppSettings:
             value = getattr(self, name)
             if value < 1:
                 raise PCLSegError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.size < 16 or self.size % 16:
-            raise PCLSegError(f"--size must be a multiple of 16 and at least 16, got {self.size}")
+        check_side("--size", self.size)
         if self.token is not None and len(self.token) < 8:
             raise PCLSegError("--token must be at least 8 characters long")
         if self.token is None and not self.is_loopback:

@@ -22,8 +22,8 @@ from pclseg.config import ModelConfig, PreprocessConfig, PretrainConfig
 from pclseg.errors import PCLSegError
 from pclseg.finetune import init_source
 from pclseg.model import UNet, load_encoder
-from pclseg.pretrain import epoch_batches, get_lr, pretrain
-from pclseg.pretrain_stages import contrastive_views, encoder_stage, view_augment
+from pclseg.pretrain import epoch_batches, get_lr, pretrain, resumed_config
+from pclseg.pretrain_stages import contrastive_views, decoder_stage, encoder_stage, view_augment
 from pclseg.progress import Progress
 
 TINY = ["--size", "32", "--features", "4", "--batch-size", "8", "--device", "cpu"]
@@ -344,6 +344,36 @@ def test_an_encoder_pretrained_on_smaller_views_loads_at_the_slice_size(a_sample
     assert "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()
 
 
+
+@pytest.mark.parametrize("task", ["local", "adjacent"])
+def test_decoder_view_size_draws_the_dense_stage_smaller_and_its_regions_still_contrast(task):
+    ramp = np.broadcast_to(np.linspace(0, 1, 32, dtype=np.float32), (4, 32, 32)).copy()
+    cache = SimpleNamespace(slices=ramp, volume_ids=np.zeros(4, np.int64))
+    cfg = tiny_config(decoder_epochs=1, decoder_task=task, decoder_view_size=16,
+                      decoder_grid=4, decoder_encoder_lr=1.0, crop=1.0)
+    stage = decoder_stage(cfg, cache, torch.device("cpu"), lambda net: net, encoder=None)
+    view1, view2 = stage.dataset[0]
+    assert view1.shape == view2.shape == (1, 16, 16)
+    assert float(view1.amax() - view1.amin()) > 0.5  # still spans the slice, not a corner
+    pairs = [stage.dataset[i] for i in range(2)]
+    loss = stage.loss(stage.model, [torch.stack(views) for views in zip(*pairs, strict=True)])
+    assert torch.isfinite(loss)
+    # The contrastive stage keeps the slice's size unless view_size asks otherwise.
+    assert view_augment(cfg)(cache.slices[:1]).shape == (1, 32, 32)
+    with pytest.raises(PCLSegError, match="decoder view size must be a multiple of 16"):
+        tiny_config(decoder_view_size=24)
+    with pytest.raises(PCLSegError, match="applies to the local and adjacent tasks"):
+        tiny_config(decoder_task="restore", decoder_view_size=16)
+
+
+def test_a_dense_stage_added_on_resume_takes_the_asked_view_size():
+    saved = tiny_config(epochs=1)
+    asked = tiny_config(epochs=1, decoder_epochs=2, decoder_task="adjacent",
+                        decoder_view_size=16)
+    resumed = resumed_config(saved, asked, "encoder")
+    assert (resumed.decoder_epochs, resumed.decoder_view_size) == (2, 16)
+    assert resumed.view_size is None  # the contrastive stage's views are the run's own
+
 def test_cli_crops_and_inplane_threshold_are_stored_with_the_encoder(a_sample_folder, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
@@ -388,7 +418,8 @@ def test_cli_decoder_epochs_adds_the_dense_stage(a_sample_folder, tmp_path):
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", out, "--epochs", "1",
                                   "--decoder-epochs", "1", "--decoder-grid", "4",
                                   "--decoder-encoder-lr", "0.1", "--decoder-task", "adjacent",
-                                  "--decoder-reach", "3", "--decoder-batch-negatives"))
+                                  "--decoder-reach", "3", "--decoder-batch-negatives",
+                                  "--decoder-view-size", "16"))
     assert proc.returncode == 0, proc.stderr
     assert "encoder and decoder written to" in proc.stderr
     stages = [e["stage"] for e in events(proc.stdout) if e["event"] == "epoch"]
@@ -399,12 +430,18 @@ def test_cli_decoder_epochs_adds_the_dense_stage(a_sample_folder, tmp_path):
         assert config["decoder_encoder_lr"] == 0.1
         assert (config["decoder_task"], config["decoder_reach"]) == ("adjacent", 3)
         assert config["decoder_batch_negatives"] is True
+        assert (config["view_size"], config["decoder_view_size"]) == (None, 16)
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "bad",
                                   "--decoder-epochs", "-1"))
     assert proc.returncode == 2 and "decoder epochs must be 0 or more" in proc.stderr
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "near",
                                   "--decoder-epochs", "1", "--decoder-reach", "0"))
     assert proc.returncode == 2 and "decoder reach must be at least 1" in proc.stderr
+    proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "maps",
+                                  "--decoder-epochs", "1", "--decoder-task", "position",
+                                  "--decoder-view-size", "16"))
+    assert proc.returncode == 2 and "applies to the local and adjacent tasks" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "maps").exists()
     proc = run_cli(*pretrain_args(a_sample_folder / "imagesTr", tmp_path / "restore",
                                   "--epochs", "1", "--decoder-epochs", "1",
                                   "--decoder-task", "restore"))

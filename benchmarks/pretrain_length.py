@@ -17,7 +17,8 @@ threshold), ``--decoder-epochs N`` (the dense stage for the decoder; ``--decoder
 for the restoration task, ``position`` for the position maps, ``adjacent`` for regions matched
 to the next slice, or to one at most ``--decoder-reach S`` slices away; ``--decoder-grid K``
 and ``--decoder-batch-negatives`` set its regions and their negatives;
-``--decoder-encoder-lr F`` trains the encoder in that stage too, and
+``--decoder-encoder-lr F`` trains the encoder in that stage too, ``--decoder-view-size PX``
+draws its views at PX pixels a side, and
 ``--encoder-only`` also fine-tunes from the run's encoder alone, "..., encoder only"),
 ``--pretrain-volumes N`` (less unlabelled data: the first N volumes only),
 ``--intensity-augment`` (the views differ in contrast, shading and noise too), ``--crop F``
@@ -126,7 +127,8 @@ SETTINGS = (("threshold", "threshold {:g}", "t{:g}"),
 DENSE_SETTINGS = (("decoder_encoder_lr", "encoder lr {:g}", "elr{:g}"),
                   ("decoder_reach", "reach {}", "r{}"),
                   ("decoder_grid", "grid {}", "g{}"),
-                  ("decoder_batch_negatives", "batch negatives", "bneg"))
+                  ("decoder_batch_negatives", "batch negatives", "bneg"),
+                  ("decoder_view_size", "views {:g} px", "view{:g}"))
 
 
 #: What a variant's name is measured from where the product's default differs: the paper's
@@ -159,6 +161,7 @@ class Variant:
     decoder_grid: int | None = None
     decoder_batch_negatives: bool | None = None
     view_size: int | None = None
+    decoder_view_size: int | None = None
 
     def _changed(self) -> list[tuple[str, str]]:
         """``(in a name, in a folder name)`` of each setting this variant changes."""
@@ -391,6 +394,9 @@ def main() -> None:
     parser.add_argument("--view-size", type=int, default=None, metavar="PX",
                         help="draw the contrastive views at PX pixels a side (default: the "
                         "slice's --size)")
+    parser.add_argument("--decoder-view-size", type=int, default=None, metavar="PX",
+                        help="draw the dense stage's views at PX pixels a side (default: the "
+                        "slice's --size)")
     parser.add_argument("--pretrain-volumes", type=int, default=None, metavar="N",
                         help="pretrain on the first N volumes only (default: all)")
     parser.add_argument("--positional-weight", type=float, nargs="+", default=[], metavar="W",
@@ -412,7 +418,7 @@ def main() -> None:
                       args.pretrain_seed or None, args.intensity_augment, args.crop,
                       args.inplane_threshold, args.batch_augment, args.decoder_encoder_lr,
                       args.decoder_reach, args.decoder_grid, args.decoder_batch_negatives,
-                      args.view_size)
+                      args.view_size, args.decoder_view_size)
 
     if not args.report_only:
         threads = use_all_cores()

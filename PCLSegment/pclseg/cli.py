@@ -133,6 +133,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         decoder_temperature=args.decoder_temperature,
         decoder_batch_negatives=args.decoder_batch_negatives,
         decoder_encoder_lr=args.decoder_encoder_lr,
+        decoder_view_size=args.decoder_view_size,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
@@ -431,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="F",
         help="decoder stage: train the encoder at F x --lr (default 0: frozen)",
+    )
+    p.add_argument(
+        "--decoder-view-size",
+        type=int,
+        default=PretrainConfig.decoder_view_size,
+        metavar="PX",
+        help="local and adjacent tasks: draw the decoder stage's views at PX pixels a side, "
+        "a multiple of 16 (default: the slice's --size)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)

@@ -126,7 +126,9 @@ class PretrainConfig:
     a quarter of the computing, nearly three times the epochs in the same wait. ``None``, the
     default, draws views at the slice's size: at 64 px for 128 px slices the encoders measured
     two hundredths behind on two annotated slices and one ahead on four
-    (``docs/decisions.md``, 11). The dense stage's views keep the slice's size.
+    (``docs/decisions.md``, 11). The dense stage's views keep the slice's size unless
+    ``decoder_view_size`` draws them smaller too (the local and adjacent tasks; the same
+    trade of pixels for time in the stage that costs most a step, since it runs the decoder).
 
     ``batch_augment`` draws the contrastive stage's views for a whole batch at once, crop,
     flips, rotation, scaling and elastic deformation in one resampling
@@ -179,6 +181,7 @@ class PretrainConfig:
     decoder_temperature: float = 0.1
     decoder_batch_negatives: bool = False
     decoder_encoder_lr: float = 0.0
+    decoder_view_size: int | None = None
     batch_size: int = 32
     lr: float = 0.1
     momentum: float = 0.9
@@ -230,6 +233,13 @@ class PretrainConfig:
                 f"decoder task must be one of {', '.join(get_args(DecoderTask))}, "
                 f"got {self.decoder_task!r}"
             )
+        if self.decoder_view_size is not None:
+            check_side("decoder view size", self.decoder_view_size)
+            if self.decoder_task not in ("local", "adjacent"):
+                raise PCLSegError(
+                    "a decoder view size applies to the local and adjacent tasks, whose "
+                    f"views are contrasted region by region, not to {self.decoder_task!r}"
+                )
         if self.decoder_grid < 1:
             raise PCLSegError(f"decoder grid must be at least 1, got {self.decoder_grid}")
         if self.decoder_reach < 1:

@@ -45,7 +45,7 @@ from .run_control import Distributed, StopFlag, any_rank, finish, gather
 CHECKPOINT = "checkpoint"
 #: The settings of the dense stage: taken from the caller when a resumed run adds that stage.
 DECODER_SETTINGS = ("decoder_task", "decoder_grid", "decoder_reach", "decoder_temperature",
-                    "decoder_batch_negatives", "decoder_encoder_lr")
+                    "decoder_batch_negatives", "decoder_encoder_lr", "decoder_view_size")
 #: Each dense task as the log names it.
 DECODER_TASK_NAMES = {"local": "local contrastive", "adjacent": "adjacent slices",
                       "restore": "restoration", "position": "position"}

@@ -179,8 +179,8 @@ def decoder_stage(
     else:
         adjacent = cache.volume_ids if cfg.decoder_task == "adjacent" else None
         dataset = AlignedViewsDataset(
-            cache.slices, view_augment(cfg), view_intensity_augment(), seed=cfg.seed,
-            volume_ids=adjacent, reach=cfg.decoder_reach,
+            cache.slices, view_augment(cfg, size=cfg.decoder_view_size),
+            view_intensity_augment(), seed=cfg.seed, volume_ids=adjacent, reach=cfg.decoder_reach,
         )
         net = DenseContrastiveNet(cfg.model, cfg.decoder_grid, freeze_encoder=frozen)
     if encoder is not None:

@@ -130,8 +130,8 @@ class PretrainConfig:
     ``decoder_view_size`` draws them smaller too (the local and adjacent tasks), the stage that
     costs most a step since it runs the decoder: at 64 px its 20 epochs take a quarter of the
     time, and after 200 epochs on 64 px views the two stages scored level with the same run at
-    full size in a third of its wait. Off by default like the dense stage itself, and like
-    ``view_size`` (measured on one encoder so far).
+    full size in a third of its wait (one encoder so far). Off by default, as the dense stage
+    itself is.
 
     ``batch_augment`` draws the contrastive stage's views for a whole batch at once, crop,
     flips, rotation, scaling and elastic deformation in one resampling

@@ -344,7 +344,6 @@ def test_an_encoder_pretrained_on_smaller_views_loads_at_the_slice_size(a_sample
     assert "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()
 
 
-
 @pytest.mark.parametrize("task", ["local", "adjacent"])
 def test_decoder_view_size_draws_the_dense_stage_smaller_and_its_regions_still_contrast(task):
     ramp = np.broadcast_to(np.linspace(0, 1, 32, dtype=np.float32), (4, 32, 32)).copy()
@@ -373,6 +372,7 @@ def test_a_dense_stage_added_on_resume_takes_the_asked_view_size():
     resumed = resumed_config(saved, asked, "encoder")
     assert (resumed.decoder_epochs, resumed.decoder_view_size) == (2, 16)
     assert resumed.view_size is None  # the contrastive stage's views are the run's own
+
 
 def test_cli_crops_and_inplane_threshold_are_stored_with_the_encoder(a_sample_folder, tmp_path):
     out = tmp_path / "run"
